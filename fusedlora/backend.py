@@ -1,0 +1,28 @@
+"""Which implementation serves a call: FUSEDLORA_BACKEND = auto | triton | torch.
+
+auto (default): the Triton kernels for CUDA tensors, the PyTorch reference path elsewhere.
+triton: always the kernels; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before
+triton is first imported). torch: the PyTorch path, with the same Philox dropout mask.
+"""
+import os
+
+import torch
+
+from fusedlora.kernels.common import interpreting
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' or 'torch' for a call whose inputs live where x does. Read on every call, so a test or
+    a user can switch it at run time."""
+    choice = os.environ.get("FUSEDLORA_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if choice == "triton" and not x.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"FUSEDLORA_BACKEND=triton with tensors on {x.device} needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported, or use FUSEDLORA_BACKEND=torch")
+    return choice

@@ -1,0 +1,72 @@
+"""Input validation shared by the public functions: every error names the tensor and its shape and is
+raised before any kernel runs."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} (shape {tuple(t.shape)}, {t.dtype}, {t.device})"
+
+
+def require_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{describe(name, t)}: dtype must be float32, float16 or bfloat16")
+
+
+def require_scalar(name: str, value, low=None, high=None) -> float:
+    """A finite real number (Python or NumPy), with low <= value < high where given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return value
+
+
+def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
+    """x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); x, weight and
+    bias share one float dtype; lora_A and lora_B share x's dtype or float32; one device."""
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        require_tensor(name, t)
+        require_float(name, t)
+    require_tensor("bias", bias, optional=True)
+    if x.dim() < 1:
+        raise ValueError(f"{describe('x', x)}: x must have shape (*, K)")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{describe('weight', weight)} must be (N, K) with K = x.shape[-1] = {x.shape[-1]}"
+                         f" for {describe('x', x)}")
+    N, K = weight.shape
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"{describe('lora_A', lora_A)} must be (r, K) with K = {K}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError(f"{describe('lora_A', lora_A)}: the LoRA rank r must be at least 1")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"{describe('lora_B', lora_B)} must be (N, r) = ({N}, {r}) to match "
+                         f"{describe('weight', weight)} and {describe('lora_A', lora_A)}")
+    if bias is not None:
+        require_float("bias", bias)
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"{describe('bias', bias)} must be (N,) = ({N},) for {describe('weight', weight)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
+                        f"dtype, x's ({x.dtype}) or torch.float32")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")

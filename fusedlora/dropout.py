@@ -1,0 +1,69 @@
+"""The dropout mask in plain PyTorch: the same Philox4x32-10 bits the kernels draw.
+
+keep[m, k] for x viewed as (rows, K) depends only on (seed, m, k) and p (see kernels/dropout.py for
+the formula), so a result never depends on the backend, the device, the grid or the block sizes.
+Written with int64 tensor ops (uint32 products split into 16-bit halves) so that it runs on any
+device and torch.compile can trace it.
+"""
+import math
+
+import torch
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 round multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_LO32 = 0xFFFFFFFF
+SEED_LIMIT = 2**63
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(high, low) 32-bit words of the 64-bit product a*b, with b < 2^32 held in int64."""
+    lo = (b * a) & _LO32  # int64 wraps, the low 32 bits stay exact
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    hi = (b_hi * a + ((b_lo * a) >> 16)) >> 16  # every term < 2^49: no int64 overflow
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
+    """Philox4x32-R on int64 tensors holding uint32 values; k0, k1 are the 32-bit key words."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _LO32, (k1 + _W1) & _LO32
+    return c0, c1, c2, c3
+
+
+def keep_threshold(p: float) -> int:
+    """Elements whose top 24 Philox bits are >= this are kept: P(keep) = 1 - p to within 2^-24."""
+    return math.ceil(p * (1 << 24))
+
+
+def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask of `shape` that `seed` and drop probability `p` produce in every backend.
+
+    shape: the shape of x, (*, K); the mask is drawn over x viewed as (prod(shape[:-1]), K).
+    """
+    shape = torch.Size(shape)
+    check_seed(seed)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_mask: p must be in [0, 1), got {p}")
+    if len(shape) == 0:
+        raise ValueError("dropout_mask: shape must have at least one dimension (*, K)")
+    cols = shape[-1]
+    rows = math.prod(shape[:-1])
+    m = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
+    k = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
+    zero = torch.zeros_like(m)
+    bits, _, _, _ = philox4x32(k, m, zero, zero, seed & _LO32, seed >> 32)
+    return ((bits >> 8) >= keep_threshold(p)).reshape(shape)
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def draw_seed() -> int:
+    """A seed from torch's default CPU generator: torch.manual_seed reproduces it, and activation
+    checkpointing (which restores the RNG state) redraws the same one."""
+    return int(torch.randint(0, SEED_LIMIT, (), dtype=torch.int64))

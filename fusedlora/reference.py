@@ -1,0 +1,41 @@
+"""LoRA linear in plain PyTorch, written from the math. The oracle for every kernel test.
+
+    y = x·Wᵀ + b + scaling · (D(x)·Aᵀ)·Bᵀ,   D(x) = where(keep, x / (1 - p), 0)
+
+Dropped elements contribute exactly zero (an Inf or NaN that is dropped does not leak into the
+low-rank path). This module imports nothing from fusedlora.
+"""
+from typing import Optional
+
+import torch
+
+
+def dropout(x: torch.Tensor, keep_mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
+    """D(x): keep_mask is a bool tensor of x's shape (True = kept); None means no dropout."""
+    if keep_mask is None:
+        return x
+    return torch.where(keep_mask, x / (1.0 - p), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    keep_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r) -> (*, N).
+
+    Computed in the dtype of the inputs as given; pass float64 tensors for the oracle. When the
+    adapter weights are wider than x (fp32 adapters under a bf16 base, PEFT's default), the low-rank
+    path runs in the adapters' dtype and the sum is rounded back to x's dtype, as PEFT does.
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    xd = dropout(x, keep_mask, dropout_p).to(lora_A.dtype)
+    low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
+    return (y.to(low_rank.dtype) + low_rank).to(x.dtype)

@@ -1,0 +1,160 @@
+"""The rank-r side of the LoRA layer: products whose output has the rank as a dimension.
+
+With x: (M, K), A: (r, K), B: (N, r), dY: (M, N), s = scaling, keep the dropout mask on (m, k) and
+D(x) = keep ⊙ x / (1 - p):
+- forward    S  = s · D(x)·Aᵀ                        (M, r), fp32, saved for backward
+- backward   dS = dY·B  and  dB = dYᵀ·S             one pass over dY (_lora_dy_kernel)
+             dA = s/(1-p) · dSᵀ·(keep ⊙ x)          (r, K)
+The dX GEMM (kernels/lora_gemm.py) takes dS as its extra K-steps.
+
+_lora_shrink_kernel computes out[a, j] = scale · Σ_c keep ⊙ X[a, c] · Q[j, c] for S (X=x, Q=A) and for
+dAᵀ (X=xᵀ, Q=dSᵀ, mask transposed, reducing over M); strides do the transposes.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_dtype, dot_precision, interpreting, rank_block
+from .dropout import keep_mask_tile
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, q_ptr, out_ptr,
+    M, C, R,
+    stride_xm, stride_xc, stride_qr, stride_qc, stride_om, stride_or,
+    scale, seed, threshold,
+    HAS_DROPOUT: tl.constexpr, MASK_T: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :].to(tl.int64) * stride_xc
+    q_ptrs = q_ptr + offs_c[:, None].to(tl.int64) * stride_qc + offs_r[None, :].to(tl.int64) * stride_qr
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c_ok = offs_c < C - c0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            # The mask belongs to x's (row, column); MASK_T says this X is xᵀ.
+            if MASK_T:
+                keep = tl.trans(keep_mask_tile(seed, c0 + offs_c, offs_m, threshold))
+            else:
+                keep = keep_mask_tile(seed, offs_m, c0 + offs_c, threshold)
+            xt = tl.where(keep, xt, 0.0)
+        qt = tl.load(q_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt.to(DOT_DTYPE), qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_C * stride_xc
+        q_ptrs += BLOCK_C * stride_qc
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_r[None, :].to(tl.int64) * stride_or
+    tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Each program owns BLOCK_M rows of dY and one rank block, and sweeps N once: dS for its rows is
+    # complete at the end; its share of dB = dYᵀ·S is added into an fp32 buffer with atomics
+    # (summation order across row blocks varies on the GPU: dB is not bitwise deterministic).
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br
+    db_ptrs = db_ptr + offs_n[:, None].to(tl.int64) * stride_dbn + offs_r[None, :].to(tl.int64) * stride_dbr
+    if COMPUTE_DB:
+        s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :].to(tl.int64) * stride_sr
+        st = tl.load(s_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = offs_n < N - n0
+        # Rows past M must load as zeros: they would otherwise add into dB.
+        dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)
+        if COMPUTE_DS:
+            bt = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+            ds = tl.dot(dyt, bt, ds, input_precision=PRECISION)
+        if COMPUTE_DB:
+            part = tl.dot(tl.trans(dyt), st, input_precision=PRECISION)
+            tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
+        dy_ptrs += BLOCK_N * stride_dyn
+        b_ptrs += BLOCK_N * stride_bn
+        db_ptrs += BLOCK_N * stride_dbn
+    if COMPUTE_DS:
+        ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * stride_dsm + offs_r[None, :].to(tl.int64) * stride_dsr
+        tl.store(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :])
+
+
+def _shrink_blocks(M: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=128, num_warps=4, num_stages=3)
+
+
+def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed=False, out=None):
+    """out = scale · (keep ⊙ x)·qᵀ -> (M, R), fp32 unless `out` is given.
+
+    x: (M, C) and q: (R, C), any strides; out: (M, R), any strides and float dtype (the dAᵀ view).
+    dropout=True masks x with the keep-mask of (seed, threshold); mask_transposed=True when x is
+    the transpose of the tensor the mask was drawn for.
+    """
+    M, C = x.shape
+    R, C_q = q.shape
+    assert C == C_q, "lora_shrink: shapes do not chain"
+    if out is None:
+        out = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    assert out.shape == (M, R), "lora_shrink: out has the wrong shape"
+    if M == 0 or R == 0:
+        return out
+    cfg = _shrink_blocks(M)
+    block_r = rank_block(R, cap=128)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    _lora_shrink_kernel[grid](
+        x, q, out, M, C, R,
+        x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        float(scale), seed, threshold,
+        HAS_DROPOUT=dropout, MASK_T=mask_transposed,
+        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype),
+        BLOCK_R=block_r, **cfg,
+    )
+    return out
+
+
+def lora_dy(dy, lora_B, S, compute_ds=True, compute_db=True):
+    """(dS, dB) = (dY·B, dYᵀ·S) from one pass over dY; either may be skipped (returned as None).
+
+    dy: (M, N), lora_B: (N, R), S: (M, R) fp32. dS is fp32; dB is fp32 (cast by the caller).
+    """
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    assert lora_B.shape == (N, R) and S.shape == (M, R), "lora_dy: shapes do not chain"
+    ds = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_ds else None
+    db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_db else None
+    if M == 0 or not (compute_ds or compute_db):
+        return ds, db
+    if interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    block_r = rank_block(R, cap=64)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
+    _lora_dy_kernel[grid](
+        dy, lora_B, S, ds_arg, db_arg, M, N, R,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
+        ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1),
+        COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
+        DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32),
+        BLOCK_R=block_r, **cfg,
+    )
+    return ds, db

@@ -1,0 +1,19 @@
+from setuptools import setup
+
+setup(
+    name="fusedlora",
+    version="0.1.0",
+    description="Fused Triton kernels for LoRA linear layers: forward, backward, dropout, multi-adapter serving",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as fusedlora.kernels: a top-level `kernels` would clash with the PyPI package of
+    # that name, which transformers can import.
+    packages=["fusedlora", "fusedlora.kernels"],
+    package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
+    install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers"],
+        "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
+    },
+)
