@@ -66,4 +66,4 @@ def check_seed(seed) -> None:
 def draw_seed() -> int:
     """A seed from torch's default CPU generator: torch.manual_seed reproduces it, and activation
     checkpointing (which restores the RNG state) redraws the same one."""
-    return int(torch.randint(0, SEED_LIMIT, (), dtype=torch.int64))
+    return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64))

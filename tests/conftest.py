@@ -1,0 +1,36 @@
+"""One place that decides where the tests run.
+
+Without CUDA the kernels run in the Triton interpreter, which must be switched on before triton is
+first imported. The interpreter is then made to refuse tl.dot shapes the GPU refuses (K < 16),
+so a kernel that only works on CPU fails here, not on the H100.
+"""
+import os
+import sys
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1", \
+        "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
+
+if not CUDA:
+    interpreter.interpreter_builder.codegen_fns["min_dot_size"] = (
+        lambda lhs, rhs: (1, 1, 32 if lhs.scalar.primitive_bitwidth == 8 else 16))
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Every test goes through the kernels unless it sets FUSEDLORA_BACKEND itself."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")

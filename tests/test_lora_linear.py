@@ -1,0 +1,128 @@
+"""lora_linear through the kernels against the float64 reference: output and every gradient."""
+import pytest
+import torch
+from oracle import NAMES, assert_oracle, make_inputs, reference_run
+
+import fusedlora
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+# A small matrix, not a cross product: each row adds something the others do not.
+CASES = [
+    # (M, K, N, r, dtype, adapter dtype, bias, dropout p)
+    pytest.param(37, 70, 45, 3, f32, f32, True, 0.0, id="odd-f32"),
+    pytest.param(37, 70, 45, 3, f32, f32, True, 0.25, id="odd-f32-dropout"),
+    pytest.param(64, 64, 64, 16, f16, f16, True, 0.0, id="even-f16"),
+    pytest.param(33, 50, 40, 8, f16, f32, False, 0.1, id="f16-fp32adapters-dropout"),
+    pytest.param(37, 70, 45, 1, bf16, bf16, True, 0.0, id="r1-bf16"),
+    pytest.param(40, 96, 72, 8, bf16, f32, True, 0.1, id="bf16-fp32adapters-dropout"),
+    pytest.param(20, 48, 36, 64, f32, f32, True, 0.5, id="r64-dropout"),
+    pytest.param(17, 40, 24, 100, f32, f32, False, 0.0, id="r100-rank-loop"),
+    pytest.param(9, 33, 20, 200, bf16, bf16, True, 0.2, id="r200-bf16-dropout"),
+    pytest.param((2, 19), 70, 45, 16, f32, f32, True, 0.3, id="3d-input"),
+    pytest.param(1, 64, 48, 16, f16, f16, True, 0.0, id="decode-M1"),
+]
+
+
+def run_kernel(inputs, scaling, p, seed, dy):
+    leaves = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in inputs.items()}
+    y = fusedlora.lora_linear(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"],
+                              leaves["lora_B"], scaling, dropout_p=p, seed=seed)
+    y.backward(dy)
+    return y.detach(), {n: t.grad for n, t in leaves.items() if t is not None}
+
+
+def check_against_reference(inputs, scaling, p, seed, dtype, device):
+    x = inputs["x"]
+    dy = torch.randn(*x.shape[:-1], inputs["weight"].shape[0], dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    keep = fusedlora.dropout_mask(seed, x.shape, p, device) if p > 0 else None
+    y, grads = run_kernel(inputs, scaling, p, seed, dy)
+    y_low, grads_low = reference_run(inputs, scaling, keep, p, dy)
+    y64, grads64 = reference_run(inputs, scaling, keep, p, dy, dtype64=True)
+    assert y.dtype == x.dtype
+    assert_oracle("y", y, y_low, y64, dtype)
+    for name in grads64:
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert_oracle(f"d{name}", grads[name], grads_low[name], grads64[name], dtype)
+
+
+@pytest.mark.parametrize("M,K,N,r,dtype,adapter_dtype,bias,p", CASES)
+def test_matches_reference(M, K, N, r, dtype, adapter_dtype, bias, p, device):
+    inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, bias, device)
+    check_against_reference(inputs, 2.0, p, seed=1234, dtype=dtype, device=device)
+
+
+def test_strided_and_transposed_inputs(device):
+    """Transposes and slices reach the kernels as strides; results are those of contiguous copies."""
+    base = make_inputs(30, 80, 48, 8, f32, device=device)
+    inputs = dict(
+        x=base["x"].t().contiguous().t(),                           # column-major x
+        weight=base["weight"].t().contiguous().t(),                 # column-major W
+        bias=torch.stack([base["bias"], base["bias"]], 1)[:, 0],    # bias with stride 2
+        lora_A=torch.cat([base["lora_A"], base["lora_A"]], 1)[:, ::2],  # every other column
+        lora_B=base["lora_B"].t().contiguous().t(),
+    )
+    assert not inputs["x"].is_contiguous() and inputs["lora_A"].stride(1) == 2
+    check_against_reference(inputs, 0.5, 0.2, seed=7, dtype=f32, device=device)
+    # A sliced 3-D input that cannot be viewed as 2-D without a copy.
+    x3 = torch.randn(3, 22, 160, dtype=f32, device=device)[:, ::2, ::2]
+    check_against_reference(dict(base, x=x3), 0.5, 0.0, seed=7, dtype=f32, device=device)
+
+
+def test_frozen_base_needs_only_adapter_grads(device):
+    """LoRA training: W, b and x need no grad; only lora_A and lora_B get one."""
+    inputs = make_inputs(24, 64, 32, 8, bf16, f32, device=device)
+    A = inputs["lora_A"].clone().requires_grad_()
+    B = inputs["lora_B"].clone().requires_grad_()
+    y = fusedlora.lora_linear(inputs["x"], inputs["weight"], inputs["bias"], A, B, 2.0, 0.1, seed=3)
+    y.float().square().sum().backward()
+    assert A.grad is not None and B.grad is not None
+    assert A.grad.dtype == f32 and B.grad.dtype == f32
+    assert torch.isfinite(A.grad).all() and A.grad.abs().sum() > 0
+
+
+def test_empty_batch(device):
+    inputs = make_inputs(0, 32, 16, 4, f32, device=device)
+    leaves = {n: t.requires_grad_() for n, t in inputs.items()}
+    y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.0, 0.1, seed=5)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert leaves["x"].grad.shape == (0, 32)
+    assert torch.equal(leaves["lora_A"].grad, torch.zeros_like(inputs["lora_A"]))
+    assert torch.equal(leaves["weight"].grad, torch.zeros_like(inputs["weight"]))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_nan_and_inf_propagate_as_in_reference(p, device):
+    inputs = make_inputs(20, 40, 24, 4, f32, device=device)
+    inputs["x"][3, 5] = float("nan")
+    inputs["x"][7, 11] = float("inf")
+    inputs["weight"][2, 9] = float("-inf")
+    inputs["lora_B"][5, 1] = float("nan")
+    keep = fusedlora.dropout_mask(9, inputs["x"].shape, p, device) if p > 0 else None
+    y = fusedlora.lora_linear(*(inputs[n] for n in NAMES), 1.5, p, seed=9)
+    ref = fusedlora.reference.lora_linear(*(inputs[n].double() for n in NAMES), 1.5, keep, p)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
+    assert torch.equal(torch.isneginf(y), torch.isneginf(ref))
+    finite = torch.isfinite(ref)
+    assert finite.any()
+    torch.testing.assert_close(y[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_equals_triton_backend(monkeypatch, device):
+    """Same seed, same mask: the two backends agree to rounding, dropout included."""
+    inputs = make_inputs(26, 56, 40, 8, f32, device=device)
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+        outs[backend] = fusedlora.lora_linear(*(inputs[n] for n in NAMES), 2.0, dropout_p=0.4, seed=42)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_is_refused(monkeypatch, device):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda-magic")
+    inputs = make_inputs(4, 16, 8, 2, f32, device=device)
+    with pytest.raises(ValueError, match="FUSEDLORA_BACKEND"):
+        fusedlora.lora_linear(*(inputs[n] for n in NAMES), 1.0)
