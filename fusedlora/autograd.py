@@ -2,9 +2,9 @@
 
 Forward: S = s·D(x)·Aᵀ (shrink, dropout mask drawn in-kernel), then y = x·Wᵀ + b + S·Bᵀ (one GEMM).
 Backward, with G = dY and c = s/(1-p):
-    dS, dB = G·B, Gᵀ·S            one pass over G
-    dX     = G·W + c·keep ⊙ (dS·A)   the dX GEMM with dS·A as extra K-steps, mask in the epilogue
-    dA     = c·dSᵀ·(keep ⊙ x)       the mask regenerated from the seed
+    dU, dB = c·G·B, Gᵀ·S          one pass over G
+    dX     = G·W + keep ⊙ (dU·A)   the dX GEMM with dU·A as extra K-steps, mask in the epilogue
+    dA     = dUᵀ·(keep ⊙ x)       the mask regenerated from the seed
     dW     = Gᵀ·x,  db = Σ_rows G
 Saved for backward: x, S (M×r fp32), the parameters and the seed; never a mask or a dropped copy of x.
 fused_forward and fused_backward are plain functions so they can be registered as custom ops.
@@ -38,14 +38,14 @@ def fused_backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: 
     x2 = x.reshape(-1, K)
     threshold, dropout = keep_threshold(dropout_p), dropout_p > 0
     c = scaling / (1.0 - dropout_p)
-    dS, dB = lora_dy(g, lora_B, S, compute_ds=need_x or need_A, compute_db=need_B)
+    dU, dB = lora_dy(g, lora_B, S, c, compute_ds=need_x or need_A, compute_db=need_B)
     dx = dw = db = dA = None
     if need_x:
-        dx = lora_gemm(g, weight.t(), None, p=dS, q=lora_A.t(), lora_scale=c, seed=seed,
-                       threshold=threshold, dropout=dropout).reshape(x.shape)
+        dx = lora_gemm(g, weight.t(), None, p=dU, q=lora_A.t(), seed=seed, threshold=threshold,
+                       dropout=dropout).reshape(x.shape)
     if need_A:
         dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
-        lora_shrink(x2.t(), dS.t(), c, seed, threshold, dropout=dropout, mask_transposed=True, out=dA.t())
+        lora_shrink(x2.t(), dU.t(), 1.0, seed, threshold, dropout=dropout, mask_transposed=True, out=dA.t())
     if need_w:
         dw = lora_gemm(g.t(), x2.t(), out_dtype=weight.dtype)
     if need_b:

@@ -3,12 +3,12 @@
 With x: (M, K), A: (r, K), B: (N, r), dY: (M, N), s = scaling, keep the dropout mask on (m, k) and
 D(x) = keep ⊙ x / (1 - p):
 - forward    S  = s · D(x)·Aᵀ                        (M, r), fp32, saved for backward
-- backward   dS = dY·B  and  dB = dYᵀ·S             one pass over dY (_lora_dy_kernel)
-             dA = s/(1-p) · dSᵀ·(keep ⊙ x)          (r, K)
-The dX GEMM (kernels/lora_gemm.py) takes dS as its extra K-steps.
+- backward   dU = s/(1-p) · dY·B  and  dB = dYᵀ·S  one pass over dY (_lora_dy_kernel)
+             dA = dUᵀ·(keep ⊙ x)                    (r, K)
+The dX GEMM (kernels/lora_gemm.py) takes dU as its extra K-steps.
 
 _lora_shrink_kernel computes out[a, j] = scale · Σ_c keep ⊙ X[a, c] · Q[j, c] for S (X=x, Q=A) and for
-dAᵀ (X=xᵀ, Q=dSᵀ, mask transposed, reducing over M); strides do the transposes.
+dAᵀ (X=xᵀ, Q=dUᵀ, mask transposed, reducing over M); strides do the transposes.
 """
 import torch
 import triton
@@ -58,7 +58,7 @@ def _lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
     M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    stride_dsm, stride_dsr, stride_dbn, stride_dbr, ds_scale,
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -92,7 +92,7 @@ def _lora_dy_kernel(
         db_ptrs += BLOCK_N * stride_dbn
     if COMPUTE_DS:
         ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * stride_dsm + offs_r[None, :].to(tl.int64) * stride_dsr
-        tl.store(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :])
+        tl.store(ds_ptrs, ds * ds_scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
 def _shrink_blocks(M: int) -> dict:
@@ -130,8 +130,8 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     return out
 
 
-def lora_dy(dy, lora_B, S, compute_ds=True, compute_db=True):
-    """(dS, dB) = (dY·B, dYᵀ·S) from one pass over dY; either may be skipped (returned as None).
+def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
+    """(dS, dB) = (ds_scale·dY·B, dYᵀ·S) from one pass over dY; either may be skipped (returned as None).
 
     dy: (M, N), lora_B: (N, R), S: (M, R) fp32. dS is fp32; dB is fp32 (cast by the caller).
     """
@@ -152,7 +152,7 @@ def lora_dy(dy, lora_B, S, compute_ds=True, compute_db=True):
     _lora_dy_kernel[grid](
         dy, lora_B, S, ds_arg, db_arg, M, N, R,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1),
+        ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1), float(ds_scale),
         COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
         DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32),
         BLOCK_R=block_r, **cfg,
