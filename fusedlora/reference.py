@@ -39,3 +39,30 @@ def lora_linear(
     xd = dropout(x, keep_mask, dropout_p).to(lora_A.dtype)
     low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
     return (y.to(low_rank.dtype) + low_rank).to(x.dtype)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y[t] = x[t]·Wᵀ + b + scalings[i]·(x[t]·A[i, :r_i]ᵀ)·B[i, :, :r_i]ᵀ with i = adapter_ids[t]; i = -1
+    adds nothing. x: (*, K), lora_A: (L, R, K), lora_B: (L, N, R), scalings: (L,), adapter_ids: x.shape[:-1],
+    ranks: (L,) or None (= R for all). Same dtype rules as lora_linear; one adapter at a time."""
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y.to(lora_A.dtype)
+    low_rank = torch.zeros_like(y)
+    xa = x.to(lora_A.dtype)
+    for i in range(lora_A.shape[0]):
+        r = lora_A.shape[1] if ranks is None else int(ranks[i])
+        rows = adapter_ids == i
+        update = ((xa[rows] @ lora_A[i, :r].t()) @ lora_B[i, :, :r].t()) * scalings[i].to(lora_A.dtype)
+        low_rank = low_rank.index_put((rows,), update)
+    return (y + low_rank).to(x.dtype)

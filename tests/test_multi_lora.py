@@ -1,0 +1,204 @@
+"""multi_lora_linear through the kernels against the float64 reference, gradients included."""
+import pytest
+import torch
+from oracle import ATOL, assert_oracle
+
+import fusedlora
+from fusedlora import reference
+from fusedlora.multi import multi_lora_linear_unfused
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, device="cpu"):
+    """Stacked adapters, zero past each rank as the API asks; inputs scaled to order one."""
+    gen = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    lead = M if isinstance(M, tuple) else (M,)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dt).to(device)
+
+    A = rnd(L, R, K, scale=K ** -0.5, dt=adapter_dtype)
+    B = rnd(L, N, R, scale=R ** -0.5, dt=adapter_dtype)
+    if ranks is not None:
+        for i, r in enumerate(ranks):
+            A[i, r:] = 0
+            B[i, :, r:] = 0
+        ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
+    return dict(x=rnd(*lead, K), weight=rnd(N, K, scale=K ** -0.5), bias=rnd(N), lora_A=A, lora_B=B,
+                scalings=(torch.rand(L, generator=gen, dtype=torch.float64) * 2 + 0.5).float().to(device),
+                ranks=ranks)
+
+
+GRAD = ("x", "lora_A", "lora_B")
+
+
+def run(inputs, ids, dy, dtype64=False, kernel=True):
+    leaves = {}
+    for n, t in inputs.items():
+        if n in GRAD:
+            t = (t.detach().double() if dtype64 else t.detach().clone()).requires_grad_()
+        elif dtype64 and t is not None and t.is_floating_point():
+            t = t.double()
+        leaves[n] = t
+    fn = fusedlora.multi_lora_linear if kernel else reference.multi_lora_linear
+    y = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+           leaves["scalings"], ids, leaves["ranks"])
+    y.backward(dy.double() if dtype64 else dy.to(y.dtype))
+    return y.detach(), {n: leaves[n].grad for n in GRAD}
+
+
+def check(inputs, ids, dtype):
+    x = inputs["x"]
+    dy = torch.randn(*x.shape[:-1], inputs["weight"].shape[0], generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64).to(dtype).to(x.device)
+    y, grads = run(inputs, ids, dy)
+    y_low, grads_low = run(inputs, ids, dy, kernel=False)
+    y64, grads64 = run(inputs, ids, dy, dtype64=True, kernel=False)
+    assert y.dtype == x.dtype
+    assert_oracle("y", y, y_low, y64, dtype)
+    for n in GRAD:
+        assert grads[n].dtype == inputs[n].dtype
+        assert_oracle(f"d{n}", grads[n], grads_low[n], grads64[n], dtype)
+
+
+def ids_for(kind, M, L, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "unsorted":
+        ids = torch.randint(-1, L, (M,), generator=gen)
+    elif kind == "each-own":      # decode: every token a different adapter, in scrambled order
+        ids = torch.randperm(M, generator=gen) % L
+    elif kind == "one":           # prefill: all tokens one adapter
+        ids = torch.full((M,), L - 1)
+    elif kind == "runs":          # prefill: long runs, base rows between
+        ids = torch.arange(M) * (L + 1) // M - 1
+    return ids.to(device)
+
+
+CASES = [
+    # (M, K, N, L, R, ranks, dtype, adapter dtype, ids)
+    pytest.param(37, 70, 45, 4, 16, None, f32, f32, "unsorted", id="unsorted-f32"),
+    pytest.param(24, 64, 40, 24, 8, None, f32, f32, "each-own", id="decode-each-own"),
+    pytest.param(40, 48, 36, 3, 16, None, f16, f16, "one", id="one-adapter-f16"),
+    pytest.param(50, 64, 48, 3, 16, [4, 8, 16], bf16, bf16, "runs", id="mixed-ranks-runs-bf16"),
+    pytest.param(33, 40, 24, 5, 32, [1, 32, 3, 17, 8], bf16, f32, "unsorted", id="mixed-ranks-fp32-adapters"),
+    pytest.param((3, 11), 70, 45, 4, 8, None, f16, f32, "unsorted", id="3d-input"),
+]
+
+
+@pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
+def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device):
+    inputs = make_multi(M, K, N, L, R, dtype, adapter_dtype, ranks, device=device)
+    lead = M if isinstance(M, tuple) else (M,)
+    ids = ids_for(kind, int(torch.tensor(lead).prod()), L, device).reshape(lead)
+    check(inputs, ids, dtype)
+
+
+def test_ranks_mean_work_past_the_rank_is_skipped(device):
+    """With ranks given, entries past an adapter's rank are never read: garbage there changes nothing,
+    and their gradients are zero."""
+    clean = make_multi(30, 48, 40, 3, 16, f32, ranks=[2, 16, 5], device=device)
+    dirty = dict(clean, lora_A=clean["lora_A"].clone(), lora_B=clean["lora_B"].clone())
+    dirty["lora_A"][0, 2:] = 7.0
+    dirty["lora_B"][2, :, 5:] = -3.0
+    ids = ids_for("unsorted", 30, 3, device)
+    dy = torch.randn(30, 40, device=device)
+    y_clean, _ = run(clean, ids, dy)
+    y_dirty, grads = run(dirty, ids, dy)
+    torch.testing.assert_close(y_dirty, y_clean, rtol=0, atol=0)
+    assert grads["lora_A"][0, 2:].abs().max() == 0 and grads["lora_B"][2, :, 5:].abs().max() == 0
+    assert grads["lora_A"][1].abs().max() > 0
+
+
+def test_base_only_rows_equal_the_base_layer(device):
+    inputs = make_multi(20, 32, 24, 2, 8, f32, device=device)
+    ids = torch.tensor([-1, 0, 1, -1] * 5, device=device)
+    y = fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
+                                    inputs["lora_B"], inputs["scalings"], ids)
+    base = torch.nn.functional.linear(inputs["x"], inputs["weight"], inputs["bias"])
+    torch.testing.assert_close(y[ids == -1], base[ids == -1], rtol=1e-6, atol=ATOL[f32])
+    assert (y[ids >= 0] - base[ids >= 0]).abs().max() > 1e-2
+
+
+def test_single_adapter_equals_lora_linear(device):
+    """One adapter for every row is lora_linear with that adapter."""
+    inputs = make_multi(26, 48, 32, 3, 8, f32, device=device)
+    ids = torch.full((26,), 1, device=device)
+    y = fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
+                                    inputs["lora_B"], inputs["scalings"], ids)
+    single = fusedlora.lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"][1],
+                                   inputs["lora_B"][1], float(inputs["scalings"][1]))
+    torch.testing.assert_close(y, single, rtol=1e-5, atol=1e-5)
+
+
+def test_unfused_path_matches_reference(device):
+    inputs = make_multi(37, 70, 45, 4, 16, bf16, f32, ranks=[3, 16, 8, 1], device=device)
+    ids = ids_for("unsorted", 37, 4, device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    y = multi_lora_linear_unfused(*args, ids, inputs["ranks"])
+    y_low = reference.multi_lora_linear(*args, ids, inputs["ranks"])
+    y64 = reference.multi_lora_linear(*(t.double() for t in args), ids, inputs["ranks"])
+    assert_oracle("y", y, y_low, y64, bf16)
+
+
+def test_invalid_ids_give_nan_rows_in_the_kernel(device):
+    """What a GPU caller gets without FUSEDLORA_DEBUG: the bad rows poisoned, the others right."""
+    from fusedlora.kernels.multi_lora import group_by_adapter, multi_gemm, multi_shrink
+    inputs = make_multi(12, 32, 16, 2, 8, f32, device=device)
+    ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1], device=device)
+    ranks = torch.full((2,), 8, dtype=torch.int32, device=device)
+    groups = group_by_adapter(ids, 2)
+    S = multi_shrink(inputs["x"], inputs["lora_A"], inputs["scalings"], groups, ranks)
+    y = multi_gemm(inputs["x"], inputs["weight"], inputs["bias"], S, inputs["lora_B"], groups, ranks)
+    bad = (ids < -1) | (ids >= 2)
+    assert torch.isnan(y[bad]).all()
+    good_ids = ids.clamp(-1, 1)
+    ref = reference.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
+                                      inputs["lora_B"], inputs["scalings"], good_ids)
+    torch.testing.assert_close(y[~bad], ref[~bad], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_equals_kernels(monkeypatch, device):
+    inputs = make_multi(30, 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
+    ids = ids_for("unsorted", 30, 3, device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    y = fusedlora.multi_lora_linear(*args, ids, inputs["ranks"])
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    torch.testing.assert_close(fusedlora.multi_lora_linear(*args, ids, inputs["ranks"]), y, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch(device):
+    inputs = make_multi(0, 32, 16, 2, 8, f32, device=device)
+    x = inputs["x"].requires_grad_()
+    y = fusedlora.multi_lora_linear(x, inputs["weight"], None, inputs["lora_A"], inputs["lora_B"],
+                                    inputs["scalings"], torch.zeros(0, dtype=torch.long, device=device))
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 32)
+
+
+BAD = [
+    (lambda a: a.update(ids=a["ids"].float()), TypeError, ["adapter_ids", "integer"]),
+    (lambda a: a.update(ids=a["ids"][:5]), TypeError, ["adapter_ids", "(5,)", "(8,)"]),
+    (lambda a: a.update(ids=a["ids"] + 3), ValueError, ["adapter_ids", "outside [-1, L) = [-1, 3)"]),
+    (lambda a: a.update(ids=a["ids"] - 5), ValueError, ["adapter_ids", "outside"]),
+    (lambda a: a.update(lora_A=a["lora_A"][0]), ValueError, ["lora_A", "(L, R, K)"]),
+    (lambda a: a.update(lora_B=a["lora_B"][:2]), ValueError, ["lora_B", "(2, 12, 4)", "(3, N, 4)"]),
+    (lambda a: a.update(scalings=a["scalings"][:2]), ValueError, ["scalings", "(3,)"]),
+    (lambda a: a.update(ranks=torch.tensor([1, 2, 9])), ValueError, ["ranks", "[0, R] = [0, 4]"]),
+    (lambda a: a.update(ranks=torch.tensor([1.0, 2.0, 3.0])), TypeError, ["ranks", "integer"]),
+    (lambda a: a.update(weight=a["weight"][:, :7]), ValueError, ["weight", "(12, 7)"]),
+]
+
+
+@pytest.mark.parametrize("change,error,words", BAD)
+def test_bad_input_is_named(change, error, words):
+    inputs = make_multi(8, 16, 12, 3, 4, f32)
+    args = dict(inputs, ids=torch.tensor([0, 1, 2, -1, 0, 1, 2, 0]), ranks=None)
+    change(args)
+    with pytest.raises(error) as info:
+        fusedlora.multi_lora_linear(args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"],
+                                    args["scalings"], args["ids"], args["ranks"])
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
