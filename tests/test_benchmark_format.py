@@ -35,9 +35,8 @@ def checked(tmp_path_factory):
 
 
 def test_every_provider_agrees_with_float64(checked):
-    assert checked["failures"] == []
-    for row in checked["rows"]:
-        assert math.isfinite(row["rel_err"]) and row["rel_err"] < 1e-6, row  # fp32 everywhere
+    assert checked["failures"] == []  # each within twice the same-dtype reference's error
+    assert all(math.isfinite(row["rel_err"]) for row in checked["rows"])
     expected = {(case, p) for case in suite.CASES for p in providers.PROVIDERS}
     assert {(row["case"], row["provider"]) for row in checked["rows"]} == expected
     assert len(checked["lines"]) == len(checked["rows"])  # one progress line per row
