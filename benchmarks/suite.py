@@ -1,0 +1,198 @@
+"""The case table, the grids, and the loop that checks, times and measures every provider of a row.
+
+A case is a builder and the grid it runs on. Adding a case (multi_fwd, say) is one builder in
+providers.py returning an object with LayerStack's interface, and one entry in CASES, e.g.
+    "multi_fwd": Case(build=multi_adapter, adapters=(1, 8, 64)),
+Rows of one comparison share (case, M, K, N, dtype): the base provider runs once per such group and
+every other row's ratio_to_base is taken against it.
+"""
+import dataclasses
+import datetime
+import itertools
+import subprocess
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import triton
+import triton.testing  # noqa: F401  (do_bench; not every triton imports it with the package)
+
+from providers import layer_stack
+from report import fmt, mib
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The issue's schema, in its order; saved_mb and rel_err follow it (README, "Benchmarks").
+ROW_KEYS = ("case", "provider", "M", "K", "N", "r", "dtype", "adapters", "ms", "tflops", "ratio_to_base",
+            "peak_mb")
+EXTRA_KEYS = ("saved_mb", "rel_err")
+HEADER_KEYS = ("gpu", "torch", "triton", "commit", "date")
+CPU_NAME = "none (CPU, Triton interpreter)"
+
+# Real projections (K, N): 8B-class (hidden 4096, MLP 14336) and 70B-class (8192, 28672) models.
+SHAPES_8B = [(4096, 4096), (4096, 14336), (14336, 4096)]
+SHAPES_70B = [(8192, 8192), (8192, 28672)]
+GRIDS = {
+    "headline": dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 8192], ranks=[16], adapters=[1]),
+    "full": dict(shapes=SHAPES_8B + SHAPES_70B, ms=[1, 16, 64, 256, 2048, 4096, 8192, 16384],
+                 ranks=[8, 16, 64, 128], adapters=[1]),
+}
+FP16_SUBSET = dict(shapes=[(4096, 4096)], ranks=[16])  # --full adds fp16 rows here
+# Without a GPU: tiny shapes through the interpreter, edges that fit no block included (M, K, N, r, dtype).
+CPU_GRID = [(37, 70, 45, 3, "fp32"), (64, 128, 96, 16, "bf16")]
+
+
+class Spec(NamedTuple):
+    case: str
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: str
+    adapters: int = 1
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def group(self):
+        """The rows that share one base measurement."""
+        return (self.case, self.M, self.K, self.N, self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    build: Callable  # (case, spec, device, rotate) -> object with LayerStack's interface
+    depth: int = 1
+    backward: bool = False
+    dropout_p: float = 0.0
+    grids: dict = dataclasses.field(default_factory=dict)  # per size, overrides of GRIDS[size]
+
+
+CASES = {
+    "fwd": Case(build=layer_stack),
+    "fwd_bwd": Case(build=layer_stack, backward=True),
+    # Training memory: four layers alternating K→N and N→K, fwd+bwd with dropout 0.1.
+    "train_mem": Case(build=layer_stack, depth=4, backward=True, dropout_p=0.1,
+                      grids={"headline": dict(shapes=[(4096, 4096)], ms=[8192]),
+                             "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
+}
+
+
+def specs(size):
+    """Rows to run, size 'headline', 'full' or 'cpu'; bf16 throughout, fp16 on a subset with 'full'."""
+    out = []
+    for name, case in CASES.items():
+        if size == "cpu":
+            out += [Spec(name, M, K, N, r, dtype) for M, K, N, r, dtype in CPU_GRID]
+            continue
+        grid = {**GRIDS[size], **case.grids.get(size, {})}
+        axes = (grid["shapes"], grid["ms"], grid["ranks"], grid["adapters"])
+        for (K, N), M, r, adapters in itertools.product(*axes):
+            out.append(Spec(name, M, K, N, r, "bf16", adapters))
+            if size == "full" and (K, N) in FP16_SUBSET["shapes"] and r in FP16_SUBSET["ranks"]:
+                out.append(Spec(name, M, K, N, r, "fp16", adapters))
+    return out
+
+
+def make_row(spec, provider, **measured):
+    """A result row: the issue's keys in order, then the extras; r and adapters are None for base."""
+    lora = provider != "base"
+    row = dict(case=spec.case, provider=provider, M=spec.M, K=spec.K, N=spec.N, r=spec.r if lora else None,
+               dtype=spec.dtype, adapters=spec.adapters if lora else None)
+    row.update({key: measured.get(key) for key in ROW_KEYS[8:] + EXTRA_KEYS})
+    return row
+
+
+def base_key(row):
+    return (row["case"], row["M"], row["K"], row["N"], row["dtype"])
+
+
+def add_ratios(rows):
+    """ratio_to_base: the row's median time over the base row's at the same case, M, K, N and dtype."""
+    base = {base_key(row): row["ms"] for row in rows if row["provider"] == "base"}
+    for row in rows:
+        floor = base.get(base_key(row))
+        row["ratio_to_base"] = row["ms"] / floor if row["ms"] is not None and floor else None
+    return rows
+
+
+def time_cuda(fn):
+    """(median ms over CUDA events, peak MiB the call allocates above what was allocated before it)."""
+    fn()  # warm-up outside the numbers: compilation, autotuning, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    # do_bench zeroes a buffer larger than L2 before every call and excludes its own warm-up.
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return ms, peak_mb
+
+
+def run_rows(todo, device, timed, log=print):
+    """Check every provider of every spec against float64; with timed, time it on CUDA too.
+    Returns (rows, failures): a provider that fails its check is not timed and is listed."""
+    rows, failures, done_groups = [], [], set()
+    for i, spec in enumerate(todo, 1):
+        case = CASES[spec.case]
+        bench = case.build(case, spec, device, rotate=timed)
+        names = [n for n in bench.providers if n != "base" or spec.group not in done_groups]
+        done_groups.add(spec.group)
+        for name in names:
+            err, tol = bench.check(name), bench.tolerance
+            measured = dict(rel_err=err, saved_mb=bench.saved_mb(name))
+            ok = err <= tol
+            if not ok:
+                failures.append(f"{spec} {name}: relative error {err:.2e} over {tol:.2e}")
+            elif timed:
+                ms, peak_mb = time_cuda(bench.providers[name])
+                measured.update(ms=ms, peak_mb=peak_mb, tflops=bench.flops(name) / ms * 1e-9)
+            rows.append(make_row(spec, name, **measured))
+            add_ratios([row for row in rows if base_key(row) == spec.group])
+            log(row_line(rows[-1], f"[{i}/{len(todo)}]", ok, tol))
+        del bench
+        if timed:
+            torch.cuda.empty_cache()
+    return add_ratios(rows), failures + memory_failures(rows)
+
+
+def memory_failures(rows):
+    """Wherever dropout is on, fusedlora must keep less for backward than PEFT: no mask and no dropped
+    copy of x, only x, the rank-r S and the seed."""
+    saved = {}
+    for row in rows:
+        if CASES[row["case"]].dropout_p > 0 and row["provider"] in ("peft", "fusedlora"):
+            key = base_key(row) + (row["r"], row["adapters"])
+            saved.setdefault(key, {})[row["provider"]] = row["saved_mb"]
+    return [f"{key}: fusedlora keeps {pair['fusedlora']:.4g} MiB for backward, peft {pair['peft']:.4g} MiB"
+            for key, pair in saved.items() if len(pair) == 2 and not pair["fusedlora"] < pair["peft"]]
+
+
+def row_line(row, where, ok, tol):
+    """One line per provider while the suite runs."""
+    timing = (f"{row['ms']:9.4f} ms {row['tflops']:6.1f} TFLOP/s x{fmt(row['ratio_to_base'], '.3f')} of base "
+              f"peak {mib(row['peak_mb'])} MiB  " if row["ms"] is not None else "")
+    saved = f"saved {mib(row['saved_mb'])} MiB  " if row["saved_mb"] is not None else ""
+    return (f"{where} {row['case']:9} {row['provider']:9} M={row['M']:<5} K={row['K']:<5} N={row['N']:<5} "
+            f"r={fmt(row['r'], 'd'):<3} {row['dtype']}  {timing}{saved}"
+            f"rel err {row['rel_err']:.1e} (bound {tol:.1e}) {'ok' if ok else 'WRONG'}")
+
+
+def commit():
+    """Short hash of HEAD, with +dirty when tracked files differ from it: a reader can tell which
+    code produced a result."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(gpu: Optional[str]):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return dict(gpu=gpu or CPU_NAME, torch=torch.__version__, triton=triton.__version__, commit=commit(),
+                date=now.isoformat(timespec="seconds"))

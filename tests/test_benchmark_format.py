@@ -1,0 +1,156 @@
+"""The benchmark's check path and its outputs: JSON schema, markdown, ratios, plot, and no timings
+without a GPU. The path runs for real on tiny shapes (through the interpreter on CPU); only the
+ratio, markdown and plot tests feed made-up timings to the formatting functions."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CUDA, DEVICE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import providers  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+import suite  # noqa: E402
+
+TINY = [(37, 70, 45, 3, "fp32")]
+TIMING_KEYS = ("ms", "tflops", "ratio_to_base", "peak_mb")
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """One untimed run of every case on one tiny shape, written out as a CPU run writes it."""
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSEDLORA_BACKEND", "triton")
+        mp.setattr(suite, "CPU_GRID", TINY)
+        rows, failures = suite.run_rows(suite.specs("cpu"), DEVICE, timed=False, log=lines.append)
+    result = {**suite.header(None), "rows": rows}
+    out = tmp_path_factory.mktemp("bench")
+    messages = report.write(result, out, "cpu-check")
+    return dict(rows=rows, failures=failures, lines=lines, out=out, messages=messages)
+
+
+def test_every_provider_agrees_with_float64(checked):
+    assert checked["failures"] == []  # each within twice the same-dtype reference's error
+    assert all(math.isfinite(row["rel_err"]) for row in checked["rows"])
+    expected = {(case, p) for case in suite.CASES for p in providers.PROVIDERS}
+    assert {(row["case"], row["provider"]) for row in checked["rows"]} == expected
+    assert len(checked["lines"]) == len(checked["rows"])  # one progress line per row
+
+
+def test_json_schema_and_no_timings(checked):
+    result = json.loads((checked["out"] / "cpu-check.json").read_text())
+    assert tuple(result) == suite.HEADER_KEYS + ("rows",)
+    assert result["gpu"] == suite.CPU_NAME and result["torch"] == torch.__version__
+    assert result["rows"] == checked["rows"]
+    for row in result["rows"]:
+        assert tuple(row) == suite.ROW_KEYS + suite.EXTRA_KEYS
+        assert all(row[key] is None for key in TIMING_KEYS), row
+        lora = row["provider"] != "base"
+        assert (row["r"], row["adapters"]) == ((3, 1) if lora else (None, None))
+        assert (row["saved_mb"] is None) == (row["case"] == "fwd")
+
+
+def test_fusedlora_saves_less_than_peft_with_dropout(checked):
+    saved = {(row["case"], row["provider"]): row["saved_mb"] for row in checked["rows"]}
+    assert 0 < saved["train_mem", "fusedlora"] < saved["train_mem", "peft"]
+    assert saved["train_mem", "base"] == 0  # frozen weights: the GEMMs keep nothing new for dX
+
+
+def test_cpu_markdown_says_no_timings(checked):
+    text = (checked["out"] / "cpu-check.md").read_text()
+    assert "No timings" in text
+    assert text.index("## Headline") < text.index("## All rows")
+    assert text.count("\n| fwd_bwd | ") == len(providers.PROVIDERS)
+    assert not (checked["out"] / "cpu-check.png").exists()
+    assert checked["messages"][-1] == "plot skipped: no timings to plot"
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA, run.main times the headline grid")
+def test_command_on_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "CPU_GRID", TINY)
+    monkeypatch.setattr(suite, "CASES", {"fwd": suite.CASES["fwd"]})
+    assert run.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "No timings: they need a CUDA GPU" in out
+    assert "5 of 5 provider checks agree" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-check.json", "cpu-check.md"]
+
+
+def test_a_wrong_provider_fails_its_check_and_is_not_timed(monkeypatch):
+    def off_by_one_percent(x, weights, lora_As, lora_Bs, scaling, p):
+        return providers.reference_stack(x, weights, lora_As, lora_Bs, scaling * 1.01, p)
+
+    monkeypatch.setattr(providers, "fused_stack", off_by_one_percent)
+    rows, failures = suite.run_rows([suite.Spec("fwd", *TINY[0])], DEVICE, timed=False, log=lambda line: None)
+    assert len(failures) == 1 and "fusedlora" in failures[0]
+    assert next(row for row in rows if row["provider"] == "fusedlora")["rel_err"] > 1e-4
+
+
+def timed_rows():
+    """Made-up timings in the shape of a GPU run: two M for one shape, the base GEMM at 2 ms."""
+    rows = []
+    for M in (16, 8192):
+        spec = suite.Spec("fwd", M, 4096, 4096, 16, "bf16")
+        for provider, ms in dict(base=2.0, peft=5.0, addmm=4.0, compile=3.0, fusedlora=2.5).items():
+            rows.append(suite.make_row(spec, provider, ms=ms * M / 16, tflops=1.0, peak_mb=1.0, rel_err=1e-3))
+    return rows
+
+
+def test_ratio_to_base_matches_case_shape_and_dtype():
+    rows = timed_rows()
+    # No fp16 base row, and no fwd_bwd one: ratios stay empty rather than borrow another case's floor.
+    rows.append(suite.make_row(suite.Spec("fwd", 16, 4096, 4096, 16, "fp16"), "fusedlora", ms=1.0))
+    rows.append(suite.make_row(suite.Spec("fwd_bwd", 16, 4096, 4096, 16, "bf16"), "fusedlora", ms=1.0))
+    suite.add_ratios(rows)
+    ratios = {(row["M"], row["provider"], row["dtype"], row["case"]): row["ratio_to_base"] for row in rows}
+    assert ratios[16, "base", "bf16", "fwd"] == 1.0
+    assert ratios[16, "fusedlora", "bf16", "fwd"] == pytest.approx(1.25)
+    assert ratios[8192, "peft", "bf16", "fwd"] == pytest.approx(2.5)
+    assert ratios[16, "fusedlora", "fp16", "fwd"] is None
+    assert ratios[16, "fusedlora", "bf16", "fwd_bwd"] is None
+    untimed = [suite.make_row(suite.Spec("fwd", 16, 64, 64, 4, "fp32"), p) for p in ("base", "fusedlora")]
+    assert [row["ratio_to_base"] for row in suite.add_ratios(untimed)] == [None, None]
+
+
+def test_markdown_headline_first_with_overhead_and_speedups():
+    rows = suite.add_ratios(timed_rows())
+    text = report.markdown({**suite.header("NVIDIA H100 80GB HBM3"), "rows": rows})
+    assert "No timings" not in text
+    headline = text[text.index("## Headline"):text.index("## All rows")]
+    line = next(line for line in headline.splitlines() if line.startswith("| 16 | 4096→4096 | 16 | bf16 |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[5:11] == ["2.0000", "2.5000", "+25.0%", "2.00×", "1.60×", "1.20×"]
+    assert "speed-up over peft | speed-up over addmm | speed-up over compile" in headline
+    assert text[text.index("## All rows"):].count("\n| fwd | ") == len(rows)
+
+
+def test_plot_per_provider_or_a_clear_skip(tmp_path, monkeypatch):
+    result = {**suite.header("test GPU"), "rows": suite.add_ratios(timed_rows())}
+    pytest.importorskip("matplotlib")
+    assert report.plot(result, tmp_path / "a.png") == f"wrote {tmp_path / 'a.png'}"
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert "matplotlib is not installed" in report.plot(result, tmp_path / "b.png")
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_grids_cover_the_issue():
+    headline, full = suite.specs("headline"), suite.specs("full")
+    assert {s.case for s in headline} == set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem"}
+    assert {s.dtype for s in headline} == {"bf16"}
+    assert {(s.K, s.N) for s in full} == {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192),
+                                           (8192, 28672)}
+    assert {s.M for s in full if s.case == "fwd"} == {1, 16, 64, 256, 2048, 4096, 8192, 16384}
+    assert {s.r for s in full if s.case == "fwd"} == {8, 16, 64, 128}
+    assert {(s.K, s.N, s.r) for s in full if s.dtype == "fp16"} == {(4096, 4096, 16)}
+    assert len(set(full)) == len(full)
+
+
+def test_result_file_names():
+    assert report.stem("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
+    assert report.stem("NVIDIA H200", full=True) == "NVIDIA-H200-full"
