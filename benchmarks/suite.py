@@ -1,8 +1,7 @@
 """The case table, the grids, and the loop that checks, times and measures every provider of a row.
 
-A case is a builder and the grid it runs on. Adding a case (multi_fwd, say) is one builder in
-providers.py returning an object with LayerStack's interface, and one entry in CASES, e.g.
-    "multi_fwd": Case(build=multi_adapter, adapters=(1, 8, 64)),
+A case is a builder and the grid it runs on: a builder returns an object with the interface of
+providers.LayerStack (multi_providers.MultiBatch is the other one), and CASES names the grid.
 Rows of one comparison share (case, M, K, N, dtype): the base provider runs once per such group and
 every other row's ratio_to_base is taken against it.
 """
@@ -17,6 +16,7 @@ import torch
 import triton
 import triton.testing  # noqa: F401  (do_bench; not every triton imports it with the package)
 
+from multi_providers import multi_batch
 from providers import layer_stack
 from report import fmt, mib
 
@@ -76,6 +76,13 @@ CASES = {
     "train_mem": Case(build=layer_stack, depth=4, backward=True, dropout_p=0.1,
                       grids={"headline": dict(shapes=[(4096, 4096)], ms=[8192]),
                              "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
+    # Multi-tenant serving: every token one of `adapters` adapters, drawn uniformly. The headline rows
+    # are issue 6's targets (64 adapters at M=4096 and at M=64, every token its own adapter). bmm
+    # gathers M·r·(K+N) adapter elements, which bounds the full grid's M.
+    "multi_fwd": Case(build=multi_batch,
+                      grids={"headline": dict(shapes=[(4096, 4096)], ms=[64, 4096], adapters=[64]),
+                             "full": dict(ms=[1, 16, 64, 256, 2048, 4096], ranks=[16, 64], adapters=[1, 8, 64]),
+                             "cpu": dict(adapters=[3])}),
 }
 
 
@@ -84,7 +91,8 @@ def specs(size):
     out = []
     for name, case in CASES.items():
         if size == "cpu":
-            out += [Spec(name, M, K, N, r, dtype) for M, K, N, r, dtype in CPU_GRID]
+            adapters = case.grids.get("cpu", {}).get("adapters", [1])
+            out += [Spec(name, M, K, N, r, dtype, a) for M, K, N, r, dtype in CPU_GRID for a in adapters]
             continue
         grid = {**GRIDS[size], **case.grids.get(size, {})}
         axes = (grid["shapes"], grid["ms"], grid["ranks"], grid["adapters"])
@@ -175,7 +183,7 @@ def row_line(row, where, ok, tol):
     timing = (f"{row['ms']:9.4f} ms {row['tflops']:6.1f} TFLOP/s x{fmt(row['ratio_to_base'], '.3f')} of base "
               f"peak {mib(row['peak_mb'])} MiB  " if row["ms"] is not None else "")
     saved = f"saved {mib(row['saved_mb'])} MiB  " if row["saved_mb"] is not None else ""
-    return (f"{where} {row['case']:9} {row['provider']:9} M={row['M']:<5} K={row['K']:<5} N={row['N']:<5} "
+    return (f"{where} {row['case']:9} {row['provider']:17} M={row['M']:<5} K={row['K']:<5} N={row['N']:<5} "
             f"r={fmt(row['r'], 'd'):<3} {row['dtype']}  {timing}{saved}"
             f"rel err {row['rel_err']:.1e} (bound {tol:.1e}) {'ok' if ok else 'WRONG'}")
 
