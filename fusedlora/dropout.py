@@ -4,6 +4,10 @@ keep[m, k] for x viewed as (rows, K) depends only on (seed, m, k) and p (see ker
 the formula), so a result never depends on the backend, the device, the grid or the block sizes.
 Written with int64 tensor ops (uint32 products split into 16-bit halves) so that it runs on any
 device and torch.compile can trace it.
+
+Seeds travel as 0-d int64 CPU tensors (seed_tensor): one drawn from torch's generator is then a
+value in the graph under torch.compile, not a host int read with .item() (a graph break), and the
+backward pass reads the one saved in forward.
 """
 import math
 
@@ -38,9 +42,10 @@ def keep_threshold(p: float) -> int:
     return math.ceil(p * (1 << 24))
 
 
-def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     """Boolean keep-mask of `shape` that `seed` and drop probability `p` produce in every backend.
 
+    seed: an int in [0, 2**63) or a 0-d int64 CPU tensor (its 64 bits are the Philox key).
     shape: the shape of x, (*, K); the mask is drawn over x viewed as (prod(shape[:-1]), K).
     """
     shape = torch.Size(shape)
@@ -54,16 +59,34 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     m = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
     k = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
     zero = torch.zeros_like(m)
-    bits, _, _, _ = philox4x32(k, m, zero, zero, seed & _LO32, seed >> 32)
+    # The mask keeps the high word to 32 bits: a negative tensor seed is its two's complement, as
+    # in the kernels, which read the seed as uint64.
+    bits, _, _, _ = philox4x32(k, m, zero, zero, seed & _LO32, (seed >> 32) & _LO32)
     return ((bits >> 8) >= keep_threshold(p)).reshape(shape)
 
 
 def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    """An int in [0, 2**63), or a 0-d int64 CPU tensor (whose value is not read: that would be a
+    host sync on the device and a graph break under torch.compile)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(f"a seed tensor must be a 0-d torch.int64 tensor on the CPU, got shape "
+                             f"{tuple(seed.shape)}, {seed.dtype}, {seed.device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63) or a 0-d int64 CPU tensor, got {seed!r}")
 
 
-def draw_seed() -> int:
-    """A seed from torch's default CPU generator: torch.manual_seed reproduces it, and activation
-    checkpointing (which restores the RNG state) redraws the same one."""
-    return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64))
+def draw_seed() -> torch.Tensor:
+    """A seed from torch's default CPU generator, as a 0-d int64 tensor: torch.manual_seed
+    reproduces it, and activation checkpointing (which restores the RNG state) redraws the same one.
+    Under torch.compile the draw is a graph op (Inductor's generator: see README)."""
+    return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
+
+
+def seed_tensor(seed, dropout_p: float) -> torch.Tensor:
+    """The 0-d int64 CPU seed tensor the custom ops take: `seed` (int or tensor) as given, else one
+    drawn from torch's generator when dropout_p > 0, else zero (no mask is drawn)."""
+    if seed is None:
+        return draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+    check_seed(seed)
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
