@@ -3,7 +3,7 @@
 keep[m, k] for x viewed as (rows, K) depends only on (seed, m, k) and p (see kernels/dropout.py for
 the formula), so a result never depends on the backend, the device, the grid or the block sizes.
 Written with int64 tensor ops (uint32 products split into 16-bit halves) so that it runs on any
-device and torch.compile can trace it.
+device; registered as the custom op fusedlora::keep_mask so that torch.compile keeps it whole.
 
 Seeds travel as 0-d int64 CPU tensors (seed_tensor): one drawn from torch's generator is then a
 value in the graph under torch.compile, not a host int read with .item() (a graph break), and the
@@ -54,15 +54,33 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
         raise ValueError(f"dropout_mask: p must be in [0, 1), got {p}")
     if len(shape) == 0:
         raise ValueError("dropout_mask: shape must have at least one dimension (*, K)")
-    cols = shape[-1]
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+    device = torch.device("cpu") if device is None else torch.device(device)
     rows = math.prod(shape[:-1])
+    return keep_mask_op(seed, rows, shape[-1], keep_threshold(p), device).reshape(shape)
+
+
+@torch.library.custom_op("fusedlora::keep_mask", mutates_args=())
+def keep_mask_op(seed: torch.Tensor, rows: int, cols: int, threshold: int,
+                 device: torch.device) -> torch.Tensor:
+    """The (rows, cols) keep-mask of a 0-d int64 CPU seed, on `device`.
+
+    A custom op so that torch.compile keeps it whole: Inductor inlines each of the ten Philox rounds
+    into its consumers and its lowering grows exponentially (lora_linear with dropout on a (14, 40)
+    x took 240 s to compile forward and backward on 2 CPU cores; with the mask as an op, 12 s)."""
+    # Masked to 32-bit words: a negative seed tensor is its two's complement, as in the kernels,
+    # which read the seed as uint64.
+    key = int(seed)
     m = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
     k = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
     zero = torch.zeros_like(m)
-    # The mask keeps the high word to 32 bits: a negative tensor seed is its two's complement, as
-    # in the kernels, which read the seed as uint64.
-    bits, _, _, _ = philox4x32(k, m, zero, zero, seed & _LO32, (seed >> 32) & _LO32)
-    return ((bits >> 8) >= keep_threshold(p)).reshape(shape)
+    bits, _, _, _ = philox4x32(k, m, zero, zero, key & _LO32, (key >> 32) & _LO32)
+    return (bits >> 8) >= threshold
+
+
+@keep_mask_op.register_fake
+def _(seed, rows, cols, threshold, device):
+    return torch.empty((rows, cols), dtype=torch.bool, device=device)
 
 
 def check_seed(seed) -> None:
