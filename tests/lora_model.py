@@ -22,7 +22,7 @@ class LoRALayer(nn.Module):
         self.bias = nn.Parameter(rnd(out_features, scale=0.1), requires_grad=False)
         self.lora_A = nn.Parameter(rnd(r, in_features, scale=in_features ** -0.5))
         # Not PEFT's zero init: a zero lora_B would leave lora_A's gradient zero in the first step.
-        self.lora_B = nn.Parameter(rnd(out_features, r, scale=r ** -0.5))
+        self.lora_B = nn.Parameter(rnd(out_features, r, scale=0.1 * r ** -0.5))
         self.scaling = alpha / r
         self.dropout = dropout
 
