@@ -62,8 +62,6 @@ def fused_backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: 
     return dx, dw, db, dA, dB
 
 
-
-
 @torch.library.custom_op("fusedlora::lora_linear", mutates_args=())
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                    lora_B: torch.Tensor, scaling: float, dropout_p: float,
@@ -92,7 +90,8 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 @lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
     like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t, need in zip(like, needs) if need]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t, need in zip(like, needs) if need]
 
 
 def _setup_context(ctx, inputs, output):

@@ -43,7 +43,8 @@ BAD = [
     (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3, dtype=torch.int32)), ValueError,
      ["seed tensor", "torch.int32"]),
     (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3.0)), ValueError, ["seed tensor", "torch.float32"]),
-    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3, device="meta")), ValueError, ["seed tensor", "meta"]),
+    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3, device="meta")), ValueError,
+     ["seed tensor", "meta"]),
 ]
 
 
