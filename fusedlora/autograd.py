@@ -1,4 +1,4 @@
-"""The fused LoRA linear as an autograd Function over the Triton launchers.
+"""The fused LoRA linear as torch custom ops over the Triton launchers, with their autograd.
 
 Forward: S = s·D(x)·Aᵀ (shrink, dropout mask drawn in-kernel), then y = x·Wᵀ + b + S·Bᵀ (one GEMM).
 Backward, with G = dY and c = s/(1-p):
@@ -7,9 +7,16 @@ Backward, with G = dY and c = s/(1-p):
     dA     = dUᵀ·(keep ⊙ x)       the mask regenerated from the seed
     dW     = Gᵀ·x,  db = Σ_rows G
 Saved for backward: x, S (M×r fp32), the parameters and the seed; never a mask or a dropped copy of x.
-fused_forward and fused_backward are plain functions so they can be registered as custom ops.
+
+fused_forward and fused_backward are the launcher sequences. They are registered as the custom ops
+fusedlora::lora_linear -> (y, S) and fusedlora::lora_linear_backward, with fake (meta) versions and
+register_autograd, so torch.compile(fullgraph=True) traces through them without a graph break (a raw
+Triton launch or a plain autograd.Function would break the graph; TRITON-NOTES.md). The seed is a 0-d
+int64 CPU tensor input rather than an int, so that a seed drawn from torch's generator inside a
+compiled region stays a graph value and is saved for backward like any other tensor.
 """
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -55,18 +62,52 @@ def fused_backward(dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: 
     return dx, dw, db, dA, dB
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias: Optional[torch.Tensor], lora_A, lora_B, scaling: float,
-                dropout_p: float, seed: int):
-        y, S = fused_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        return y
+@torch.library.custom_op("fusedlora::lora_linear", mutates_args=())
+def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                   seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y: (*, N), S: (M, r) fp32); seed: 0-d int64 CPU tensor. Inputs validated by the caller."""
+    return fused_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S = ctx.saved_tensors
-        grads = fused_backward(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
-                               tuple(ctx.needs_input_grad[:5]))
-        return (*grads, None, None, None)
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlora::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, S: torch.Tensor, scaling: float, dropout_p: float,
+                            seed: torch.Tensor, needs: List[bool]) -> List[torch.Tensor]:
+    """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order.
+
+    A list of only the needed ones because a custom op cannot return None."""
+    grads = fused_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, int(seed), tuple(needs))
+    return [g for g in grads if g is not None]
+
+
+@lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+    like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t, need in zip(like, needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    S = output[1]
+    ctx.mark_non_differentiable(S)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, dy, _dS):
+    x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = iter(lora_linear_backward_op(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p,
+                                         seed, needs))
+    return (*(next(grads) if need else None for need in needs), None, None, None)
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -13,6 +13,13 @@ from fusedlora.kernels.common import interpreting
 BACKENDS = ("auto", "triton", "torch")
 
 
+@torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    # Triton reads its knob through a C++ builtin that torch.compile cannot trace; the answer is
+    # fixed for the process once the kernels are defined, so the compiler may take it as a constant.
+    return interpreting()
+
+
 def backend_for(x: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose inputs live where x does. Read on every call, so a test or
     a user can switch it at run time."""
@@ -21,7 +28,7 @@ def backend_for(x: torch.Tensor) -> str:
         raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
     if choice == "auto":
         return "triton" if x.is_cuda else "torch"
-    if choice == "triton" and not x.is_cuda and not interpreting():
+    if choice == "triton" and not x.is_cuda and not _interpreting():
         raise RuntimeError(
             f"FUSEDLORA_BACKEND=triton with tensors on {x.device} needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before triton is imported, or use FUSEDLORA_BACKEND=torch")

@@ -29,7 +29,9 @@ def require_scalar(name: str, value, low=None, high=None) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float module
+    # attribute arrives as a SymFloat, which comparisons turn into guards and math.isfinite breaks.
+    if not -math.inf < value < math.inf:  # NaN compares false
         raise ValueError(f"{name} must be finite, got {value}")
     if (low is not None and value < low) or (high is not None and value >= high):
         raise ValueError(f"{name} must be in [{low}, {high}), got {value}")

@@ -39,6 +39,12 @@ BAD = [
     (lambda a: a.update(scaling="2"), TypeError, ["scaling", "str"]),
     (lambda a: a.update(dropout_p=0.1, seed=-1), ValueError, ["seed", "-1"]),
     (lambda a: a.update(dropout_p=0.1, seed=2**63), ValueError, ["seed"]),
+    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor([3])), ValueError, ["seed tensor", "0-d", "(1,)"]),
+    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3, dtype=torch.int32)), ValueError,
+     ["seed tensor", "torch.int32"]),
+    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3.0)), ValueError, ["seed tensor", "torch.float32"]),
+    (lambda a: a.update(dropout_p=0.1, seed=torch.tensor(3, device="meta")), ValueError,
+     ["seed tensor", "meta"]),
 ]
 
 

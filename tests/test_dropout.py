@@ -32,6 +32,22 @@ def test_kernel_mask_equals_torch_mask(seed, p, device):
     assert mismatch.numel() == 0, f"first mismatch at {tuple(mismatch[0].tolist())}"
 
 
+@pytest.mark.parametrize("seed", [977, 2**40 + 7, -5])
+def test_tensor_seed_is_the_int_seed(seed, device):
+    """A 0-d int64 seed tensor draws the mask of its value in the kernels and in PyTorch alike; a
+    negative one (only a tensor can hold it) is its 64-bit two's complement in both."""
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    mask = fusedlora.dropout_mask(seed_t, (16, 32), 0.5, device)
+    assert torch.equal(mask, keep_mask(seed, 16, 32, keep_threshold(0.5), device))
+    inputs = [make_inputs(16, 32, 24, 4, torch.float32, device=device)[n] for n in NAMES]
+    y = fusedlora.lora_linear(*inputs, 1.0, 0.5, seed=seed_t)
+    ref = fusedlora.reference.lora_linear(*inputs, 1.0, mask, 0.5)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    if seed >= 0:
+        assert torch.equal(mask, fusedlora.dropout_mask(seed, (16, 32), 0.5, device))
+        assert torch.equal(y, fusedlora.lora_linear(*inputs, 1.0, 0.5, seed=seed))
+
+
 def test_mask_statistics_and_shape():
     p, shape = 0.3, (4, 50, 300)
     mask = fusedlora.dropout_mask(11, shape, p)
@@ -59,8 +75,11 @@ def test_seeds_reproduce(device):
                        fusedlora.lora_linear(*inputs, 1.0, 0.0, seed=4))
 
 
-def test_checkpointing_recomputes_the_same_mask(device):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_checkpointing_recomputes_the_same_mask(use_reentrant, backend, monkeypatch, device):
     """Checkpointing restores the RNG state before recomputing, so the drawn seed and mask repeat."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_inputs(16, 32, 24, 4, torch.float32, device=device)
     grads = []
     for use_checkpoint in (False, True):
@@ -71,14 +90,15 @@ def test_checkpointing_recomputes_the_same_mask(device):
             return fusedlora.lora_linear(x, inputs["weight"], inputs["bias"], A, inputs["lora_B"], 1.0, 0.5)
 
         torch.manual_seed(123)
-        y = checkpoint(layer, x, A, use_reentrant=False) if use_checkpoint else layer(x, A)
+        y = checkpoint(layer, x, A, use_reentrant=use_reentrant) if use_checkpoint else layer(x, A)
         y.square().sum().backward()
         grads.append((x.grad, A.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_saved_tensors_are_x_S_and_parameters_only(device):
-    """Backward keeps x, the (M, r) product S and the parameters: no (M, K) mask or dropped x."""
+    """Backward keeps x, the (M, r) product S, the parameters and the 0-d seed: no (M, K) mask or
+    dropped x."""
     M, K, N, r = 48, 64, 40, 8
     inputs = make_inputs(M, K, N, r, torch.float32, device=device)
     A = inputs["lora_A"].clone().requires_grad_()
@@ -89,5 +109,7 @@ def test_saved_tensors_are_x_S_and_parameters_only(device):
         y = fusedlora.lora_linear(x, inputs["weight"], inputs["bias"], A, B, 1.0, dropout_p=0.3, seed=1)
     known = {t.data_ptr() for t in (x, inputs["weight"], A, B)}
     extra = [t for t in saved if t.data_ptr() not in known]
-    assert [tuple(t.shape) for t in extra] == [(M, r)], [tuple(t.shape) for t in saved]
+    assert sorted((tuple(t.shape), t.dtype) for t in extra) == [((), torch.int64), ((M, r), torch.float32)], \
+        [tuple(t.shape) for t in saved]
+    assert [int(t) for t in extra if t.dim() == 0] == [1]  # the seed itself
     y.sum().backward()
