@@ -2,6 +2,11 @@
 from fusedlora import reference
 from fusedlora.dropout import dropout_mask
 from fusedlora.functional import lora_linear
+from fusedlora.inject import inject, print_trainable_parameters, trainable_parameters
+from fusedlora.modules import LoRALinear
 
-__all__ = ["lora_linear", "dropout_mask", "reference"]
+__all__ = [
+    "lora_linear", "dropout_mask", "reference", "LoRALinear", "inject", "trainable_parameters",
+    "print_trainable_parameters",
+]
 __version__ = "0.1.0"
