@@ -4,9 +4,10 @@ from fusedlora.dropout import dropout_mask
 from fusedlora.functional import lora_linear
 from fusedlora.inject import inject, print_trainable_parameters, trainable_parameters
 from fusedlora.modules import LoRALinear
+from fusedlora.peft_patch import patch_peft, unpatch_peft
 
 __all__ = [
     "lora_linear", "dropout_mask", "reference", "LoRALinear", "inject", "trainable_parameters",
-    "print_trainable_parameters",
+    "print_trainable_parameters", "patch_peft", "unpatch_peft",
 ]
 __version__ = "0.1.0"
