@@ -1,5 +1,6 @@
 """fusedlora: fused Triton kernels for LoRA linear layers."""
 from fusedlora import reference
+from fusedlora.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from fusedlora.dropout import dropout_mask
 from fusedlora.functional import lora_linear
 from fusedlora.inject import inject, print_trainable_parameters, trainable_parameters
@@ -8,6 +9,7 @@ from fusedlora.peft_patch import patch_peft, unpatch_peft
 
 __all__ = [
     "lora_linear", "dropout_mask", "reference", "LoRALinear", "inject", "trainable_parameters",
-    "print_trainable_parameters", "patch_peft", "unpatch_peft",
+    "print_trainable_parameters", "save_adapter", "load_adapter", "read_adapter", "AdapterFileError",
+    "patch_peft", "unpatch_peft",
 ]
 __version__ = "0.1.0"
