@@ -1,7 +1,7 @@
 """A tiny Llama built from a config (no downloads) and the runs the module and PEFT tests compare.
 
-Two layers, hidden 64, intermediate 128, 4 heads (2 key/value heads), vocabulary 128, biases on
-every projection (so bias="lora_only" has something to train), 2 sequences of 8 tokens: one
+Two layers, hidden 64, intermediate 128, 4 heads (2 key/value heads), vocabulary 128, random biases
+on every projection (so bias="lora_only" has something to train), 2 sequences of 8 tokens: one
 forward and backward through the interpreter takes a few seconds.
 """
 import copy
@@ -20,7 +20,12 @@ def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
                          attention_bias=True, mlp_bias=True)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval()
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # transformers starts biases at zero, which would hide a bias left out
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    return model.to(dtype).eval()
 
 
 def tokens(seed: int = 0, batch: int = 2, length: int = 8) -> torch.Tensor:

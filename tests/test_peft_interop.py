@@ -10,9 +10,11 @@ import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
 from lora_models import N_TARGETS, TARGETS, assert_run_matches, logits, oracle_runs, run, tiny_llama, tokens
+from oracle import assert_oracle
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fusedlora
+from fusedlora.dropout import draw_seed
 from fusedlora.kernels.common import interpreting
 
 BACKENDS = ["triton", "torch"]
@@ -174,6 +176,41 @@ def test_dora_falls_back_with_a_warning(monkeypatch):
     assert len(messages) == 1 and "DoraLinearVariant" in messages[0]
 
 
+def hook_on_first_base_layer(model):
+    calls = []
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.base_layer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+def fp16_adapters(model):
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.half()
+
+
+@pytest.mark.parametrize("options,prepare,reason", [
+    ({"lora_bias": True}, None, "has a bias on lora_B"),
+    ({}, hook_on_first_base_layer, "forward hooks"),  # accelerate's offloading lives in such hooks
+    ({}, fp16_adapters, "adapter weights in torch.float16 / torch.float16 under a torch.float32 base"),
+], ids=["lora_bias", "hooked-base", "fp16-adapters-fp32-base"])
+def test_other_fallbacks_equal_peft(options, prepare, reason, monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    model = peft_llama(**options)
+    calls = prepare(model) if prepare else None
+    ids = tokens()
+    want = logits(model, ids)
+    fusedlora.patch_peft(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = logits(model, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and reason in messages[0], messages
+    if calls is not None:
+        assert len(calls) == 2  # the hook ran in both forwards
+
+
 def test_merge_unmerge_and_disable_when_patched(caplog):
     """Triton backend: after unmerge the layers are served fused again."""
     model = peft_llama()
@@ -194,6 +231,28 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
             torch.testing.assert_close(logits(model, ids), base, rtol=1e-5, atol=1e-5)
     assert sum("merged" in r.getMessage() for r in caplog.records) == 1
     assert sum("disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_patched_dropout_draws_the_mask_of_torchs_generator():
+    """In training mode a patched layer drops x with the mask of the seed drawn from torch's generator
+    (so torch.manual_seed reproduces it); in eval mode it does not drop."""
+    model = peft_llama(lora_dropout=0.3)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    fusedlora.patch_peft(model)
+    x = torch.randn(2, 5, 64)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W, b, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling["default"]
+    model.train()
+    torch.manual_seed(4)
+    keep = fusedlora.dropout_mask(draw_seed(), x.shape, 0.3)
+    torch.manual_seed(4)
+    got = layer(x)
+    want = fusedlora.reference.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), s, keep, 0.3)
+    low = fusedlora.reference.lora_linear(x, W, b, A, B, s, keep, 0.3)
+    assert_oracle("y", got, low, want, torch.float32)
+    model.eval()
+    no_dropout = fusedlora.reference.lora_linear(x, W, b, A, B, s)
+    torch.testing.assert_close(layer(x), no_dropout, rtol=1e-5, atol=1e-5)
 
 
 def test_training_with_dropout_lowers_the_loss():
