@@ -81,3 +81,19 @@ def assert_run_matches(got, runs, dtype, lora_grads: int):
     for name in g64:
         assert g[name].dtype == g_low[name].dtype, name
         assert_at_scale(f"grad {name}", g[name], g_low[name], g64[name], dtype)
+
+
+def assert_training_lowers_loss(model, steps: int = 4):
+    """A few AdamW steps in training mode (dropout on) lower the language-model loss in eval mode."""
+    ids = tokens()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    final = model.eval()(input_ids=ids, labels=ids).loss.item()
+    assert final < losses[0] - 0.1, (losses, final)

@@ -132,6 +132,7 @@ def write(name, data: bytes):
 
 Q_A = PREFIX + "model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = PREFIX + "model.layers.0.self_attn.q_proj.lora_B.weight"
+EMBED = PREFIX + "model.embed_tokens."
 
 BAD = [
     # (id, how to break a good adapter directory, file named, words the message must hold)
@@ -154,7 +155,7 @@ BAD = [
     ("r-disagrees", edit_config(lambda c: c.update(r=5)), WEIGHTS_NAME, ["r = 3 rows", "r = 5"]),
     ("save-unknown", edit_config(lambda c: c.update(modules_to_save=["nope"])), CONFIG_NAME,
      ["'nope' matches no module"]),
-    ("dora-key", edit_weights(lambda t: t.update({PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+    ("dora-key", edit_weights(lambda t: t.update({Q_A[:-len("lora_A.weight")] + "lora_magnitude_vector":
                                                   torch.ones(64)})), WEIGHTS_NAME, ["lora_magnitude_vector", "DoRA"]),
     ("lora-bias", edit_weights(lambda t: t.update({Q_B[:-6] + "bias": torch.ones(64)})), WEIGHTS_NAME,
      ["lora_B.bias", "lora_bias"]),
@@ -168,8 +169,8 @@ BAD = [
      WEIGHTS_NAME, ["no module 'model.layers.7.self_attn.q_proj'"]),
     ("wrong-shape", edit_weights(lambda t: t.update({Q_A: t[Q_A][:, :60].contiguous()})), WEIGHTS_NAME,
      ["(3, 60)", "do not fit", "(3, 64)"]),
-    ("not-linear", edit_weights(lambda t: t.update({PREFIX + "model.embed_tokens.lora_A.weight": torch.ones(3, 128),
-                                                    PREFIX + "model.embed_tokens.lora_B.weight": torch.ones(64, 3)})),
+    ("not-linear", edit_weights(lambda t: t.update({EMBED + "lora_A.weight": torch.ones(3, 128),
+                                                    EMBED + "lora_B.weight": torch.ones(64, 3)})),
      WEIGHTS_NAME, ["model.embed_tokens (Embedding) is not an nn.Linear"]),
     ("extra-unknown", edit_weights(lambda t: t.update({PREFIX + "model.nope.weight": torch.ones(3)})), WEIGHTS_NAME,
      ["no tensor 'model.nope.weight'"]),

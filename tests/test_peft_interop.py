@@ -9,7 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
-from lora_models import N_TARGETS, TARGETS, assert_run_matches, logits, oracle_runs, run, tiny_llama, tokens
+from lora_models import (N_TARGETS, TARGETS, assert_run_matches, assert_training_lowers_loss, logits, oracle_runs,
+                         run, tiny_llama, tokens)
 from oracle import assert_oracle
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 
 def peft_llama(dtype=torch.float32, seed=1, **options):
     """get_peft_model on q/k/v/o/gate/up/down with random (non-zero) A and B."""
-    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, **options})
+    options = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, **options}
+    config = LoraConfig(**options)
     base = tiny_llama(dtype=dtype)
     torch.manual_seed(seed)
     return get_peft_model(base, config).eval()
@@ -162,20 +164,6 @@ def test_mixed_batch_and_several_adapters_fall_back_once(monkeypatch):
     assert len(messages) == 1 and "several active adapters" in messages[0]
 
 
-def test_dora_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
-    model = peft_llama(use_dora=True)
-    ids = tokens()
-    want = logits(model, ids)
-    fusedlora.patch_peft(model)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        got = logits(model, ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    messages = fallback_warnings(record)
-    assert len(messages) == 1 and "DoraLinearVariant" in messages[0]
-
-
 def hook_on_first_base_layer(model):
     calls = []
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -190,10 +178,11 @@ def fp16_adapters(model):
 
 
 @pytest.mark.parametrize("options,prepare,reason", [
+    ({"use_dora": True}, None, "is a LoRA variant (DoraLinearVariant)"),
     ({"lora_bias": True}, None, "has a bias on lora_B"),
     ({}, hook_on_first_base_layer, "forward hooks"),  # accelerate's offloading lives in such hooks
     ({}, fp16_adapters, "adapter weights in torch.float16 / torch.float16 under a torch.float32 base"),
-], ids=["lora_bias", "hooked-base", "fp16-adapters-fp32-base"])
+], ids=["dora", "lora_bias", "hooked-base", "fp16-adapters-fp32-base"])
 def test_other_fallbacks_equal_peft(options, prepare, reason, monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = peft_llama(**options)
@@ -259,21 +248,8 @@ def test_training_with_dropout_lowers_the_loss():
     """A few AdamW steps of a patched PEFT model with dropout 0.1, through the kernels."""
     model = peft_llama(lora_dropout=0.1)
     fusedlora.patch_peft(model)
-    model.train()
-    ids = tokens(batch=2, length=8)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    final = model(input_ids=ids, labels=ids).loss.item()
-    assert final < losses[0] - 0.1, (losses, final)
+    assert_training_lowers_loss(model)
 
 
 def test_patch_peft_refuses_a_non_module():
