@@ -62,16 +62,19 @@ def fallback_reason(layer, x, args, kwargs) -> Optional[Tuple[str, bool]]:
     if len(active) > 1:
         return f"several active adapters {active}", True
     adapter = active[0]
-    if adapter in layer.lora_variant:
-        return f"adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__})", True
-    if layer.lora_bias.get(adapter):
+    variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
+    if adapter in variants:
+        return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})", True
+    if getattr(layer, "use_dora", {}).get(adapter):
+        return f"adapter {adapter!r} is a DoRA adapter", True
+    if getattr(layer, "lora_bias", {}).get(adapter):
         return f"adapter {adapter!r} has a bias on lora_B (lora_bias)", True
     base = layer.get_base_layer()
     if not is_plain_linear(base):
         return f"the base layer is a {type(base).__name__}, not an nn.Linear", True
     if base._forward_hooks or base._forward_pre_hooks:
         return "the base layer has forward hooks", True
-    if layer.fan_in_fan_out:
+    if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out", True
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments", True

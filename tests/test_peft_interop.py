@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
-from lora_models import (N_TARGETS, TARGETS, assert_run_matches, assert_training_lowers_loss, logits, oracle_runs,
-                         run, tiny_llama, tokens)
+from lora_models import (N_TARGETS, TARGETS, assert_at_scale, assert_run_matches, assert_training_lowers_loss,
+                         logits, oracle_runs, run, tiny_llama, tokens)
 from oracle import assert_oracle
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -220,6 +220,19 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
             torch.testing.assert_close(logits(model, ids), base, rtol=1e-5, atol=1e-5)
     assert sum("merged" in r.getMessage() for r in caplog.records) == 1
     assert sum("disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_patched_model_under_autocast():
+    """CPU autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding."""
+    model = peft_llama()
+    ids = tokens()
+    exact = logits(copy.deepcopy(model).double(), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = logits(model, ids)
+        fusedlora.patch_peft(model)
+        got = logits(model, ids)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_at_scale("logits", got, want, exact, torch.bfloat16)
 
 
 def test_patched_dropout_draws_the_mask_of_torchs_generator():
