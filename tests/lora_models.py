@@ -10,6 +10,8 @@ import torch
 from oracle import assert_oracle
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# Where the models run: on CUDA when present (the kernels proper), else on CPU (the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_TARGETS = 2 * len(TARGETS)
 VOCAB = 128
@@ -25,11 +27,11 @@ def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(std=0.1)
-    return model.to(dtype).eval()
+    return model.to(device=DEVICE, dtype=dtype).eval()
 
 
 def tokens(seed: int = 0, batch: int = 2, length: int = 8) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -51,7 +53,8 @@ def run(model, ids, seed: int = 0):
     weighting of the logits."""
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids).logits
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
     (out.double() * weights).sum().backward()
     grads = {canonical(name): p.grad for name, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values()), "every trainable parameter needs a gradient"

@@ -28,7 +28,7 @@ def perturb(model, names):
     gen = torch.Generator().manual_seed(5)
     params = dict(model.named_parameters())
     for name in names:
-        params[name].add_(0.1 * torch.randn(params[name].shape, generator=gen))
+        params[name].add_(0.1 * torch.randn(params[name].shape, generator=gen).to(params[name].device))
 
 
 def injected_model():

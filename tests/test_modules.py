@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from lora_models import N_TARGETS, TARGETS, assert_training_lowers_loss, logits, tiny_llama, tokens
+from lora_models import DEVICE, N_TARGETS, TARGETS, assert_training_lowers_loss, logits, tiny_llama, tokens
 from oracle import assert_oracle
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -18,13 +18,13 @@ f32, bf16 = torch.float32, torch.bfloat16
 
 def linear(K=40, N=24, dtype=f32, bias=True, seed=0):
     torch.manual_seed(seed)
-    return nn.Linear(K, N, bias=bias).to(dtype)
+    return nn.Linear(K, N, bias=bias).to(device=DEVICE, dtype=dtype)
 
 
 def forward_and_grads(layer, x):
     x = x.detach().clone().requires_grad_()
     y = layer(x)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(y.device)
     (y.double() * dy).sum().backward()
     return y.detach(), {"x": x.grad, "lora_A": layer.lora_A.grad, "lora_B": layer.lora_B.grad}
 
@@ -38,19 +38,19 @@ def test_lora_linear_module_matches_reference(dtype, use_rslora, p):
                                  init_lora_weights=False).train()
     assert layer.lora_A.dtype == f32 and not layer.base_layer.weight.requires_grad
     assert layer.scaling == (12 / math.sqrt(6) if use_rslora else 2.0)
-    x = torch.randn(3, 7, 40).to(dtype)
+    x = torch.randn(3, 7, 40).to(device=DEVICE, dtype=dtype)
     torch.manual_seed(11)
     seed = draw_seed()
     torch.manual_seed(11)
     y, grads = forward_and_grads(layer, x)
-    keep = fusedlora.dropout_mask(seed, x.shape, p) if p > 0 else None
+    keep = fusedlora.dropout_mask(seed, x.shape, p, DEVICE) if p > 0 else None
     W, b = layer.base_layer.weight, layer.base_layer.bias
 
     def reference(*tensors):
         xs, As, Bs = (t.detach().clone().requires_grad_() for t in tensors)
         out = fusedlora.reference.lora_linear(xs, W.to(xs.dtype), b.to(xs.dtype), As, Bs, layer.scaling, keep, p)
         (out.double() * torch.randn(out.shape, generator=torch.Generator().manual_seed(3),
-                                    dtype=torch.float64)).sum().backward()
+                                    dtype=torch.float64).to(DEVICE)).sum().backward()
         return out.detach(), {"x": xs.grad, "lora_A": As.grad, "lora_B": Bs.grad}
 
     low = reference(x, layer.lora_A, layer.lora_B)
@@ -63,7 +63,7 @@ def test_lora_linear_module_matches_reference(dtype, use_rslora, p):
 
 def test_dropout_only_in_training_mode():
     layer = fusedlora.LoRALinear(linear(), r=4, lora_dropout=0.5, init_lora_weights=False)
-    x = torch.randn(5, 40)
+    x = torch.randn(5, 40, device=DEVICE)
     layer.eval()
     evaluated = layer(x)
     no_dropout = fusedlora.lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
@@ -78,7 +78,7 @@ def test_initialisations_follow_peft():
     bound = 1 / math.sqrt(256)  # kaiming-uniform with a=√5 on (r, in): U(-1/√in, 1/√in)
     assert default.lora_A.abs().max() <= bound and default.lora_A.abs().max() > 0.9 * bound
     assert torch.count_nonzero(default.lora_B) == 0
-    x = torch.randn(4, 256)
+    x = torch.randn(4, 256, device=DEVICE)
     torch.testing.assert_close(default(x), base(x), rtol=1e-6, atol=1e-6)
     gaussian = fusedlora.LoRALinear(linear(K=256, N=32), r=4, init_lora_weights="gaussian")
     assert abs(gaussian.lora_A.std().item() - 1 / 4) < 0.03 and torch.count_nonzero(gaussian.lora_B) == 0
@@ -90,7 +90,7 @@ def test_initialisations_follow_peft():
 def test_merge_and_unmerge_keep_outputs(dtype):
     layer = fusedlora.LoRALinear(linear(dtype=dtype), r=4, lora_alpha=8, init_lora_weights=False).eval()
     original = layer.base_layer.weight.detach().clone()
-    x = torch.randn(6, 40).to(dtype)
+    x = torch.randn(6, 40).to(device=DEVICE, dtype=dtype)
     want = layer(x)
     layer.merge()
     assert layer.merged and "merged=True" in repr(layer)
@@ -241,11 +241,11 @@ def test_inject_starts_as_the_base_model_and_refuses_bad_targets():
 
 
 def test_lora_linear_under_autocast():
-    """Under CPU autocast to bf16, as nn.Linear: bf16 output, close to the fp32 result."""
+    """Under autocast to bf16, as nn.Linear: bf16 output, close to the fp32 result."""
     layer = fusedlora.LoRALinear(linear(K=64, N=32), r=4, init_lora_weights=False).eval()
-    x = torch.randn(8, 64)
+    x = torch.randn(8, 64, device=DEVICE)
     want = layer(x)
-    with torch.autocast("cpu", dtype=bf16):
+    with torch.autocast(DEVICE, dtype=bf16):
         got = layer(x)
         plain = layer.base_layer(x)
     assert got.dtype == plain.dtype == bf16

@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
-from lora_models import (N_TARGETS, TARGETS, assert_at_scale, assert_run_matches, assert_training_lowers_loss,
-                         logits, oracle_runs, run, tiny_llama, tokens)
+from lora_models import (DEVICE, N_TARGETS, TARGETS, assert_at_scale, assert_run_matches,
+                         assert_training_lowers_loss, logits, oracle_runs, run, tiny_llama, tokens)
 from oracle import assert_oracle
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -223,11 +223,11 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
 
 
 def test_patched_model_under_autocast():
-    """CPU autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding."""
+    """Autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding."""
     model = peft_llama()
     ids = tokens()
     exact = logits(copy.deepcopy(model).double(), ids)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         want = logits(model, ids)
         fusedlora.patch_peft(model)
         got = logits(model, ids)
@@ -241,12 +241,12 @@ def test_patched_dropout_draws_the_mask_of_torchs_generator():
     model = peft_llama(lora_dropout=0.3)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     fusedlora.patch_peft(model)
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(2, 5, 64, device=DEVICE)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     W, b, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling["default"]
     model.train()
     torch.manual_seed(4)
-    keep = fusedlora.dropout_mask(draw_seed(), x.shape, 0.3)
+    keep = fusedlora.dropout_mask(draw_seed(), x.shape, 0.3, DEVICE)
     torch.manual_seed(4)
     got = layer(x)
     want = fusedlora.reference.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), s, keep, 0.3)
