@@ -1,0 +1,149 @@
+"""LoRALinear: a frozen nn.Linear plus a trainable low-rank update, run through the fused path.
+
+    y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ,   scaling = lora_alpha / r   (lora_alpha / √r with rslora)
+
+The module calls the functional API only (fusedlora.lora_linear), so the backend choice
+(FUSEDLORA_BACKEND) applies to it as to any other call. Parameter names and initialisations follow
+PEFT's lora.Linear, so an adapter moves between the two by renaming keys (see adapter_io.py).
+"""
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from fusedlora.functional import lora_linear
+from fusedlora.rules import check_init_lora_weights, check_lora_options, lora_scaling
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's own: one LoRALinear can stand in for it. Subclasses
+    that change forward (quantized layers, for instance) compute something else and are refused."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def fused_call(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
+    """lora_linear with autocast honoured the way nn.Linear honours it.
+
+    Under autocast, x, weight and bias go to the autocast dtype (nn.Linear would cast them the same
+    way); fp32 adapter weights stay fp32, which lora_linear accepts under a half-precision x and
+    which loses nothing. Autocast is then switched off for the call itself, so both backends see
+    exactly these dtypes.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
+        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base_layer` (nn.Linear, in_features K, out_features N) with a LoRA update.
+
+    Parameters: lora_A (r, K) and lora_B (N, r), trainable; the base layer's weight (N, K) and bias
+    (N,) are frozen. Adapter weights are float32 whatever the base dtype (PEFT's default: a bf16 base
+    keeps fp32 adapters); model.to(dtype) casts them like any other parameter.
+
+    init_lora_weights (PEFT's names): True, A kaiming-uniform (a=√5) and B zeros, so the layer starts
+    as the base layer; "gaussian", A normal with std 1/r and B zeros; False, both random as nn.Linear
+    initialises them (the update is not zero: for tests).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True):
+        super().__init__()
+        if not is_plain_linear(base_layer):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        check_lora_options(r, lora_alpha, lora_dropout, use_rslora)
+        check_init_lora_weights(init_lora_weights)
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r = r
+        self.set_options(lora_alpha, lora_dropout, use_rslora)
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device))
+        self._merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def set_options(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+        """Change alpha, dropout and rslora (a loaded adapter brings its own); r is fixed by the shapes."""
+        check_lora_options(self.r, lora_alpha, lora_dropout, use_rslora)
+        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, float(lora_dropout), use_rslora
+        self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for code that reads `layer.weight` (dtype checks, tied weights)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        """True while scaling·B·A is folded into the base weight (forward then runs the base alone)."""
+        return self._merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (*, in_features) -> (*, out_features), in x's dtype."""
+        if self._merged:
+            return self.base_layer(x)
+        p = self.lora_dropout if self.training else 0.0
+        return fused_call(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                          self.scaling, p)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling·B·A, (out_features, in_features), in float32 (or wider, if the adapters are)."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scaling·B·A into the base weight. Refused, leaving the weight as it was, when the sum
+        has a NaN or an Inf (a broken adapter, or one too large for the base dtype)."""
+        if self._merged:
+            raise RuntimeError("LoRALinear.merge: already merged; call unmerge() first")
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"LoRALinear.merge: the merged weight (shape {tuple(weight.shape)}, {weight.dtype}) "
+                             "would hold NaN or Inf values; the adapter is broken or too large for the base dtype")
+        weight.copy_(merged)
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract scaling·B·A from the base weight again. In fp32 this restores the weight to a few
+        ulps; in bf16 or fp16 the rounding of the merge is not undone exactly (PEFT behaves the same)."""
+        if not self._merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self._merged = False
+
+    def extra_repr(self) -> str:
+        rslora = ", use_rslora=True" if self.use_rslora else ""
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"lora_dropout={self.lora_dropout}{rslora}, merged={self._merged}")

@@ -1,0 +1,156 @@
+"""patch_peft / unpatch_peft: serve a PEFT model's LoRA Linear layers through the fused path, in place.
+
+Only the forward of each peft.tuners.lora.Linear instance changes (an instance attribute that
+shadows the class's forward); PEFT keeps owning the parameters and the config, so its save,
+set_adapter, merge and mixed-batch inference work as before. On every call the fused path serves
+the common case, one active vanilla LoRA adapter on a plain nn.Linear; anything else runs PEFT's own
+forward, and each reason for that is reported once per patch_peft call: with warnings.warn where
+the fused path would have been faster, with logging (INFO) where there is nothing to fuse (adapters
+disabled or merged, no active adapter).
+
+PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
+the output has the base layer's dtype, as PEFT returns. Under autocast, x and W take the autocast
+dtype as nn.Linear would (modules.fused_call).
+"""
+import logging
+import types
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from fusedlora.checks import FLOAT_DTYPES
+from fusedlora.modules import fused_call, is_plain_linear
+
+logger = logging.getLogger(__name__)
+
+
+def _peft_linear():
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError as e:
+        raise ImportError("patch_peft needs the peft package (pip install peft)") from e
+    return Linear
+
+
+def _dtype_reason(layer, x, base, A, B) -> Optional[str]:
+    if torch.is_autocast_enabled(x.device.type):
+        return None  # fused_call casts x and W to the autocast dtype, as nn.Linear would
+    if x.dtype not in FLOAT_DTYPES:
+        return f"x has dtype {x.dtype}"
+    if base.weight.dtype != x.dtype:
+        return f"x ({x.dtype}) and the base weight ({base.weight.dtype}) differ in dtype"
+    if A.dtype != B.dtype or A.dtype not in (x.dtype, torch.float32):
+        return f"adapter weights in {A.dtype} / {B.dtype} under a {x.dtype} base"
+    if A.dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)"
+    return None
+
+
+def fallback_reason(layer, x, args, kwargs) -> Optional[Tuple[str, bool]]:
+    """(reason, costs speed) when this call must run PEFT's forward; None when the fused path serves it."""
+    if layer.disable_adapters:
+        return "adapters are disabled", False
+    if layer.merged:
+        return "the adapter is merged into the base weight", False
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names= (a mixed-adapter batch)", True
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return "no active adapter", False
+    if len(active) > 1:
+        return f"several active adapters {active}", True
+    adapter = active[0]
+    variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
+    if adapter in variants:
+        return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})", True
+    if getattr(layer, "use_dora", {}).get(adapter):
+        return f"adapter {adapter!r} is a DoRA adapter", True
+    if getattr(layer, "lora_bias", {}).get(adapter):
+        return f"adapter {adapter!r} has a bias on lora_B (lora_bias)", True
+    base = layer.get_base_layer()
+    if not is_plain_linear(base):
+        return f"the base layer is a {type(base).__name__}, not an nn.Linear", True
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks", True
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out", True
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments", True
+    if not isinstance(layer.lora_dropout[adapter], (nn.Identity, nn.Dropout)):
+        return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}", True
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    reason = _dtype_reason(layer, x, base, A, B)
+    if reason is not None:
+        return reason, True
+    if not (x.device == base.weight.device == A.device == B.device):
+        return "x, the base weight and the adapter weights are on different devices", True
+    return None
+
+
+class _Reporter:
+    """Reports each fallback reason once per patch_peft call, naming the first layer it hit."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def __call__(self, layer_name: str, reason: str, costly: bool) -> None:
+        if reason in self.seen:
+            return
+        self.seen.add(reason)
+        message = (f"fusedlora: PEFT layer {layer_name} runs PEFT's own forward: {reason} "
+                   "(reported once per reason)")
+        if costly:
+            warnings.warn(message, stacklevel=4)
+        else:
+            logger.info(message)
+
+
+def _patched_forward(layer_name: str, report: _Reporter, peft_forward):
+    def forward(self, x, *args, **kwargs):
+        why = fallback_reason(self, x, args, kwargs)
+        if why is not None:
+            report(layer_name, *why)
+            return peft_forward(self, x, *args, **kwargs)
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        base, dropout = self.get_base_layer(), self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return fused_call(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                          self.scaling[adapter], p)
+
+    forward.fusedlora_patch = True
+    return forward
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return getattr(getattr(module.__dict__.get("forward"), "__func__", None), "fusedlora_patch", False)
+
+
+def patch_peft(peft_model: nn.Module) -> int:
+    """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel or any module holding
+    peft.tuners.lora.Linear layers) through fusedlora.lora_linear. Returns how many layers it patched.
+    Layer subclasses with a forward of their own (quantized LoRA layers) are left alone. Patching again
+    re-patches; unpatch_peft undoes it."""
+    linear = _peft_linear()
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"patch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
+    report = _Reporter()
+    count = 0
+    for name, module in peft_model.named_modules():
+        if isinstance(module, linear) and type(module).forward is linear.forward:
+            module.forward = types.MethodType(_patched_forward(name, report, linear.forward), module)
+            count += 1
+    return count
+
+
+def unpatch_peft(peft_model: nn.Module) -> int:
+    """Give the patched layers their PEFT forward back; returns how many it restored."""
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"unpatch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
+    count = 0
+    for module in peft_model.modules():
+        if _is_patched(module):
+            del module.forward
+            count += 1
+    return count

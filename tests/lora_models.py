@@ -1,0 +1,102 @@
+"""A tiny Llama built from a config (no downloads) and the runs the module and PEFT tests compare.
+
+Two layers, hidden 64, intermediate 128, 4 heads (2 key/value heads), vocabulary 128, random biases
+on every projection (so bias="lora_only" has something to train), 2 sequences of 8 tokens: one
+forward and backward through the interpreter takes a few seconds.
+"""
+import copy
+
+import torch
+from oracle import assert_oracle
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Where the models run: on CUDA when present (the kernels proper), else on CPU (the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_TARGETS = 2 * len(TARGETS)
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                         attention_bias=True, mlp_bias=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # transformers starts biases at zero, which would hide a bias left out
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+def tokens(seed: int = 0, batch: int = 2, length: int = 8) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def canonical(name: str) -> str:
+    """A parameter name without PEFT's wrapping, so that PEFT and fusedlora models compare by name:
+    base_model.model.x.q_proj.lora_A.default.weight -> x.q_proj.lora_A."""
+    name = name.removeprefix("base_model.model.")
+    for half in ("lora_A", "lora_B"):
+        name = name.replace(f".{half}.default.weight", f".{half}")
+    return name
+
+
+def run(model, ids, seed: int = 0):
+    """Logits, and the gradient of every trainable parameter (by canonical name) for a fixed random
+    weighting of the logits."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+    (out.double() * weights).sum().backward()
+    grads = {canonical(name): p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values()), "every trainable parameter needs a gradient"
+    return out.detach(), grads
+
+
+def oracle_runs(reference, ids):
+    """`reference` run in float64 (the exact answer) and in its own dtypes (the error to beat)."""
+    return run(copy.deepcopy(reference).double(), ids), run(reference, ids)
+
+
+def assert_at_scale(name, got, low, exact, dtype):
+    """tests/oracle.py's assert_oracle on the three tensors divided by max(1, max|exact|): its atol is
+    an error allowance for values of order one, and a whole model's gradients reach ~100."""
+    scale = max(1.0, exact.abs().max().item())
+    assert_oracle(name, got.double() / scale, low.double() / scale, exact / scale, dtype)
+
+
+def assert_run_matches(got, runs, dtype, lora_grads: int):
+    """Logits and every gradient of `got` (a run) through the float64 oracle of tests/oracle.py."""
+    (y64, g64), (y_low, g_low) = runs
+    y, g = got
+    assert y.dtype == y_low.dtype
+    assert_at_scale("logits", y, y_low, y64, dtype)
+    assert sorted(g) == sorted(g64)
+    assert sum(".lora_" in name for name in g) == lora_grads
+    for name in g64:
+        assert g[name].dtype == g_low[name].dtype, name
+        assert_at_scale(f"grad {name}", g[name], g_low[name], g64[name], dtype)
+
+
+def assert_training_lowers_loss(model, steps: int = 4):
+    """A few AdamW steps in training mode (dropout on) lower the language-model loss in eval mode."""
+    ids = tokens()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    final = model.eval()(input_ids=ids, labels=ids).loss.item()
+    assert final < losses[0] - 0.1, (losses, final)
