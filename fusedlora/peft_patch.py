@@ -8,6 +8,10 @@ forward, and each reason for that is reported once per patch_peft call: with war
 the fused path would have been faster, with logging (INFO) where there is nothing to fuse (adapters
 disabled or merged, no active adapter).
 
+adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
+layer's adapters stacked (cached until a weight or the adapter set changes), without dropout: in
+training mode with lora_dropout > 0 they fall back.
+
 PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
 the output has the base layer's dtype, as PEFT returns. Under autocast, x and W take the autocast
 dtype as nn.Linear would (modules.fused_call).
@@ -22,6 +26,7 @@ from torch import nn
 
 from fusedlora.checks import FLOAT_DTYPES
 from fusedlora.modules import fused_call, is_plain_linear
+from fusedlora.multi import multi_lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -48,45 +53,77 @@ def _dtype_reason(layer, x, base, A, B) -> Optional[str]:
     return None
 
 
+def _serving_reason(layer, x, adapters, args, kwargs) -> Optional[str]:
+    """Why the fused path cannot serve these adapters of this layer on this call, or None."""
+    for adapter in adapters:
+        variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
+        if adapter in variants:
+            return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})"
+        if getattr(layer, "use_dora", {}).get(adapter):
+            return f"adapter {adapter!r} is a DoRA adapter"
+        if getattr(layer, "lora_bias", {}).get(adapter):
+            return f"adapter {adapter!r} has a bias on lora_B (lora_bias)"
+        if not isinstance(layer.lora_dropout[adapter], (nn.Identity, nn.Dropout)):
+            return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}"
+    base = layer.get_base_layer()
+    if not is_plain_linear(base):
+        return f"the base layer is a {type(base).__name__}, not an nn.Linear"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments"
+    for adapter in adapters:
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        reason = _dtype_reason(layer, x, base, A, B)
+        if reason is not None:
+            return reason
+        if not (x.device == base.weight.device == A.device == B.device):
+            return "x, the base weight and the adapter weights are on different devices"
+    return None
+
+
+def _mixed_batch_reason(layer, x, names) -> Optional[Tuple[str, bool]]:
+    """The extra conditions of an adapter_names= call, served by fusedlora.multi_lora_linear."""
+    used = mixed_batch_adapters(layer, names)
+    if not used:
+        return "no adapter of the mixed batch is on this layer", False
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast in a mixed-adapter batch", True
+    if layer.training and any(getattr(layer.lora_dropout[a], "p", 0.0) > 0 for a in used):
+        return "dropout in a mixed-adapter batch (the multi-adapter kernel has none)", True
+    if len({layer.lora_A[a].weight.dtype for a in used}) > 1:
+        return "adapters of different dtypes in one mixed batch", True
+    return None
+
+
+def mixed_batch_adapters(layer, names):
+    """The adapters of an adapter_names= list that this layer holds, sorted (the stack's order)."""
+    return sorted({n for n in names if n in layer.lora_A})
+
+
 def fallback_reason(layer, x, args, kwargs) -> Optional[Tuple[str, bool]]:
     """(reason, costs speed) when this call must run PEFT's forward; None when the fused path serves it."""
     if layer.disable_adapters:
         return "adapters are disabled", False
     if layer.merged:
         return "the adapter is merged into the base weight", False
-    if kwargs.get("adapter_names") is not None:
-        return "adapter_names= (a mixed-adapter batch)", True
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if not active:
-        return "no active adapter", False
-    if len(active) > 1:
-        return f"several active adapters {active}", True
-    adapter = active[0]
-    variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
-    if adapter in variants:
-        return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})", True
-    if getattr(layer, "use_dora", {}).get(adapter):
-        return f"adapter {adapter!r} is a DoRA adapter", True
-    if getattr(layer, "lora_bias", {}).get(adapter):
-        return f"adapter {adapter!r} has a bias on lora_B (lora_bias)", True
-    base = layer.get_base_layer()
-    if not is_plain_linear(base):
-        return f"the base layer is a {type(base).__name__}, not an nn.Linear", True
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks", True
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out", True
-    if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments", True
-    if not isinstance(layer.lora_dropout[adapter], (nn.Identity, nn.Dropout)):
-        return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}", True
-    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    reason = _dtype_reason(layer, x, base, A, B)
-    if reason is not None:
-        return reason, True
-    if not (x.device == base.weight.device == A.device == B.device):
-        return "x, the base weight and the adapter weights are on different devices", True
-    return None
+    names = kwargs.get("adapter_names")
+    rest = {k: v for k, v in kwargs.items() if k != "adapter_names"}
+    if names is not None:
+        why = _mixed_batch_reason(layer, x, names)
+        if why is not None:
+            return why
+        adapters = mixed_batch_adapters(layer, names)
+    else:
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not adapters:
+            return "no active adapter", False
+        if len(adapters) > 1:
+            return f"several active adapters {adapters}", True
+    reason = _serving_reason(layer, x, adapters, args, rest)
+    return (reason, True) if reason is not None else None
 
 
 class _Reporter:
@@ -107,12 +144,57 @@ class _Reporter:
             logger.info(message)
 
 
+class _Stacks:
+    """A layer's adapters stacked for multi_lora_linear: (lora_A (L, R, K), lora_B (L, N, R), scalings,
+    ranks), rebuilt only when the adapter set or a weight changes (tensor version counters), except
+    when gradients flow to the adapters, where the stack must be part of the graph."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, layer, adapters):
+        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
+        track = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B in weights)
+        key = tuple((a, A.data_ptr(), A._version, B.data_ptr(), B._version, float(layer.scaling[a]))
+                    for a, (A, B) in zip(adapters, weights))
+        if track or key != self.key:
+            R = max(A.shape[0] for A, _ in weights)
+            with torch.set_grad_enabled(track):
+                stack_A = torch.stack([nn.functional.pad(A, (0, 0, 0, R - A.shape[0])) for A, _ in weights])
+                stack_B = torch.stack([nn.functional.pad(B, (0, R - B.shape[1])) for _, B in weights])
+            device = stack_A.device
+            scalings = torch.tensor([float(layer.scaling[a]) for a in adapters], device=device)
+            ranks = torch.tensor([A.shape[0] for A, _ in weights], dtype=torch.int32, device=device)
+            value = (stack_A, stack_B, scalings, ranks)
+            if track:
+                return value
+            self.key, self.value = key, value
+        return self.value
+
+
+def _mixed_batch_forward(layer, x, names, stacks: _Stacks):
+    """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
+    names[b]; "__base__", and adapters this layer does not hold, add nothing."""
+    layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
+    adapters = mixed_batch_adapters(layer, names)
+    slot = {a: i for i, a in enumerate(adapters)}
+    rows = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
+    ids = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    base = layer.get_base_layer()
+    lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
+    return multi_lora_linear(x, base.weight, base.bias, lora_A, lora_B, scalings, ids, ranks)
+
+
 def _patched_forward(layer_name: str, report: _Reporter, peft_forward):
+    stacks = _Stacks()
+
     def forward(self, x, *args, **kwargs):
         why = fallback_reason(self, x, args, kwargs)
         if why is not None:
             report(layer_name, *why)
             return peft_forward(self, x, *args, **kwargs)
+        if kwargs.get("adapter_names") is not None:
+            return _mixed_batch_forward(self, x, kwargs["adapter_names"], stacks)
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         base, dropout = self.get_base_layer(), self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
