@@ -7,10 +7,11 @@ from fusedlora.inject import inject, print_trainable_parameters, trainable_param
 from fusedlora.modules import LoRALinear
 from fusedlora.multi import multi_lora_linear
 from fusedlora.peft_patch import patch_peft, unpatch_peft
+from fusedlora.pool import AdapterPool, MultiLoRALinear
 
 __all__ = [
     "lora_linear", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",
     "trainable_parameters", "print_trainable_parameters", "save_adapter", "load_adapter", "read_adapter",
-    "AdapterFileError", "patch_peft", "unpatch_peft",
+    "AdapterFileError", "patch_peft", "unpatch_peft", "AdapterPool", "MultiLoRALinear",
 ]
 __version__ = "0.1.0"
