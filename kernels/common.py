@@ -48,7 +48,7 @@ def rank_block(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(r)), cap)
 
 
-def gemm_blocks(M: int, N: int) -> dict:
+def gemm_blocks(M: int) -> dict:
     """Tile shape for the fused GEMM. A first, untuned choice; issue 6 tunes it on the H100."""
     if interpreting():
         # Small tiles keep masked edges and several programs in play on small test shapes.

@@ -116,7 +116,7 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
     out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = gemm_blocks(M, N)
+    cfg = gemm_blocks(M)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_gemm_kernel[grid](
         x, weight, bias if bias is not None else x, p, q, out,

@@ -154,7 +154,7 @@ def _blocks(M: int) -> dict:
     if interpreting():
         # 16-row blocks: small test batches still span several blocks and several adapters per block.
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    return gemm_blocks(M, 0)
+    return gemm_blocks(M)
 
 
 def multi_shrink(x, q, scalings, groups, ranks):
