@@ -20,7 +20,6 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora import reference
 from fusedlora.backend import backend_for
 from fusedlora.checks import check_lora_linear, describe, require_tensor
 from fusedlora.kernels.lora_gemm import lora_gemm
@@ -152,6 +151,29 @@ def _backward(ctx, dy, *_):
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
+    """The torch backend: the function in PyTorch ops whose shapes never depend on the ids, so that it
+    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference loops over the
+    adapters with boolean indexing instead, the plainer oracle). Each token's shrink runs against all L
+    adapters, and a one-hot weight keeps its own: L times the low-rank work of the kernels, in
+    exchange for two dense matmuls. Entries past each rank are zeroed before use, never read."""
+    L, R, K = lora_A.shape
+    M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
+    ids = adapter_ids.reshape(M)
+    y = x.reshape(M, K) @ weight.t()
+    if bias is not None:
+        y = y + bias
+    in_rank = torch.arange(R, device=x.device) < ranks[:, None]                          # (L, R)
+    A = torch.where(in_rank[:, :, None], lora_A, 0).reshape(L * R, K)
+    B = torch.where(in_rank[:, :, None], lora_B.transpose(1, 2), 0).reshape(L * R, N)
+    own = (ids[:, None] == torch.arange(L, device=x.device)).to(dtype) * scalings.to(dtype)  # (M, L)
+    U = (x.reshape(M, K).to(dtype) @ A.t()).reshape(M, L, R) * own[:, :, None]
+    low_rank = U.reshape(M, L * R) @ B
+    bad = (ids < -1) | (ids >= L)
+    low_rank = torch.where(bad[:, None], float("nan"), low_rank)
+    return (y.to(dtype) + low_rank).to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -171,16 +193,16 @@ def multi_lora_linear(
     lora_A, lora_B (and weight, bias).
     The values of adapter_ids and ranks are checked (ValueError) for CPU tensors, and on CUDA only with
     FUSEDLORA_DEBUG=1 (a host sync). Under torch.compile they are never checked, since a branch on
-    tensor values would break the graph. Unchecked ids outside [-1, L) give NaN rows from the kernels.
-    The kernels run under torch.compile(fullgraph=True) (as the custom op fusedlora::multi_lora_linear)
-    and in CUDA graphs: nothing in them reads a value back to the host.
+    tensor values would break the graph. Unchecked ids outside [-1, L) give NaN rows.
+    Runs under torch.compile(fullgraph=True) (the kernels are the custom op fusedlora::multi_lora_linear)
+    and in CUDA graphs: nothing in it reads a value back to the host.
     """
     check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-    if backend_for(x) == "torch":
-        return reference.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     L, R = lora_A.shape[:2]
     if ranks is None:
         ranks = torch.full((L,), R, dtype=torch.int32, device=x.device)
+    if backend_for(x) == "torch":
+        return multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     y, *_ = multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings.float(), adapter_ids,
                                  ranks.to(torch.int32))
     return y
