@@ -8,9 +8,8 @@ AOTAutograd) and runs them eagerly.
 """
 import pytest
 import torch
-import torch._dynamo.testing
-import torch._dynamo.utils
 import torch._inductor.config
+from compiling import assert_same, fresh_dynamo, graphs_compiled  # noqa: F401 (fresh_dynamo: a fixture)
 from conftest import CUDA
 from lora_model import adapter_grads, make_batch, make_model, mse
 from oracle import NAMES, assert_oracle, make_inputs, reference_run
@@ -21,33 +20,7 @@ from fusedlora.autograd import lora_linear_backward_op, lora_linear_op
 from fusedlora.dropout import keep_mask_op
 
 BACKENDS = ("triton", "torch")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs_compiled():
-    """Graphs dynamo produced since the fixture cleared the counters: one per compile or recompile
-    (a restart within one compile, as when a float attribute gets specialized, is not counted)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def assert_same(name, compiled, eager, exact=True):
-    """Compiled equals eager bitwise when `exact`: the fused op is opaque to Inductor, and on CPU
-    the torch path's matmuls are the same BLAS calls, with correctly rounded elementwise fp32 ops
-    around them (reductions other than matmuls can be reordered: see the function test). Inductor's
-    generated GPU code for the torch path is not checked bitwise."""
-    if not exact:
-        torch.testing.assert_close(compiled, eager, msg=name)
-        return
-    bad = compiled != eager
-    assert not bad.any(), (f"{name}: first mismatch at {tuple(bad.nonzero()[0].tolist())}: compiled "
-                           f"{compiled[bad][0].item()!r}, eager {eager[bad][0].item()!r}")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def run(fn, inputs, dy, **kwargs):
