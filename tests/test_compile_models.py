@@ -213,6 +213,38 @@ def test_compiled_patched_peft_model_with_inductor():
     assert op_calls(graphs, LORA_OP) == 2
 
 
+def peft_fallback(kind):
+    """A patched PEFT MLP whose calls run PEFT's own forward: its adapter merged (reported with
+    logging), or two adapters active (reported with warnings.warn)."""
+    model = patched_peft_mlp().eval()
+    if kind == "merged":
+        model.merge_adapter()
+    else:
+        model.add_adapter("other", LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+        model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
+@pytest.mark.parametrize("kind", ["merged", "two-adapters"])
+def test_compiled_peft_fallback_after_its_reason_was_reported(kind):
+    """PEFT's own forward, for a merged adapter or several active ones, compiles with fullgraph=True
+    once patch_peft has reported why (the report is made once per reason, on the first call)."""
+    model = peft_fallback(kind)
+    x = make_batch(3)[0].to(DEVICE)
+    want = model(x)
+    assert_same("y", torch.compile(model, backend="aot_eager", fullgraph=True)(x), want)
+
+
+@pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
+                   reason="patch_peft reports a fallback with warnings.warn / logging inside forward, which dynamo "
+                          "cannot trace (fusedlora/peft_patch.py, owned elsewhere: README, torch.compile section)")
+@pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
+def test_compiled_peft_fallback_on_the_first_call():
+    model = peft_fallback("two-adapters")
+    torch.compile(model, backend="aot_eager", fullgraph=True)(make_batch(3)[0].to(DEVICE))
+
+
 @pytest.fixture(scope="module")
 def llama_without_checkpointing():
     """The injected 2-layer Llama's step with dropout 0.1 (torch seeded with 5), and with seed 6.
