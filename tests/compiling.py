@@ -1,9 +1,10 @@
 """What the compile tests share: a fresh dynamo for each test, a backend that keeps the graphs dynamo
-hands it, and the bitwise comparison of compiled with eager results."""
+hands it, the bitwise comparison of compiled with eager results, and CUDA-graph capture."""
 import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.utils
+from lora_model import mse
 
 
 @pytest.fixture
@@ -49,4 +50,42 @@ def assert_same(name, got, want, exact=True):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}"
     bad = got != want
     assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} differ, the first at "
-                           f"{tuple(bad.nonzero()[0].tolist())}: {got[bad][0].item()!r}, expected {want[bad][0].item()!r}")
+                           f"{tuple(bad.nonzero()[0].tolist())}: {got[bad][0].item()!r}, "
+                           f"expected {want[bad][0].item()!r}")
+
+
+def assert_steps_equal(eager, model, compiled, batches, exact=True) -> int:
+    """One training step of `eager` and one of `compiled` (compiled from `model`, built as `eager`
+    was) per (seed, args, target) in `batches`: torch seeded with `seed` (the layers draw the same
+    dropout seeds), the mse of net(*args) against target, backward. The loss, the gradient of every
+    trainable parameter and of every float arg must be equal (bitwise when `exact`). Returns how many
+    tensors each step compared."""
+    for seed, args, target in batches:
+        results = []
+        for net, params in ((eager, eager), (compiled, model)):
+            params.zero_grad(set_to_none=True)
+            leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+            torch.manual_seed(seed)
+            loss = mse(net(*leaves), target)
+            loss.backward()
+            results.append(dict(loss=loss.detach(), **{f"arg {i}": a.grad for i, a in enumerate(leaves)
+                                                       if a.is_floating_point()},
+                                **{n: p.grad for n, p in params.named_parameters() if p.requires_grad}))
+        assert all(g is not None for g in results[0].values()), "every gradient must be there"
+        for name, want in results[0].items():
+            assert_same(f"{name} at batch seed {seed}", results[1][name], want, exact)
+    return len(results[0])
+
+
+def capture(step):
+    """(a CUDA graph of step(), the tensor it returns): step runs once first on a side stream, so that
+    the Triton kernels compile and the allocator warms up outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

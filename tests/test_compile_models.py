@@ -16,9 +16,10 @@ to what a test checks: Inductor compiles of a Llama take ~35 s on 2 CPU cores.
 import pytest
 import torch
 import torch._inductor.config
-from compiling import assert_same, fresh_dynamo, graphs_compiled, op_calls, recording  # noqa: F401 (fixture)
+from compiling import (assert_same, assert_steps_equal, capture, fresh_dynamo,  # noqa: F401 (a fixture)
+                       graphs_compiled, op_calls, recording)
 from conftest import CUDA
-from lora_model import make_batch, mse
+from lora_model import make_batch
 from lora_models import DEVICE, TARGETS, canonical, tiny_llama, tokens
 from peft import LoraConfig, get_peft_model
 from test_multi_lora import make_multi
@@ -86,26 +87,18 @@ def multi_batch(rows, device, seed=0):
 
 @pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager")])
 def test_compiled_multi_adapter_model_matches_eager(backend, compiler, monkeypatch, device):
-    """Forward and the gradients of x and of both layers' stacked adapters, bitwise, for three batch
+    """The loss and the gradients of x and of both layers' stacked adapters, bitwise, for three batch
     sizes and fresh ids each time, from one graph. The triton backend's op is opaque to Inductor;
     the torch backend's matmuls run as they do in eager under aot_eager."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     eager, model = MultiModel(device), MultiModel(device)
     backend_fn, graphs = recording(compiler)
     compiled = torch.compile(model, backend=backend_fn, fullgraph=True, dynamic=True)
+    batches = []
     for rows in (5, 11, 16):
         x, target, ids = multi_batch(rows, device, seed=rows)
-        results = []
-        for net, params in ((eager, eager), (compiled, model)):
-            params.zero_grad(set_to_none=True)
-            xx = x.clone().requires_grad_()
-            loss = mse(net(xx, ids), target)
-            loss.backward()
-            results.append(dict(loss=loss.detach(), x=xx.grad,
-                                **{n: p.grad for n, p in params.named_parameters()}))
-        assert len(results[0]) == 6 and all(g is not None for g in results[0].values())
-        for name, want in results[0].items():
-            assert_same(f"{name} at {rows} rows", results[1][name], want)
+        batches.append((rows, [x, ids], target))
+    assert assert_steps_equal(eager, model, compiled, batches) == 6  # loss, dx, both layers' lora_A and lora_B
     assert graphs_compiled() == 1
     assert op_calls(graphs, MULTI_OP) == (2 if backend == "triton" else 0)
 
@@ -191,24 +184,15 @@ def patched_peft_mlp():
 
 def test_compiled_patched_peft_model_with_inductor():
     """Inductor over a patched PEFT model, dynamic over the batch, dropout drawn with Inductor's
-    fallback_random (eager's generator): loss and LoRA gradients equal eager bitwise."""
+    fallback_random (eager's generator): the loss and the gradients of x and of the LoRA weights
+    equal eager bitwise."""
     eager, model = patched_peft_mlp(), patched_peft_mlp()
     backend_fn, graphs = recording("inductor")
     compiled = torch.compile(model, backend=backend_fn, fullgraph=True, dynamic=True)
+    batches = [(rows, [x.to(DEVICE)], target.to(DEVICE))
+               for rows in (3, 7) for x, target in [make_batch(rows, seed=rows)]]
     with torch._inductor.config.patch(fallback_random=True):
-        for rows in (3, 7):
-            x, target = (t.to(DEVICE) for t in make_batch(rows, seed=rows))
-            results = []
-            for net, params in ((eager, eager), (compiled, model)):
-                params.zero_grad(set_to_none=True)
-                torch.manual_seed(rows)
-                loss = mse(net(x), target)
-                loss.backward()
-                results.append(dict(loss=loss.detach(), **{canonical(n): p.grad for n, p in params.named_parameters()
-                                                           if p.requires_grad}))
-            assert len(results[0]) == 5
-            for name, want in results[0].items():
-                assert_same(f"{name} at {rows} rows", results[1][name], want, exact=not CUDA)
+        assert assert_steps_equal(eager, model, compiled, batches, exact=not CUDA) == 6
     assert graphs_compiled() == 1
     assert op_calls(graphs, LORA_OP) == 2
 
@@ -298,14 +282,7 @@ def test_cuda_graph_replays_a_multi_adapter_decode_step():
     def step():
         return model(static_x, static_ids)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    graph, y = capture(step)
 
     def replay_equals_eager(what):
         graph.replay()
