@@ -87,9 +87,9 @@ def multi_batch(rows, device, seed=0):
 
 @pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager")])
 def test_compiled_multi_adapter_model_matches_eager(backend, compiler, monkeypatch, device):
-    """The loss and the gradients of x and of both layers' stacked adapters, bitwise, for three batch
-    sizes and fresh ids each time, from one graph. The triton backend's op is opaque to Inductor;
-    the torch backend's matmuls run as they do in eager under aot_eager."""
+    """The loss and the gradients of x and of both layers' stacked adapters equal eager's, for three
+    batch sizes and fresh ids each time, from one graph. Bitwise on CPU: the triton backend's op is
+    opaque to Inductor, and the torch backend's matmuls run as they do in eager under aot_eager."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     eager, model = MultiModel(device), MultiModel(device)
     backend_fn, graphs = recording(compiler)
@@ -98,16 +98,20 @@ def test_compiled_multi_adapter_model_matches_eager(backend, compiler, monkeypat
     for rows in (5, 11, 16):
         x, target, ids = multi_batch(rows, device, seed=rows)
         batches.append((rows, [x, ids], target))
-    assert assert_steps_equal(eager, model, compiled, batches) == 6  # loss, dx, both layers' lora_A and lora_B
+    # Inductor's own GPU code (the loss, ReLU) is not held to bitwise equality (compiling.assert_same).
+    exact = compiler == "aot_eager" or not CUDA
+    assert assert_steps_equal(eager, model, compiled, batches, exact) == 6  # loss, dx, both layers' A and B
     assert graphs_compiled() == 1
     assert op_calls(graphs, MULTI_OP) == (2 if backend == "triton" else 0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ids_are_not_checked_inside_a_compiled_region(backend, monkeypatch, device):
-    """Eager refuses an id outside [-1, L) on CPU; a compiled call cannot branch on values without a
-    graph break, so it returns NaN rows there (README), and the other rows as eager computes them."""
+    """Eager refuses an id outside [-1, L) (on CPU, and on CUDA with FUSEDLORA_DEBUG=1); a compiled
+    call cannot branch on values without a graph break, so it returns NaN rows there (README), and
+    the other rows as eager computes them."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    monkeypatch.setenv("FUSEDLORA_DEBUG", "1")
     layer = MultiLoRALayer(32, 24, device=device)
     x, _, ids = multi_batch(6, device)
     bad_ids = ids.clone()
