@@ -153,25 +153,28 @@ multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 def multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
     """The torch backend: the function in PyTorch ops whose shapes never depend on the ids, so that it
-    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference loops over the
-    adapters with boolean indexing instead, the plainer oracle). Each token's shrink runs against all L
-    adapters, and a one-hot weight keeps its own: L times the low-rank work of the kernels, in
-    exchange for two dense matmuls. Entries past each rank are zeroed before use, never read."""
+    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference uses boolean
+    indexing instead, the plainer oracle). Each adapter's update is computed for every token and kept
+    where the token chose it: L times the low-rank work of the kernels. Selecting after each adapter's
+    expand, rather than one dense matmul over all adapters, keeps a row from ever touching another
+    adapter's weights, so a NaN in an unused slot cannot leak (0 * NaN is NaN); entries past each rank
+    are zeroed before use for the same reason."""
     L, R, K = lora_A.shape
     M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
     ids = adapter_ids.reshape(M)
     y = x.reshape(M, K) @ weight.t()
     if bias is not None:
         y = y + bias
-    in_rank = torch.arange(R, device=x.device) < ranks[:, None]                          # (L, R)
-    A = torch.where(in_rank[:, :, None], lora_A, 0).reshape(L * R, K)
-    B = torch.where(in_rank[:, :, None], lora_B.transpose(1, 2), 0).reshape(L * R, N)
-    own = (ids[:, None] == torch.arange(L, device=x.device)).to(dtype) * scalings.to(dtype)  # (M, L)
-    U = (x.reshape(M, K).to(dtype) @ A.t()).reshape(M, L, R) * own[:, :, None]
-    low_rank = U.reshape(M, L * R) @ B
-    bad = (ids < -1) | (ids >= L)
-    low_rank = torch.where(bad[:, None], float("nan"), low_rank)
-    return (y.to(dtype) + low_rank).to(x.dtype).reshape(*x.shape[:-1], N)
+    y = y.to(dtype)
+    xa = x.reshape(M, K).to(dtype)
+    in_rank = torch.arange(R, device=x.device) < ranks[:, None]  # (L, R)
+    for i in range(L):
+        A = torch.where(in_rank[i, :, None], lora_A[i], 0)
+        B = torch.where(in_rank[i, None, :], lora_B[i], 0)
+        update = ((xa @ A.t()) @ B.t()) * scalings[i].to(dtype)
+        y = torch.where((ids == i)[:, None], y + update, y)
+    y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def multi_lora_linear(

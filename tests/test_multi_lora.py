@@ -188,6 +188,19 @@ def test_torch_backend_equals_kernels(monkeypatch, device):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_adapter_no_token_uses_is_never_read(backend, monkeypatch, device):
+    """A slot full of NaN (say, a pool slot not loaded yet) leaves the rows of other adapters alone."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    inputs = make_multi(20, 32, 24, 3, 8, f32, device=device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    ids = ids_for("unsorted", 20, 2, device)
+    clean = fusedlora.multi_lora_linear(*args, ids)
+    args[3], args[4] = args[3].clone(), args[4].clone()
+    args[3][2], args[4][2] = float("nan"), float("nan")
+    torch.testing.assert_close(fusedlora.multi_lora_linear(*args, ids), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_batch(backend, monkeypatch, device):
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(0, 32, 16, 2, 8, f32, device=device)
