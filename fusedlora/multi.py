@@ -198,7 +198,7 @@ def multi_lora_linear(
     FUSEDLORA_DEBUG=1 (a host sync). Under torch.compile they are never checked, since a branch on
     tensor values would break the graph. Unchecked ids outside [-1, L) give NaN rows.
     Runs under torch.compile(fullgraph=True) (the kernels are the custom op fusedlora::multi_lora_linear)
-    and in CUDA graphs: nothing in it reads a value back to the host.
+    and in CUDA graphs: on CUDA, without FUSEDLORA_DEBUG, nothing in it reads a value back to the host.
     """
     check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     L, R = lora_A.shape[:2]
