@@ -6,13 +6,20 @@ Forward, with tokens grouped by adapter on the device (kernels/multi_lora.py):
 Backward, G = dY:
     dU = s_l · G·B_l;  dX = G·W + dU·A_l;  dA_l = dU_lᵀ·x_l;  dB_l = G_lᵀ·S_l
 Saved: x, the grouping, S and the parameters.
+
+multi_forward and multi_backward are the launcher sequences, registered as the custom ops
+fusedlora::multi_lora_linear -> (y, S, order, sorted_ids, starts) and fusedlora::multi_lora_linear_backward
+with fake versions and register_autograd, as fusedlora/autograd.py does for lora_linear, so that
+torch.compile(fullgraph=True) traces through them. The grouping is made inside the forward op (a sort and
+a searchsorted on the device) and returned, so backward reuses it; every output shape follows from the
+input shapes alone, never from the ids.
 """
+import math
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora import reference
 from fusedlora.backend import backend_for
 from fusedlora.checks import check_lora_linear, describe, require_tensor
 from fusedlora.kernels.lora_gemm import lora_gemm
@@ -47,7 +54,10 @@ def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -
         if t is not None and t.device != x.device:
             raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")
     # Reading values back from a GPU would stall the stream and break CUDA-graph capture, so there
-    # it is opt-in (FUSEDLORA_DEBUG=1); the kernels write NaN rows for ids outside [-1, L) instead.
+    # it is opt-in (FUSEDLORA_DEBUG=1). Under torch.compile a branch on tensor values would break the
+    # graph, so there it is skipped on every device. Unchecked ids outside [-1, L) give NaN rows.
+    if torch.compiler.is_compiling():
+        return
     if x.device.type == "cpu" or os.environ.get("FUSEDLORA_DEBUG") == "1":
         if adapter_ids.numel() and (adapter_ids.min() < -1 or adapter_ids.max() >= L):
             bad = adapter_ids[(adapter_ids < -1) | (adapter_ids >= L)][0].item()
@@ -56,39 +66,115 @@ def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -
             raise ValueError(f"{describe('ranks', ranks)} must lie in [0, R] = [0, {R}], got {ranks.tolist()}")
 
 
-class MultiLoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
-        K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, K)
-        groups = group_by_adapter(adapter_ids, lora_A.shape[0])
-        S = multi_shrink(x2, lora_A, scalings, groups, ranks)
-        y = multi_gemm(x2, weight, bias, S, lora_B, groups, ranks)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, S, *groups)
-        return y.reshape(*x.shape[:-1], N)
+def multi_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
+    """(y: (*, N), S: (M, R) fp32, order, sorted_ids, starts); scalings fp32, ranks int32, inputs checked."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    groups = group_by_adapter(adapter_ids, lora_A.shape[0])
+    S = multi_shrink(x2, lora_A, scalings, groups, ranks)
+    y = multi_gemm(x2, weight, bias, S, lora_B, groups, ranks)
+    return (y.reshape(*x.shape[:-1], N), S, *groups)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, scalings, ranks, S, *groups = ctx.saved_tensors
-        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        K, N = x.shape[-1], weight.shape[0]
-        g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-        dx = dw = db = dA = dB = None
-        if need_x or need_A:
-            dU = multi_shrink(g, lora_B.transpose(1, 2), scalings, groups, ranks)
-        if need_x:
-            dx = multi_gemm(g, weight.t(), None, dU, lora_A.transpose(1, 2), groups, ranks).reshape(x.shape)
-        if need_A:
-            dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
-            multi_reduce(x2, dU, groups, ranks, dA.transpose(1, 2))
-        if need_B:
-            dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
-            multi_reduce(g, S, groups, ranks, dB)
-        if need_w:
-            dw = lora_gemm(g.t(), x2.t(), out_dtype=weight.dtype)
-        if need_b:
-            db = g.sum(0, dtype=torch.float32).to(weight.dtype)
-        return dx, dw, db, dA, dB, None, None, None
+
+def multi_backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, groups, needs):
+    """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere."""
+    need_x, need_w, need_b, need_A, need_B = needs
+    K, N = x.shape[-1], weight.shape[0]
+    g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+    dx = dw = db = dA = dB = None
+    if need_x or need_A:
+        dU = multi_shrink(g, lora_B.transpose(1, 2), scalings, groups, ranks)
+    if need_x:
+        dx = multi_gemm(g, weight.t(), None, dU, lora_A.transpose(1, 2), groups, ranks).reshape(x.shape)
+    if need_A:
+        dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+        multi_reduce(x2, dU, groups, ranks, dA.transpose(1, 2))
+    if need_B:
+        dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+        multi_reduce(g, S, groups, ranks, dB)
+    if need_w:
+        dw = lora_gemm(g.t(), x2.t(), out_dtype=weight.dtype)
+    if need_b:
+        db = g.sum(0, dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db, dA, dB
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
+def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scalings: torch.Tensor,
+                         adapter_ids: torch.Tensor, ranks: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y: (*, N), S: (M, R) fp32, order: (M,), sorted_ids: (M,), starts: (L + 2,)), the last three
+    int32; scalings: (L,) fp32; ranks: (L,) int32. Inputs validated by the caller."""
+    return multi_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+
+
+@multi_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
+    M, (L, R) = math.prod(x.shape[:-1]), lora_A.shape[:2]
+    index = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, R), dtype=torch.float32),
+            torch.empty((M,), **index), torch.empty((M,), **index), torch.empty((L + 2,), **index))
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear_backward", mutates_args=())
+def multi_lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                                  lora_B: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor,
+                                  S: torch.Tensor, order: torch.Tensor, sorted_ids: torch.Tensor,
+                                  starts: torch.Tensor, needs: List[bool]) -> List[torch.Tensor]:
+    """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order
+    (a custom op cannot return None)."""
+    grads = multi_backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, (order, sorted_ids, starts),
+                           tuple(needs))
+    return [g for g in grads if g is not None]
+
+
+@multi_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, scalings, ranks, S, order, sorted_ids, starts, needs):
+    like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t, need in zip(like, needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, scalings, _, ranks = inputs
+    _, S, *groups = output
+    ctx.mark_non_differentiable(S, *groups)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, S, *groups)
+
+
+def _backward(ctx, dy, *_):
+    needs = list(ctx.needs_input_grad[:5])
+    grads = iter(multi_lora_linear_backward_op(dy, *ctx.saved_tensors, needs))
+    return (*(next(grads) if need else None for need in needs), None, None, None)
+
+
+multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
+    """The torch backend: the function in PyTorch ops whose shapes never depend on the ids, so that it
+    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference uses boolean
+    indexing instead, the plainer oracle). Each adapter's update is computed for every token and kept
+    where the token chose it: L times the low-rank work of the kernels. Selecting after each adapter's
+    expand, rather than one dense matmul over all adapters, keeps a row from ever touching another
+    adapter's weights, so a NaN in an unused slot cannot leak (0 * NaN is NaN); entries past each rank
+    are zeroed before use for the same reason."""
+    L, R, K = lora_A.shape
+    M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
+    ids = adapter_ids.reshape(M)
+    y = x.reshape(M, K) @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y.to(dtype)
+    xa = x.reshape(M, K).to(dtype)
+    in_rank = torch.arange(R, device=x.device) < ranks[:, None]  # (L, R)
+    for i in range(L):
+        A = torch.where(in_rank[i, :, None], lora_A[i], 0)
+        B = torch.where(in_rank[i, None, :], lora_B[i], 0)
+        update = ((xa @ A.t()) @ B.t()) * scalings[i].to(dtype)
+        y = torch.where((ids == i)[:, None], y + update, y)
+    y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def multi_lora_linear(
@@ -107,17 +193,22 @@ def multi_lora_linear(
     and zero-padded to R; scalings: (L,) float; adapter_ids: integer, shape x.shape[:-1], in [-1, L);
     ranks: (L,) integer or None, each adapter's true rank (entries past it are ignored and the kernels do
     no work for them). Returns (*, N) in x's dtype; dtype rules as lora_linear. Differentiable in x,
-    lora_A, lora_B (and weight, bias). On CUDA, ids outside [-1, L) give NaN rows unless FUSEDLORA_DEBUG=1,
-    which checks them on the host (a sync) and raises.
+    lora_A, lora_B (and weight, bias).
+    The values of adapter_ids and ranks are checked (ValueError) for CPU tensors, and on CUDA only with
+    FUSEDLORA_DEBUG=1 (a host sync). Under torch.compile they are never checked, since a branch on
+    tensor values would break the graph. Unchecked ids outside [-1, L) give NaN rows.
+    Runs under torch.compile(fullgraph=True) (the kernels are the custom op fusedlora::multi_lora_linear)
+    and in CUDA graphs: on CUDA, without FUSEDLORA_DEBUG, nothing in it reads a value back to the host.
     """
     check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-    if backend_for(x) == "torch":
-        return reference.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     L, R = lora_A.shape[:2]
     if ranks is None:
         ranks = torch.full((L,), R, dtype=torch.int32, device=x.device)
-    return MultiLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scalings.float(), adapter_ids,
-                                   ranks.to(torch.int32))
+    if backend_for(x) == "torch":
+        return multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+    y, *_ = multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings.float(), adapter_ids,
+                                 ranks.to(torch.int32))
+    return y
 
 
 def multi_lora_linear_unfused(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks=None):

@@ -163,7 +163,9 @@ def multi_shrink(x, q, scalings, groups, ranks):
     M, C = x.shape
     L, R, C_q = q.shape
     assert C == C_q and scalings.shape == (L,) and ranks.shape == (L,), "multi_shrink: shapes do not chain"
-    out = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    # Zeros, not empty: rows of base-only tokens and columns past an adapter's rank are never written,
+    # and the forward op returns S (saved for backward), whose values must not be leftover memory.
+    out = torch.zeros((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or L == 0:
         return out
     order, _, starts = groups

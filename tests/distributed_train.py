@@ -17,8 +17,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from fusedlora import LoRALinear
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_model import LoRALayer, adapter_grads, make_batch, make_model, mse  # noqa: E402
+from lora_model import adapter_grads, make_batch, make_model, mse  # noqa: E402
 
 STEPS, ROWS_PER_RANK, WORLD, LR = 3, 4, 2, 0.05
 
@@ -93,7 +95,7 @@ def ddp(model):
 
 def fsdp2(model):
     for layer in model:
-        if isinstance(layer, LoRALayer):
+        if isinstance(layer, LoRALinear):
             fully_shard(layer)
     return fully_shard(model)
 

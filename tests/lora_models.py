@@ -1,6 +1,6 @@
 """A tiny Llama built from a config (no downloads) and the runs the module and PEFT tests compare.
 
-Two layers, hidden 64, intermediate 128, 4 heads (2 key/value heads), vocabulary 128, random biases
+Two layers (or `layers`), hidden 64, intermediate 128, 4 heads (2 key/value heads), vocabulary 128, random biases
 on every projection (so bias="lora_only" has something to train), 2 sequences of 8 tokens: one
 forward and backward through the interpreter takes a few seconds.
 """
@@ -17,8 +17,8 @@ N_TARGETS = 2 * len(TARGETS)
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
                          attention_bias=True, mlp_bias=True)
     torch.manual_seed(seed)

@@ -8,9 +8,9 @@ AOTAutograd) and runs them eagerly.
 """
 import pytest
 import torch
-import torch._dynamo.testing
-import torch._dynamo.utils
 import torch._inductor.config
+from compiling import (assert_same, assert_steps_equal, capture, fresh_dynamo,  # noqa: F401 (a fixture)
+                       graphs_compiled)
 from conftest import CUDA
 from lora_model import adapter_grads, make_batch, make_model, mse
 from oracle import NAMES, assert_oracle, make_inputs, reference_run
@@ -21,33 +21,7 @@ from fusedlora.autograd import lora_linear_backward_op, lora_linear_op
 from fusedlora.dropout import keep_mask_op
 
 BACKENDS = ("triton", "torch")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs_compiled():
-    """Graphs dynamo produced since the fixture cleared the counters: one per compile or recompile
-    (a restart within one compile, as when a float attribute gets specialized, is not counted)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def assert_same(name, compiled, eager, exact=True):
-    """Compiled equals eager bitwise when `exact`: the fused op is opaque to Inductor, and on CPU
-    the torch path's matmuls are the same BLAS calls, with correctly rounded elementwise fp32 ops
-    around them (reductions other than matmuls can be reordered: see the function test). Inductor's
-    generated GPU code for the torch path is not checked bitwise."""
-    if not exact:
-        torch.testing.assert_close(compiled, eager, msg=name)
-        return
-    bad = compiled != eager
-    assert not bad.any(), (f"{name}: first mismatch at {tuple(bad.nonzero()[0].tolist())}: compiled "
-                           f"{compiled[bad][0].item()!r}, eager {eager[bad][0].item()!r}")
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def run(fn, inputs, dy, **kwargs):
@@ -107,25 +81,15 @@ def test_compiled_function_matches_eager(backend, monkeypatch, device):
 def test_compiled_module_matches_eager_for_every_batch_size(backend, monkeypatch, device):
     """Inductor, fullgraph, dynamic=True: one compile serves every batch size, and with Inductor's
     fallback_random the seeds the layers draw (dropout 0.25) are eager's, so losses and gradients
-    are equal."""
+    (of x and the adapters) are equal."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     eager, model = make_model().to(device), make_model().to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    batches = [(rows, [x.to(device)], target.to(device))
+               for rows in (3, 8, 13) for x, target in [make_batch(rows, seed=rows)]]
     with torch._inductor.config.patch(fallback_random=True):
-        for rows in (3, 8, 13):
-            x, target = (t.to(device) for t in make_batch(rows, seed=rows))
-            results = []
-            for net, params in ((eager, eager), (compiled, model)):
-                params.zero_grad(set_to_none=True)
-                torch.manual_seed(rows)
-                loss = mse(net(x), target)
-                loss.backward()
-                results.append((loss.detach(), adapter_grads(params)))
-            (loss_e, grads_e), (loss_c, grads_c) = results
-            exact = backend == "triton" or not CUDA
-            assert_same(f"loss at {rows} rows", loss_c, loss_e, exact)
-            for name in grads_e:
-                assert_same(f"{name} grad at {rows} rows", grads_c[name], grads_e[name], exact)
+        compared = assert_steps_equal(eager, model, compiled, batches, exact=backend == "triton" or not CUDA)
+    assert compared == 6  # the loss, dx, and lora_A and lora_B of both layers
     assert graphs_compiled() == 1
 
 
@@ -206,14 +170,7 @@ def test_cuda_graph_replays_with_new_inputs_and_adapters():
     def step():
         return fusedlora.lora_linear(*(static[n] for n in NAMES), 2.0)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    graph, y = capture(step)
     for seed in (1, 2):
         new = make_inputs(8, 64, 48, 16, torch.float16, device="cuda", seed=seed)
         for n in ("x", "lora_A", "lora_B"):

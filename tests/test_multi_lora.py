@@ -87,17 +87,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
-def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device):
+def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, backend, monkeypatch, device):
+    """The kernels, and the torch backend's gather-free formulation, against the float64 reference."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(M, K, N, L, R, dtype, adapter_dtype, ranks, device=device)
     lead = M if isinstance(M, tuple) else (M,)
     ids = ids_for(kind, int(torch.tensor(lead).prod()), L, device).reshape(lead)
     check(inputs, ids, dtype)
 
 
-def test_ranks_mean_work_past_the_rank_is_skipped(device):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ranks_mean_work_past_the_rank_is_skipped(backend, monkeypatch, device):
     """With ranks given, entries past an adapter's rank are never read: garbage there changes nothing,
     and their gradients are zero."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     clean = make_multi(30, 48, 40, 3, 16, f32, ranks=[2, 16, 5], device=device)
     dirty = dict(clean, lora_A=clean["lora_A"].clone(), lora_B=clean["lora_B"].clone())
     dirty["lora_A"][0, 2:] = 7.0
@@ -159,6 +164,20 @@ def test_invalid_ids_give_nan_rows_in_the_kernel(device):
     torch.testing.assert_close(y[~bad], ref[~bad], rtol=1e-5, atol=1e-5)
 
 
+def test_invalid_ids_give_nan_rows_in_the_torch_path(device):
+    """The torch backend's answer to unchecked ids (under torch.compile, or on CUDA) is the kernels'."""
+    from fusedlora.multi import multi_lora_torch
+    inputs = make_multi(6, 32, 16, 2, 8, f32, device=device)
+    ids = torch.tensor([0, 2, -1, 1, -2, 0], device=device)
+    ranks = torch.full((2,), 8, device=device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    y = multi_lora_torch(*args, ids, ranks)
+    bad = torch.tensor([False, True, False, False, True, False], device=device)
+    assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
+    torch.testing.assert_close(y[~bad], reference.multi_lora_linear(*args, ids.clamp(-1, 1))[~bad],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_torch_backend_equals_kernels(monkeypatch, device):
     inputs = make_multi(30, 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
     ids = ids_for("unsorted", 30, 3, device)
@@ -168,7 +187,22 @@ def test_torch_backend_equals_kernels(monkeypatch, device):
     torch.testing.assert_close(fusedlora.multi_lora_linear(*args, ids, inputs["ranks"]), y, rtol=1e-5, atol=1e-5)
 
 
-def test_empty_batch(device):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_adapter_no_token_uses_is_never_read(backend, monkeypatch, device):
+    """A slot full of NaN (say, a pool slot not loaded yet) leaves the rows of other adapters alone."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    inputs = make_multi(20, 32, 24, 3, 8, f32, device=device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    ids = ids_for("unsorted", 20, 2, device)
+    clean = fusedlora.multi_lora_linear(*args, ids)
+    args[3], args[4] = args[3].clone(), args[4].clone()
+    args[3][2], args[4][2] = float("nan"), float("nan")
+    torch.testing.assert_close(fusedlora.multi_lora_linear(*args, ids), clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend, monkeypatch, device):
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(0, 32, 16, 2, 8, f32, device=device)
     x = inputs["x"].requires_grad_()
     y = fusedlora.multi_lora_linear(x, inputs["weight"], None, inputs["lora_A"], inputs["lora_B"],
