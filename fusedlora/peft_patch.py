@@ -133,7 +133,9 @@ class _Reporter:
         self.seen = set()
 
     def __call__(self, layer_name: str, reason: str, costly: bool) -> None:
-        if reason in self.seen:
+        # Dynamo cannot trace warnings or logging: a compiled region falls back without a word, and
+        # the first eager call reports it.
+        if reason in self.seen or torch.compiler.is_compiling():
             return
         self.seen.add(reason)
         message = (f"fusedlora: PEFT layer {layer_name} runs PEFT's own forward: {reason} "

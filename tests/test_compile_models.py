@@ -215,22 +215,20 @@ def peft_fallback(kind):
 
 @pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
 @pytest.mark.parametrize("kind", ["merged", "two-adapters"])
-def test_compiled_peft_fallback_after_its_reason_was_reported(kind):
-    """PEFT's own forward, for a merged adapter or several active ones, compiles with fullgraph=True
-    once patch_peft has reported why (the report is made once per reason, on the first call)."""
+@pytest.mark.parametrize("reported_first", [True, False], ids=["after-eager", "first-call"])
+def test_compiled_peft_fallback(kind, reported_first):
+    """PEFT's own forward, for a merged adapter or several active ones, compiles with fullgraph=True,
+    whether or not an eager call reported the fallback first (reports are skipped while compiling)."""
     model = peft_fallback(kind)
     x = make_batch(3)[0].to(DEVICE)
-    want = model(x)
-    assert_same("y", torch.compile(model, backend="aot_eager", fullgraph=True)(x), want)
-
-
-@pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
-                   reason="patch_peft reports a fallback with warnings.warn / logging inside forward, which dynamo "
-                          "cannot trace (fusedlora/peft_patch.py, owned elsewhere: README, torch.compile section)")
-@pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
-def test_compiled_peft_fallback_on_the_first_call():
-    model = peft_fallback("two-adapters")
-    torch.compile(model, backend="aot_eager", fullgraph=True)(make_batch(3)[0].to(DEVICE))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    if reported_first:
+        want = model(x)
+        got = compiled(x)
+    else:
+        got = compiled(x)
+        want = model(x)
+    assert_same("y", got, want)
 
 
 @pytest.fixture(scope="module")
