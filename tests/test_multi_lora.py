@@ -34,10 +34,10 @@ def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, dev
 GRAD = ("x", "lora_A", "lora_B")
 
 
-def run(inputs, ids, dy, dtype64=False, kernel=True):
+def run(inputs, ids, dy, dtype64=False, kernel=True, grad=GRAD):
     leaves = {}
     for n, t in inputs.items():
-        if n in GRAD:
+        if n in grad:
             t = (t.detach().double() if dtype64 else t.detach().clone()).requires_grad_()
         elif dtype64 and t is not None and t.is_floating_point():
             t = t.double()
@@ -46,19 +46,19 @@ def run(inputs, ids, dy, dtype64=False, kernel=True):
     y = fn(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
            leaves["scalings"], ids, leaves["ranks"])
     y.backward(dy.double() if dtype64 else dy.to(y.dtype))
-    return y.detach(), {n: leaves[n].grad for n in GRAD}
+    return y.detach(), {n: leaves[n].grad for n in grad}
 
 
-def check(inputs, ids, dtype):
+def check(inputs, ids, dtype, grad=GRAD):
     x = inputs["x"]
     dy = torch.randn(*x.shape[:-1], inputs["weight"].shape[0], generator=torch.Generator().manual_seed(1),
                      dtype=torch.float64).to(dtype).to(x.device)
-    y, grads = run(inputs, ids, dy)
-    y_low, grads_low = run(inputs, ids, dy, kernel=False)
-    y64, grads64 = run(inputs, ids, dy, dtype64=True, kernel=False)
+    y, grads = run(inputs, ids, dy, grad=grad)
+    y_low, grads_low = run(inputs, ids, dy, kernel=False, grad=grad)
+    y64, grads64 = run(inputs, ids, dy, dtype64=True, kernel=False, grad=grad)
     assert y.dtype == x.dtype
     assert_oracle("y", y, y_low, y64, dtype)
-    for n in GRAD:
+    for n in grad:
         assert grads[n].dtype == inputs[n].dtype
         assert_oracle(f"d{n}", grads[n], grads_low[n], grads64[n], dtype)
 
@@ -96,6 +96,12 @@ def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, bac
     lead = M if isinstance(M, tuple) else (M,)
     ids = ids_for(kind, int(torch.tensor(lead).prod()), L, device).reshape(lead)
     check(inputs, ids, dtype)
+
+
+def test_base_weight_and_bias_gradients(device):
+    """A trainable base layer under a multi-adapter batch: dW and db join dx, dA and dB."""
+    inputs = make_multi(29, 48, 40, 3, 8, f32, ranks=[8, 3, 5], device=device)
+    check(inputs, ids_for("unsorted", 29, 3, device), f32, grad=("x", "weight", "bias", "lora_A", "lora_B"))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
