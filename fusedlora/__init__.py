@@ -2,7 +2,7 @@
 from fusedlora import reference
 from fusedlora.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from fusedlora.dropout import dropout_mask
-from fusedlora.functional import lora_linear
+from fusedlora.functional import lora_add, lora_linear
 from fusedlora.inject import inject, print_trainable_parameters, trainable_parameters
 from fusedlora.modules import LoRALinear
 from fusedlora.multi import multi_lora_linear
@@ -10,7 +10,7 @@ from fusedlora.peft_patch import patch_peft, unpatch_peft
 from fusedlora.pool import AdapterPool, MultiLoRALinear
 
 __all__ = [
-    "lora_linear", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",
+    "lora_linear", "lora_add", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",
     "trainable_parameters", "print_trainable_parameters", "save_adapter", "load_adapter", "read_adapter",
     "AdapterFileError", "patch_peft", "unpatch_peft", "AdapterPool", "MultiLoRALinear",
 ]

@@ -72,3 +72,27 @@ def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")
+
+
+def check_lora_add(base, x, lora_A, lora_B) -> None:
+    """base: (*, N) and x: (*, K) with the same leading shape, lora_A: (r, K), lora_B: (N, r); base and
+    x are float tensors (of any float dtypes); lora_A and lora_B share x's dtype or float32; one device."""
+    for name, t in (("base", base), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        require_tensor(name, t)
+        require_float(name, t)
+    if x.dim() < 1 or base.dim() != x.dim() or base.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{describe('base', base)} must be (*, N) and {describe('x', x)} (*, K) with the same "
+                         "leading shape *")
+    N, K = base.shape[-1], x.shape[-1]
+    if lora_A.dim() != 2 or lora_A.shape[1] != K or lora_A.shape[0] == 0:
+        raise ValueError(f"{describe('lora_A', lora_A)} must be (r, K) with r >= 1 and K = x.shape[-1] = {K}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"{describe('lora_B', lora_B)} must be (N, r) = ({N}, {r}) to match "
+                         f"{describe('base', base)} and {describe('lora_A', lora_A)}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
+                        f"dtype, x's ({x.dtype}) or torch.float32")
+    for name, t in (("base", base), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != x.device:
+            raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")

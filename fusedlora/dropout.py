@@ -1,7 +1,8 @@
 """The dropout mask in plain PyTorch: the same Philox4x32-10 bits the kernels draw.
 
 keep[m, k] for x viewed as (rows, K) depends only on (seed, m, k) and p (see kernels/dropout.py for
-the formula), so a result never depends on the backend, the device, the grid or the block sizes.
+the formula: column k of row m is word k % 4 of the Philox call at counter (k // 4, m, 0, 0)),
+so a result never depends on the backend, the device, the grid or the block sizes.
 Written with int64 tensor ops (uint32 products split into 16-bit halves) so that it runs on any
 device; registered as the custom op fusedlora::keep_mask so that torch.compile keeps it whole.
 
@@ -71,11 +72,12 @@ def keep_mask_op(seed: torch.Tensor, rows: int, cols: int, threshold: int,
     # Masked to 32-bit words: a negative seed tensor is its two's complement, as in the kernels,
     # which read the seed as uint64.
     key = int(seed)
-    m = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
-    k = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
+    quads = -(-cols // 4)  # one Philox call per four columns; its words are columns 4q .. 4q+3
+    m = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, quads)
+    q = torch.arange(quads, dtype=torch.int64, device=device)[None, :].expand(rows, quads)
     zero = torch.zeros_like(m)
-    bits, _, _, _ = philox4x32(k, m, zero, zero, key & _LO32, (key >> 32) & _LO32)
-    return (bits >> 8) >= threshold
+    words = torch.stack(philox4x32(q, m, zero, zero, key & _LO32, (key >> 32) & _LO32), dim=-1)
+    return (words.reshape(rows, 4 * quads)[:, :cols] >> 8) >= threshold
 
 
 @keep_mask_op.register_fake

@@ -1,13 +1,19 @@
-"""The public functional API."""
+"""The public functional API: validate, pick the backend, call the op."""
 from typing import Optional, Union
 
 import torch
 
-from fusedlora import reference
-from fusedlora.autograd import lora_linear_op
+from fusedlora import ops, reference
 from fusedlora.backend import backend_for
-from fusedlora.checks import check_lora_linear, require_scalar
+from fusedlora.checks import check_lora_add, check_lora_linear, require_scalar
 from fusedlora.dropout import dropout_mask, seed_tensor
+
+Seed = Union[int, torch.Tensor, None]
+
+
+def _keep(seed, x, dropout_p):
+    """The torch backend's keep-mask (None without dropout)."""
+    return dropout_mask(seed_tensor(seed, dropout_p), x.shape, dropout_p, x.device) if dropout_p > 0 else None
 
 
 def lora_linear(
@@ -18,7 +24,7 @@ def lora_linear(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float = 0.0,
-    seed: Union[int, torch.Tensor, None] = None,
+    seed: Seed = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ, fused.
 
@@ -29,14 +35,38 @@ def lora_linear(
     int in [0, 2**63), a 0-d int64 CPU tensor, or None to draw one from torch's default generator
     (only when dropout_p > 0).
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
-    (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing.
+    (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
+    execution plan (FUSEDLORA_PLAN, fusedlora/planner.py) does not change the result beyond rounding.
     """
     check_lora_linear(x, weight, bias, lora_A, lora_B)
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    seed = seed_tensor(seed, dropout_p)
     if backend_for(x) == "torch":
-        keep = dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
-        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep, dropout_p)
-    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, _keep(seed, x, dropout_p), dropout_p)
+    return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def lora_add(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Seed = None,
+) -> torch.Tensor:
+    """base + scaling·(dropout(x)·Aᵀ)·Bᵀ: the LoRA update added to the output of a base layer that
+    fusedlora does not own (a quantized Linear, a stacked tuner, any module).
+
+    base: (*, N), the base layer's output for x: (*, K); lora_A: (r, K); lora_B: (N, r) -> (*, N) in
+    base's dtype (a new tensor; base is not modified). Dtypes, dropout and seed as in lora_linear.
+    Differentiable in base (its gradient is the output's), x, lora_A and lora_B: the base layer's own
+    autograd carries the gradient of x through base. One shrink and one expand kernel in each
+    direction; x·Wᵀ is whatever the base layer computes.
+    """
+    check_lora_add(base, x, lora_A, lora_B)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if backend_for(x) == "torch":
+        return reference.lora_add(base, x, lora_A, lora_B, scaling, _keep(seed, x, dropout_p), dropout_p)
+    return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)

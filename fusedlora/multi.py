@@ -9,7 +9,7 @@ Saved: x, the grouping, S and the parameters.
 
 multi_forward and multi_backward are the launcher sequences, registered as the custom ops
 fusedlora::multi_lora_linear -> (y, S, order, sorted_ids, starts) and fusedlora::multi_lora_linear_backward
-with fake versions and register_autograd, as fusedlora/autograd.py does for lora_linear, so that
+with fake versions and register_autograd, as fusedlora/ops.py does for lora_linear, so that
 torch.compile(fullgraph=True) traces through them. The grouping is made inside the forward op (a sort and
 a searchsorted on the device) and returned, so backward reuses it; every output shape follows from the
 input shapes alone, never from the ids.

@@ -41,6 +41,24 @@ def lora_linear(
     return (y.to(low_rank.dtype) + low_rank).to(x.dtype)
 
 
+def lora_add(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    keep_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """base + scaling·(D(x)·Aᵀ)·Bᵀ: the low-rank update added to the output of any base layer.
+
+    base: (*, N), x: (*, K), lora_A: (r, K), lora_B: (N, r) -> (*, N) in base's dtype; the low-rank
+    path runs in the adapters' dtype, as in lora_linear."""
+    xd = dropout(x, keep_mask, dropout_p).to(lora_A.dtype)
+    low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
+    return (base.to(low_rank.dtype) + low_rank).to(base.dtype)
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -28,18 +28,26 @@ def dot_dtype(*dtypes: torch.dtype):
     return _TL_DTYPE[dtype]
 
 
-def dot_precision(*dtypes: torch.dtype) -> str:
+def dot_precision(*dtypes: torch.dtype, low_rank: bool = False) -> str:
     """input_precision for a tl.dot over tiles of these dtypes (only fp32 operands care).
 
-    All-fp32 dots follow torch's own switch, so an fp32 model gets the precision torch.matmul would
-    give it. A dot that mixes half with fp32 uses tf32: its result lands in a half-precision output
-    whose rounding (2^-9 for bf16, 2^-11 for fp16) is no finer than tf32's.
+    The base GEMM over all-fp32 operands follows torch's own switch, so an fp32 model gets the
+    precision torch.matmul would give it. Low-rank dots with an fp32 operand (the adapters, S, dU)
+    must be at least as precise as PEFT's fp32 matmul of the same product: "tf32x3" (three tf32
+    passes, product error about 2^-21 relative, below the fp32 accumulation error of any K >= 8)
+    where one operand is half precision (exactly representable in tf32) or tf32 is allowed, and
+    "ieee" for all-fp32 operands when torch itself would not use tf32. These dots are memory-bound
+    (rank 16 against K in the thousands), so the extra passes cost little. Plain tf32 (2^-11 per
+    product) made the fused path less precise than PEFT's on an H200.
     """
     if interpreting():
         return "ieee"
-    if all(d == torch.float32 for d in dtypes):
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"
+    if torch.float32 not in dtypes:
+        return "tf32"  # half-precision operands: the setting is ignored (what the H200 ran with)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    if all(d == torch.float32 for d in dtypes) and (not low_rank or not allow_tf32):
+        return "tf32" if allow_tf32 else "ieee"
+    return "tf32x3"
 
 
 def rank_block(r: int, cap: int = 64) -> int:
@@ -49,10 +57,18 @@ def rank_block(r: int, cap: int = 64) -> int:
 
 
 def gemm_blocks(M: int) -> dict:
-    """Tile shape for the fused GEMM. A first, untuned choice; issue 6 tunes it on the H100."""
+    """Tile shape for the fused GEMM. Untuned: no GPU has measured other choices yet."""
     if interpreting():
         # Small tiles keep masked edges and several programs in play on small test shapes.
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if M <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def expand_blocks(M: int) -> dict:
+    """Tile shape for the low-rank term alone (out = addend + p·qᵀ): a memory-bound pass over the
+    M×N output whose reduction is the rank, so wide tiles and no deep pipeline. Untuned."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)

@@ -1,13 +1,16 @@
 """Dropout keep-mask from Philox4x32-10, shared by every kernel that needs it.
 
 The mask is never stored: each kernel regenerates the bits of the tile it touches from
-(seed, row, column). The keep decision for element (m, k) of x (x viewed as rows x K) is
+(seed, row, column). One Philox call gives four 32-bit words, and each word decides one element, so
+a row's columns 4q .. 4q+3 share the call at counter q. For element (m, k) of x (x viewed as rows x K):
 
-    bits = Philox4x32-10(counter=(k, m, 0, 0), key=(seed mod 2^32, seed >> 32))[0]
-    keep = (bits >> 8) >= threshold,   threshold = ceil(p * 2^24)
+    words = Philox4x32-10(counter=(k // 4, m, 0, 0), key=(seed mod 2^32, seed >> 32))
+    keep  = (words[k % 4] >> 8) >= threshold,   threshold = ceil(p * 2^24)
 
 An integer compare (instead of a float uniform) makes the decision bit-exact in every
-implementation: fusedlora/dropout.py draws the same mask with PyTorch integer ops.
+implementation: fusedlora/dropout.py draws the same mask with PyTorch integer ops. Drawing one call
+per element and keeping one word of four made dropout cost a third of the forward time on an H200
+(p=0.1 at M=8192: 1.95x the base GEMM against 1.49x without).
 """
 import torch
 import triton
@@ -15,20 +18,28 @@ import triton.language as tl
 
 
 @triton.jit
-def keep_mask_tile(seed, offs_m, offs_k, threshold):
-    """Keep-mask of the (len(offs_m), len(offs_k)) tile at rows offs_m, columns offs_k (int32)."""
-    rows = tl.broadcast_to(offs_m[:, None], (offs_m.shape[0], offs_k.shape[0]))
-    cols = tl.broadcast_to(offs_k[None, :], (offs_m.shape[0], offs_k.shape[0]))
+def keep_mask_tile(seed, offs_m, k0, threshold, BLOCK_K: tl.constexpr):
+    """Keep-mask of the (len(offs_m), BLOCK_K) tile at rows offs_m and columns k0 .. k0 + BLOCK_K - 1.
+
+    k0 must be a multiple of 4 (every caller's column blocks are) and BLOCK_K at least 4."""
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    QUADS: tl.constexpr = BLOCK_K // 4
+    rows = tl.broadcast_to(offs_m[:, None], (BLOCK_M, QUADS))
+    quads = tl.broadcast_to((k0 // 4 + tl.arange(0, QUADS))[None, :], (BLOCK_M, QUADS))
     zero = tl.zeros_like(rows)
-    bits, _, _, _ = tl.philox(seed, cols, rows, zero, zero)
-    return (bits >> 8).to(tl.int32) >= threshold
+    w0, w1, w2, w3 = tl.philox(seed, quads, rows, zero, zero)
+    # join(join(w0, w2), join(w1, w3)) has shape (BLOCK_M, QUADS, 2, 2) with element [m, q, i, j] =
+    # word 2i + j of quad q: flattened, column 4q + t holds word t.
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_K))
+    return (words >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
 def _keep_mask_kernel(out_ptr, M, K, seed, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = keep_mask_tile(seed, offs_m, offs_k, threshold)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    keep = keep_mask_tile(seed, offs_m, k0, threshold, BLOCK_K)
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 

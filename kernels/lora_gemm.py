@@ -1,18 +1,21 @@
-"""The fused GEMM: a dense matmul with the low-rank term as extra K-steps, dropout, scale and bias.
+"""The LoRA GEMM: a dense matmul with the low-rank term as extra K-steps, dropout, scale, bias.
 
-    out[m, n] = Σ_k X[m, k]·W[n, k] + bias[n] + keep(m, n) · Σ_j P[m, j]·Q[n, j]
+    out[m, n] = C[m, n] + Σ_k X[m, k]·W[n, k] + bias[n] + keep(m, n) · Σ_j P[m, j]·Q[n, j]
 
-One kernel body serves three products of the LoRA layer (x: (M, K), W: (N, K), A: (r, K), B: (N, r)):
-- forward   y  = x·Wᵀ + b + S·Bᵀ                     X=x, W=W, P=S (M, r), Q=B, no mask
-- backward  dX = dY·W + keep ⊙ (dU·A)               X=dY, W=Wᵀ, P=dU (M, r), Q=Aᵀ, mask on (m, k)
-- backward  dW = dYᵀ·x                               X=dYᵀ, W=xᵀ, no low-rank term
+One kernel body, specialised by compile-time flags (HAS_BASE, HAS_LORA, HAS_DROPOUT, HAS_BIAS,
+HAS_ADDEND for C), serves the products of the LoRA layer (x: (M, K), W: (N, K), A: (r, K), B: (N, r)):
+- fused plan     y  = x·Wᵀ + b + S·Bᵀ               X=x, W=W, P=S (M, r), Q=B, no mask
+                 dX = dY·W + keep ⊙ (dU·A)          X=dY, W=Wᵀ, P=dU (M, r), Q=Aᵀ, mask on (m, k)
+- split plan     the same without the base product (lora_expand), which the library GEMM adds:
+                 y = S·Bᵀ + b, then y += x·Wᵀ;  dX = keep ⊙ (dU·A), then dX += dY·W
+- any base       out = base(x) + S·Bᵀ               C = the base layer's output
 Transposes are strides, never copies. S and dU = s/(1-p)·dY·B come from kernels/lora_shrink.py in fp32.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, gemm_blocks, rank_block
+from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
 from .dropout import keep_mask_tile
 
 
@@ -52,13 +55,14 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 @triton.jit
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_pm, stride_pr, stride_qn, stride_qr,
-    stride_om, stride_on,
+    stride_cm, stride_cn, stride_om, stride_on,
     seed, threshold,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -70,12 +74,13 @@ def _lora_gemm_kernel(
     n_ok = offs_n < N
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = matmul_tile(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                      w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
-                      m_ok, n_ok, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk, acc,
-                      EVEN_K, DOT_DTYPE, PRECISION, BLOCK_K)
+    if HAS_BASE:
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        acc = matmul_tile(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                          w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                          m_ok, n_ok, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk, acc,
+                          EVEN_K, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_LORA:
         # The low-rank term as extra K-steps over r. Unmasked, it adds into the base accumulator (no
         # second BLOCK_M x BLOCK_N accumulator held in registers); masked, it needs its own.
@@ -86,15 +91,46 @@ def _lora_gemm_kernel(
             low_rank = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr,
                                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                    False, tl.float32, LORA_PRECISION, BLOCK_R)
-            keep = keep_mask_tile(seed, offs_m, offs_n, threshold)
+            keep = keep_mask_tile(seed, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
             acc += tl.where(keep, low_rank, 0.0)
         else:
             acc = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr, acc,
                               False, tl.float32, LORA_PRECISION, BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_ADDEND:
+        # A tensor computed elsewhere (the library GEMM's x·Wᵀ + b, any base layer's output) that the
+        # low-rank term is added to; it may be `out` itself.
+        acc += tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=out_mask,
+                       other=0.0).to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
+    M, N = out.shape
+    has_base, has_lora, has_addend = weight is not None, p is not None, addend is not None
+    K = x.shape[1] if has_base else 0
+    R = p.shape[1] if has_lora else 0
+    # Pointers a variant does not use still need a tensor; its flag compiles them away.
+    x = x if has_base else out
+    weight, p, q, addend = (t if t is not None else x for t in (weight, p, q, addend))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _lora_gemm_kernel[grid](
+        x, weight, bias if bias is not None else x, p, q, addend, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        addend.stride(0), addend.stride(1), out.stride(0), out.stride(1),
+        seed, threshold,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
+        HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
+        LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
+        BLOCK_R=rank_block(R), **cfg,
+    )
+    return out
 
 
 def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout=False, out_dtype=None):
@@ -102,33 +138,34 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
 
     x: (M, K), weight: (N, K), bias: (N,) or None, p: (M, R) fp32 or None, q: (N, R), any strides.
     dropout=True masks the low-rank term with the keep-mask of (seed, threshold) at (m, n).
-    Callers (fusedlora/) validate user input; this checks only what would corrupt memory.
+    Callers (fusedlora/) validate user input; these checks guard memory only and survive `python -O`.
     """
     M, K = x.shape
-    N, K_w = weight.shape
-    assert K == K_w and (bias is None or bias.shape == (N,)), "lora_gemm: shapes do not chain"
-    has_lora = p is not None
-    if has_lora:
-        R = p.shape[1]
-        assert p.shape == (M, R) and q.shape == (N, R), "lora_gemm: low-rank operands do not chain"
-    else:
-        R, p, q = 0, x, weight  # unused pointers; HAS_LORA=False compiles them away
+    N = weight.shape[0]
+    if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
+        raise ValueError("lora_gemm: x, weight and bias do not chain")
+    if p is not None and (p.shape[0] != M or q.shape != (N, p.shape[1])):
+        raise ValueError("lora_gemm: the low-rank operands do not chain")
     out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = gemm_blocks(M)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, p, q, out,
-        M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
-        seed, threshold,
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
-        EVEN_K=K % cfg["BLOCK_K"] == 0,
-        DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
-        LORA_PRECISION=dot_precision(x.dtype, torch.float32),
-        BLOCK_R=rank_block(R), **cfg,
-    )
-    return out
+    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M))
+
+
+def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):
+    """out = addend + bias + keep ⊙ (p·qᵀ) -> (M, N): the low-rank term without the base GEMM.
+
+    p: (M, R) fp32, q: (N, R), bias: (N,) or None, addend: (M, N) or None, any strides. `out` may be
+    `addend` itself (an in-place add); otherwise a new tensor in out_dtype (default addend's dtype).
+    dropout=True masks the term with the keep-mask of (seed, threshold) at (m, n).
+    """
+    M, R = p.shape
+    N = q.shape[0]
+    if q.shape != (N, R) or (bias is not None and bias.shape != (N,)) or \
+            (addend is not None and addend.shape != (M, N)) or (out is not None and out.shape != (M, N)):
+        raise ValueError("lora_expand: p, q, bias, addend and out do not chain")
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=p.device)
+    if M == 0 or N == 0:
+        return out
+    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, expand_blocks(M))

@@ -41,9 +41,9 @@ def _lora_shrink_kernel(
         if HAS_DROPOUT:
             # The mask belongs to x's (row, column); MASK_T says this X is xᵀ.
             if MASK_T:
-                keep = tl.trans(keep_mask_tile(seed, c0 + offs_c, offs_m, threshold))
+                keep = tl.trans(keep_mask_tile(seed, c0 + offs_c, tl.program_id(0) * BLOCK_M, threshold, BLOCK_M))
             else:
-                keep = keep_mask_tile(seed, offs_m, c0 + offs_c, threshold)
+                keep = keep_mask_tile(seed, offs_m, c0, threshold, BLOCK_C)
             xt = tl.where(keep, xt, 0.0)
         qt = tl.load(q_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -124,7 +124,7 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         float(scale), seed, threshold,
         HAS_DROPOUT=dropout, MASK_T=mask_transposed,
-        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype),
+        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
         BLOCK_R=block_r, **cfg,
     )
     return out
@@ -154,7 +154,7 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
         ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1), float(ds_scale),
         COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
-        DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32),
+        DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32, low_rank=True),
         BLOCK_R=block_r, **cfg,
     )
     return ds, db

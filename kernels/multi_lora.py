@@ -176,7 +176,7 @@ def multi_shrink(x, q, scalings, groups, ranks):
     _multi_shrink_kernel[grid](
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
-        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype),
+        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     return out
@@ -208,7 +208,7 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out=None):
         HAS_BASE=weight is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
-        LORA_PRECISION=dot_precision(x.dtype, torch.float32), BLOCK_R=rank_block(R), **cfg,
+        LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True), BLOCK_R=rank_block(R), **cfg,
     )
     return out
 
@@ -229,7 +229,7 @@ def multi_reduce(y, z, groups, ranks, out):
     _multi_reduce_kernel[grid](
         y, z, out, groups[0], starts, ranks, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        DOT_DTYPE=dot_dtype(y.dtype, z.dtype), PRECISION=dot_precision(y.dtype, z.dtype),
+        DOT_DTYPE=dot_dtype(y.dtype, z.dtype), PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True),
         BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r, num_warps=4,
     )
     return out

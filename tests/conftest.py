@@ -30,6 +30,13 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(params=("fused", "split"))
+def plan(request, monkeypatch):
+    """Runs a test under each execution plan (FUSEDLORA_PLAN); without it the planner picks by shape."""
+    monkeypatch.setenv("FUSEDLORA_PLAN", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
     """Every test goes through the kernels unless it sets FUSEDLORA_BACKEND itself."""

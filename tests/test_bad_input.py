@@ -51,9 +51,9 @@ BAD = [
 @pytest.fixture
 def launches(monkeypatch):
     """Records launcher calls instead of running them."""
-    import fusedlora.autograd as fa
+    import fusedlora.plans as fa
     launched = []
-    for name in ("lora_shrink", "lora_gemm", "lora_dy"):
+    for name in ("lora_shrink", "lora_gemm", "lora_expand", "lora_dy"):
         monkeypatch.setattr(fa, name, lambda *a, _n=name, **k: launched.append(_n) or (None, None))
     return launched
 

@@ -17,7 +17,7 @@ from oracle import NAMES, assert_oracle, make_inputs, reference_run
 from torch.utils.checkpoint import checkpoint
 
 import fusedlora
-from fusedlora.autograd import lora_linear_backward_op, lora_linear_op
+from fusedlora.ops import lora_linear_backward_op, lora_linear_op
 from fusedlora.dropout import keep_mask_op
 
 BACKENDS = ("triton", "torch")

@@ -1,4 +1,5 @@
-"""lora_linear through the kernels against the float64 reference: output and every gradient."""
+"""lora_linear through the kernels against the float64 reference: output and every gradient, under
+both execution plans (the `plan` fixture)."""
 import pytest
 import torch
 from oracle import NAMES, assert_oracle, make_inputs, reference_run
@@ -48,12 +49,12 @@ def check_against_reference(inputs, scaling, p, seed, dtype, device):
 
 
 @pytest.mark.parametrize("M,K,N,r,dtype,adapter_dtype,bias,p", CASES)
-def test_matches_reference(M, K, N, r, dtype, adapter_dtype, bias, p, device):
+def test_matches_reference(M, K, N, r, dtype, adapter_dtype, bias, p, device, plan):
     inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, bias, device)
     check_against_reference(inputs, 2.0, p, seed=1234, dtype=dtype, device=device)
 
 
-def test_strided_and_transposed_inputs(device):
+def test_strided_and_transposed_inputs(device, plan):
     """Transposes and slices reach the kernels as strides; results are those of contiguous copies."""
     base = make_inputs(30, 80, 48, 8, f32, device=device)
     inputs = dict(
@@ -82,7 +83,7 @@ def test_frozen_base_needs_only_adapter_grads(device):
     assert torch.isfinite(A.grad).all() and A.grad.abs().sum() > 0
 
 
-def test_empty_batch(device):
+def test_empty_batch(device, plan):
     inputs = make_inputs(0, 32, 16, 4, f32, device=device)
     leaves = {n: t.requires_grad_() for n, t in inputs.items()}
     y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.0, 0.1, seed=5)
@@ -95,7 +96,7 @@ def test_empty_batch(device):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the NaNs
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_nan_and_inf_propagate_as_in_reference(p, device):
+def test_nan_and_inf_propagate_as_in_reference(p, device, plan):
     inputs = make_inputs(20, 40, 24, 4, f32, device=device)
     inputs["x"][3, 5] = float("nan")
     inputs["x"][7, 11] = float("inf")

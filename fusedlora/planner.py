@@ -1,0 +1,53 @@
+"""Which execution plan serves a call: the one place that decides, from shapes alone.
+
+Plans (fusedlora/plans.py):
+- "fused": the low-rank term runs inside a Triton GEMM (y = x·Wᵀ + b + S·Bᵀ in one kernel, and dX
+  likewise): fewest launches and no extra pass over the output, but the GEMM is Triton's.
+- "split": the library GEMM (cuBLAS through torch) computes x·Wᵀ and dY·W; Triton kernels compute
+  the low-rank term and the library GEMM accumulates onto it (beta = 1), so the output is written
+  by the fastest GEMM at the cost of one extra pass over it.
+
+FUSEDLORA_PLAN = auto (default) | fused | split forces one for every call (tests run both).
+
+The rules come from an H200 (bf16, K = N = 4096, r = 16; ratios to cuBLAS's x·Wᵀ in the same run):
+- the Triton GEMM under the fused plan ran 1.45x cuBLAS at M = 8192, 1.46x at M = 2048 and 1.19x
+  at M = 16, so no fusion can win once the GEMM is compute-bound;
+- cuBLAS plus the low-rank term added by separate launches cost 1.13x at M = 2048 and 8192, but
+  1.92x at M = 16 (graph-timed), where the launches and the extra pass over a tiny output dominate
+  and the fused plan ran 1.2-1.3x.
+So small row counts take the fused plan and everything else the split plan. The crossover between
+M = 16 and M = 2048 has not been measured; SPLIT_FROM_M sits at the top of the decode range, where
+the base GEMM is still bound by reading W.
+"""
+import functools
+import os
+
+PLANS = ("fused", "split")
+CHOICES = ("auto",) + PLANS
+
+# Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction.
+SPLIT_FROM_M = {"forward": 65, "backward": 65}
+
+
+def forced_plan() -> str:
+    """FUSEDLORA_PLAN, read on every call so that tests and users can switch it at run time."""
+    choice = os.environ.get("FUSEDLORA_PLAN", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"FUSEDLORA_PLAN must be one of {CHOICES}, got {choice!r}")
+    return choice
+
+
+@functools.lru_cache(maxsize=4096)
+def _rule(direction: str, M: int, K: int, N: int, r: int) -> str:
+    return "split" if M >= SPLIT_FROM_M[direction] else "fused"
+
+
+def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
+    """"fused" or "split" for a single-adapter call: direction "forward" or "backward", x: (M, K),
+    weight: (N, K), rank r. Depends on shapes only (never on values), so torch.compile and CUDA graphs
+    see one choice per shape; dropout and dtype do not change the rule (no measurement says they
+    should)."""
+    forced = forced_plan()
+    if forced != "auto":
+        return forced
+    return _rule(direction, M, K, N, r)
