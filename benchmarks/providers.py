@@ -9,7 +9,8 @@ adapters lora_A (r, k) and lora_B (n, r) in the row's dtype, scaling 2 and dropo
 - addmm:     matmul, then the low-rank term added in place with addmm_ (dropout copy of x if p > 0).
 - compile:   torch.compile of fusedlora.reference.lora_linear over the stack, keep-mask from
              torch.rand; compiled once per stack, outside any timed region.
-- fusedlora: fusedlora.lora_linear per layer.
+- fusedlora: fusedlora.lora_linear per layer, each call on the plan the planner picks for its shape;
+             fusedlora[fused] and fusedlora[split] force one plan (suite.py sets FUSEDLORA_PLAN).
 Inputs are random normal (never zeros) and rotate among several copies of x so that small shapes
 are not timed out of L2. With backward each call returns the gradients for x, every lora_A and
 every lora_B through torch.autograd.grad (nothing accumulates in .grad between calls).
@@ -26,7 +27,7 @@ from fusedlora import reference
 
 L2_FLUSH_BYTES = 256 << 20  # rotate inputs until this many bytes are in flight: several times any L2
 MIB = float(2**20)
-PROVIDERS = ("base", "peft", "addmm", "compile", "fusedlora")
+PROVIDERS = ("base", "peft", "addmm", "compile", "fusedlora", "fusedlora[fused]", "fusedlora[split]")
 
 
 def reference_stack(x, weights, lora_As, lora_Bs, scaling, p):
@@ -119,6 +120,8 @@ class LayerStack:
             "compile": lambda x, p: compiled(x, *lora, p),
             "fusedlora": lambda x, p: fused_stack(x, *lora, p),
         }
+        for plan in ("fused", "split"):
+            self.forwards[f"fusedlora[{plan}]"] = self.forwards["fusedlora"]
         nxt = itertools.cycle(self.xs).__next__
         self.providers = {name: (lambda name=name: self.call(name, nxt(), self.p)) for name in PROVIDERS}
 

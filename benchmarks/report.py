@@ -94,16 +94,17 @@ def markdown(result):
         lines += ["No timings: this run had no CUDA GPU. Every provider was checked against a float64 "
                   "reference through the Triton interpreter on tiny shapes; timings need a GPU.", ""]
     lines += ["## Headline", "",
+              "host µs (all rows) = host time of one call with the GPU idle: Python, dispatch and launches. "
               "overhead over base = fusedlora's median time over the base GEMM's, minus one; speed-up over X "
               "= X's median time over fusedlora's. Peak: CUDA memory a call allocates above what it started "
               "with. Saved: tensors autograd keeps for backward, parameters and input excluded.", ""]
     lines += headline(rows)
-    head = ["case", "provider", "M", "K", "N", "r", "dtype", "adapters", "ms", "TFLOP/s", "× base", "peak MiB",
-            "saved MiB", "rel err"]
+    head = ["case", "provider", "M", "K", "N", "r", "dtype", "adapters", "ms", "TFLOP/s", "× base", "host µs",
+            "peak MiB", "saved MiB", "rel err"]
     body = [[row["case"], row["provider"], row["M"], row["K"], row["N"], fmt(row["r"], "d"), row["dtype"],
              fmt(row["adapters"], "d"), fmt(row["ms"], ".4f"), fmt(row["tflops"], ".1f"),
-             fmt(row["ratio_to_base"], ".3f"), mib(row["peak_mb"]), mib(row["saved_mb"]),
-             fmt(row["rel_err"], ".1e")]
+             fmt(row["ratio_to_base"], ".3f"), fmt(row.get("host_us"), ".0f"), mib(row["peak_mb"]),
+             mib(row["saved_mb"]), fmt(row["rel_err"], ".1e")]
             for row in rows]
     lines += ["## All rows", "", *table(head, body)]
     return "\n".join(lines) + "\n"

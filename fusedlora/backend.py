@@ -4,6 +4,7 @@ auto (default): the Triton kernels for CUDA tensors, the PyTorch reference path 
 triton: always the kernels; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before
 triton is first imported). torch: the PyTorch path, with the same Philox dropout mask.
 """
+import functools
 import os
 
 import torch
@@ -20,12 +21,18 @@ def _interpreting() -> bool:
     return interpreting()
 
 
+@functools.lru_cache(maxsize=16)
+def _parse(value) -> str:
+    choice = (value or "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
 def backend_for(x: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose inputs live where x does. Read on every call, so a test or
     a user can switch it at run time."""
-    choice = os.environ.get("FUSEDLORA_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    choice = _parse(os.environ.get("FUSEDLORA_BACKEND"))
     if choice == "auto":
         return "triton" if x.is_cuda else "torch"
     if choice == "triton" and not x.is_cuda and not _interpreting():

@@ -26,6 +26,9 @@ def require_float(name: str, t: torch.Tensor) -> None:
 
 def require_scalar(name: str, value, low=None, high=None) -> float:
     """A finite real number (Python or NumPy), with low <= value < high where given."""
+    if type(value) is float and -math.inf < value < math.inf and (low is None or value >= low) and \
+            (high is None or value < high):
+        return value  # the common case, without the abstract-class checks below (host time per call)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -38,9 +41,35 @@ def require_scalar(name: str, value, low=None, high=None) -> float:
     return value
 
 
+def _lora_linear_ok(x, weight, bias, lora_A, lora_B) -> bool:
+    """The checks of check_lora_linear in as few operations as possible: a small-batch call spends
+    more time on the host than on the GPU, so valid input takes this path and only invalid input pays
+    for the detailed checks and their messages."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        return False
+    dtype, device = x.dtype, x.device
+    if dtype not in FLOAT_DTYPES or weight.dtype is not dtype or x.dim() < 1:
+        return False
+    (N, K), (r, K_a), (N_b, r_b) = weight.shape, lora_A.shape, lora_B.shape  # ValueError if not 2-D
+    adapter_dtype = lora_A.dtype
+    if x.shape[-1] != K or K_a != K or N_b != N or r_b != r or r == 0 or lora_B.dtype is not adapter_dtype \
+            or (adapter_dtype is not dtype and adapter_dtype is not torch.float32):
+        return False
+    if weight.device != device or lora_A.device != device or lora_B.device != device:
+        return False
+    return bias is None or (bias.dtype is dtype and bias.shape == (N,) and bias.device == device)
+
+
 def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
     """x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); x, weight and
     bias share one float dtype; lora_A and lora_B share x's dtype or float32; one device."""
+    try:
+        if _lora_linear_ok(x, weight, bias, lora_A, lora_B):
+            return
+    except ValueError:  # a weight or an adapter that is not 2-D: the checks below name it
+        pass
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         require_tensor(name, t)
         require_float(name, t)

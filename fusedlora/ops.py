@@ -21,20 +21,25 @@ from fusedlora.dropout import check_seed, draw_seed, seed_tensor
 from fusedlora.planner import choose
 
 
-def _plan(direction, x, weight, lora_A):
-    return choose(direction, x.numel() // x.shape[-1] if x.shape[-1] else 0, x.shape[-1], weight.shape[0],
-                  lora_A.shape[0])
+def _rows(x) -> torch.Tensor:
+    """x as (M, K): itself when 2-D (a reshape is a dispatch even when it is a view)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _plan(direction, x2, weight, lora_A):
+    return choose(direction, x2.shape[0], x2.shape[1], weight.shape[0], lora_A.shape[0])
 
 
 def _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    y, S = plans.forward(_plan("forward", x, weight, lora_A), x.reshape(-1, x.shape[-1]), weight, bias,
-                         lora_A, lora_B, scaling, dropout_p, seed)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), S
+    x2 = _rows(x)
+    y, S = plans.forward(_plan("forward", x2, weight, lora_A), x2, weight, bias, lora_A, lora_B, scaling,
+                         dropout_p, seed)
+    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])), S
 
 
 def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
-    return plans.backward(_plan("backward", x, weight, lora_A), dy, x, weight, lora_A, lora_B, S, scaling,
-                          dropout_p, seed, needs)
+    return plans.backward(_plan("backward", _rows(x), weight, lora_A), dy, x, weight, lora_A, lora_B, S,
+                          scaling, dropout_p, seed, needs)
 
 
 def _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed):

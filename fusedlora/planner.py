@@ -31,7 +31,12 @@ SPLIT_FROM_M = {"forward": 65, "backward": 65}
 
 def forced_plan() -> str:
     """FUSEDLORA_PLAN, read on every call so that tests and users can switch it at run time."""
-    choice = os.environ.get("FUSEDLORA_PLAN", "auto").strip().lower() or "auto"
+    return _parse(os.environ.get("FUSEDLORA_PLAN"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(value) -> str:
+    choice = (value or "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"FUSEDLORA_PLAN must be one of {CHOICES}, got {choice!r}")
     return choice
@@ -47,7 +52,5 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
     weight: (N, K), rank r. Depends on shapes only (never on values), so torch.compile and CUDA graphs
     see one choice per shape; dropout and dtype do not change the rule (no measurement says they
     should)."""
-    forced = forced_plan()
-    if forced != "auto":
-        return forced
-    return _rule(direction, M, K, N, r)
+    forced = _parse(os.environ.get("FUSEDLORA_PLAN"))
+    return _rule(direction, M, K, N, r) if forced == "auto" else forced

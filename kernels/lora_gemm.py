@@ -149,7 +149,7 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
     out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M))
+    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M, N, x.device))
 
 
 def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):

@@ -10,6 +10,8 @@ The dX GEMM (kernels/lora_gemm.py) takes dU as its extra K-steps.
 _lora_shrink_kernel computes out[a, j] = scale · Σ_c keep ⊙ X[a, c] · Q[j, c] for S (X=x, Q=A) and for
 dAᵀ (X=xᵀ, Q=dUᵀ, mask transposed, reducing over M); strides do the transposes.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,7 @@ def _lora_dy_kernel(
         tl.store(ds_ptrs, ds * ds_scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
+@functools.lru_cache(maxsize=4096)
 def _shrink_blocks(M: int) -> dict:
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)

@@ -69,14 +69,19 @@ def record_launches(drive):
 def drive():
     """Call the public API the ways a user does, so every launcher picks its GPU configuration."""
     os.environ["FUSEDLORA_BACKEND"] = "triton"
-    for M, dt, adapter_dt, p in ((8192, torch.bfloat16, torch.float32, 0.1), (16, torch.float16, torch.float16, 0.0),
-                                 (300, torch.float32, torch.float32, 0.0)):
-        x = torch.randn(M, 256, dtype=dt, requires_grad=True)
-        W = torch.randn(192, 256, dtype=dt, requires_grad=True)
-        b = torch.randn(192, dtype=dt)
-        A = torch.randn(16, 256, dtype=adapter_dt, requires_grad=True)
-        B = torch.randn(192, 16, dtype=adapter_dt, requires_grad=True)
-        fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed=5).sum().backward()
+    for plan in ("fused", "split"):
+        os.environ["FUSEDLORA_PLAN"] = plan
+        for M, dt, adapter_dt, p in ((8192, torch.bfloat16, torch.float32, 0.1),
+                                     (16, torch.float16, torch.float16, 0.0), (40, torch.bfloat16, torch.float32, 0.1),
+                                     (300, torch.float32, torch.float32, 0.0)):
+            x = torch.randn(M, 256, dtype=dt, requires_grad=True)
+            W = torch.randn(192, 256, dtype=dt, requires_grad=True)
+            b = torch.randn(192, dtype=dt)
+            A = torch.randn(16, 256, dtype=adapter_dt, requires_grad=True)
+            B = torch.randn(192, 16, dtype=adapter_dt, requires_grad=True)
+            fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed=5).sum().backward()
+            fusedlora.lora_add(torch.randn(M, 192, dtype=dt, requires_grad=True), x, A, B, 2.0, p, seed=5).sum().backward()
+    os.environ.pop("FUSEDLORA_PLAN")
     for M, dt in ((4096, torch.bfloat16), (64, torch.float16)):
         x = torch.randn(M, 256, dtype=dt, requires_grad=True)
         W = torch.randn(192, 256, dtype=dt)
