@@ -84,3 +84,29 @@ def test_bounds_per_row():
     assert not serve.judge("fusedlora", "all", fused[1:2], peft[1:2], torch.float32, 128)["ok"]
     assert serve.judge("peft", "all", fused[1:2], fused[1:2], torch.float32, 128)["ok"]
     assert not serve.judge("peft", "all", torch.tensor([1e-3]), torch.tensor([1e-3]), torch.float32, 128)["ok"]
+
+
+def test_scenario_presets_and_overrides(monkeypatch):
+    """On a GPU the scenario sets what the flags leave unset; on CPU the tiny run is always the same."""
+    assert vars(serve.parse(["--scenario", "large", "--batch", "8"])) | {"out": None} == \
+        dict(serve.TINY, scenario="large", out=None)
+    monkeypatch.setattr(serve, "CUDA", True)
+    args = serve.parse(["--scenario", "large", "--repeats", "2"])
+    assert (args.adapters, args.batch, args.new_tokens, args.repeats) == (64, 64, 32, 2)
+    assert serve.parse([]).adapters == 8 and serve.adapter_ranks(8) == [8, 16, 24, 32, 40, 48, 56, 64]
+
+
+def test_timed_results_are_reported_and_written(capsys, tmp_path):
+    """The GPU-only end of main on made-up timings: tokens/s, speed-up over PEFT and token agreement
+    per provider, and the JSON named after the scenario."""
+    peft_tokens = torch.tensor([[1, 2], [3, 4]])
+    timings = {"peft": (peft_tokens, 2.0), "fusedlora": (torch.tensor([[1, 2], [3, 5]]), 0.5)}
+    rows = serve.report_providers(timings, 4)
+    assert rows[1] == dict(provider="fusedlora", tokens_equal_to_peft=0.75, seconds=0.5, tokens_per_s=8.0,
+                           speedup_over_peft=4.0)
+    assert "8.0 tokens/s" in capsys.readouterr().out
+    args = serve.parse(["--out", str(tmp_path)])
+    result = dict(gpu="cpu", scenario="large", providers=rows)
+    assert serve.finish(result, args, 1) == 1
+    written = json.loads((tmp_path / "serve-cpu-check-large.json").read_text())
+    assert written["ok"] is False and written["providers"][0]["tokens_per_s"] == 2.0
