@@ -8,8 +8,10 @@
 # (nvidia-smi, Python packages, commit), <gpu>.json/.md/.png from benchmarks/run.py, and
 # serve-<gpu>.json, serve-<gpu>-large.json from benchmarks/serve.py. A failed step does not stop the
 # next; the last lines give each step's exit status (124: timed out), and the script exits 1 if any
-# step failed. Environment: PYTHON (default python3), GPU_SESSION_BUDGET_S (default 520: the steps'
-# expected 450 s on an H200 within a 9-minute slot, with room for the machine's start-up noise).
+# step failed. The large serving scenario is optional: it runs only if LARGE_MIN_S of the budget are
+# left, and is otherwise skipped without counting as a failure. Environment: PYTHON (default python3),
+# GPU_SESSION_BUDGET_S (default 520, for a 9-minute slot: on an H200 at commit 8bd3736 the tests took
+# 126 s, the benchmark about 150 s and the serving benchmark 60-90 s).
 set -u
 if [ $# -ne 1 ]; then
     echo "usage: benchmarks/gpu_session.sh OUTDIR" >&2
@@ -73,8 +75,13 @@ fi
 step versions 60 bash -c "$VERSIONS" "$OUT/versions.txt" "$PY"
 step tests 200 "$PY" -m pytest -n 12 -q tests
 step serve 150 "$PY" benchmarks/serve.py --out "$OUT"
-step benchmark 210 "$PY" benchmarks/run.py --out "$OUT"
-step serve-large 150 "$PY" benchmarks/serve.py --scenario large --out "$OUT"
+step benchmark 260 "$PY" benchmarks/run.py --out "$OUT"
+LARGE_MIN_S=120  # 64 adapters' setup and PEFT's loop over them: a cut-off run would give nothing
+if [ $((BUDGET - SECONDS)) -ge $LARGE_MIN_S ]; then
+    step serve-large 150 "$PY" benchmarks/serve.py --scenario large --out "$OUT"
+else
+    SUMMARY+=("$(printf '%-12s skipped (optional): under %s s of the budget left' serve-large $LARGE_MIN_S)")
+fi
 
 {
     echo "=== summary ($SECONDS s of the $BUDGET s budget; results in $OUT)"
