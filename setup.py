@@ -13,7 +13,7 @@ setup(
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "matplotlib"],
         "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
     },
 )
