@@ -31,10 +31,13 @@ def _plan(direction, x2, weight, lora_A):
 
 
 def _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    x2 = _rows(x)
-    y, S = plans.forward(_plan("forward", x2, weight, lora_A), x2, weight, bias, lora_A, lora_B, scaling,
-                         dropout_p, seed)
-    return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])), S
+    # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
+    # that returned a view could not have its output modified in place.
+    x2, N = _rows(x), weight.shape[0]
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    S = plans.forward(_plan("forward", x2, weight, lora_A), x2, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                      seed, y.view(-1, N))
+    return y, S
 
 
 def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
@@ -44,9 +47,9 @@ def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
 
 def _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed):
     N = base.shape[-1]
-    y, S = plans.add_forward(base.reshape(-1, N), x.reshape(-1, x.shape[-1]), lora_A, lora_B, scaling,
-                             dropout_p, seed)
-    return y.reshape(base.shape), S
+    y = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    S = plans.add_forward(_rows(base), _rows(x), lora_A, lora_B, scaling, dropout_p, seed, y.view(-1, N))
+    return y, S
 
 
 # ---- eager -------------------------------------------------------------------------------------

@@ -28,19 +28,21 @@ def shrink(x2, lora_A, scaling: float, dropout_p: float, seed: int) -> torch.Ten
                        dropout=dropout_p > 0)
 
 
-def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-    """(y: (M, N), S: (M, r) fp32) for x2: (M, K); inputs already validated."""
+def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
+    """y into out: (M, N) in x's dtype, and S: (M, r) fp32, for x2: (M, K); inputs already validated."""
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
     if plan == "fused":
-        return lora_gemm(x2, weight, bias, p=S, q=lora_B), S
-    y = lora_expand(S, lora_B, bias, out_dtype=x2.dtype)
-    return y.addmm_(x2, weight.t()), S
+        lora_gemm(x2, weight, bias, p=S, q=lora_B, out=out)
+    else:
+        lora_expand(S, lora_B, bias, out=out).addmm_(x2, weight.t())
+    return S
 
 
-def add_forward(base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-    """(base + S·Bᵀ: (M, N) in base's dtype, S) for base2: (M, N), x2: (M, K)."""
+def add_forward(base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
+    """base + S·Bᵀ into out: (M, N), and S, for base2: (M, N), x2: (M, K)."""
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
-    return lora_expand(S, lora_B, addend=base2), S
+    lora_expand(S, lora_B, addend=base2, out=out)
+    return S
 
 
 def _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_dU, need_A, need_B):

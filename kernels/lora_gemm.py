@@ -133,10 +133,11 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
     return out
 
 
-def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout=False, out_dtype=None):
-    """out = x·weightᵀ + bias + keep ⊙ (p·qᵀ) -> (M, N) in out_dtype (default x's).
+def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout=False, out_dtype=None, out=None):
+    """out = x·weightᵀ + bias + keep ⊙ (p·qᵀ) -> (M, N), a new tensor in out_dtype (default x's) unless
+    `out` is given.
 
-    x: (M, K), weight: (N, K), bias: (N,) or None, p: (M, R) fp32 or None, q: (N, R), any strides.
+    x: (M, K), weight: (N, K), bias: (N,) or None, p: (M, R) fp32 or None, q: (N, R), out: (M, N), any strides.
     dropout=True masks the low-rank term with the keep-mask of (seed, threshold) at (m, n).
     Callers (fusedlora/) validate user input; these checks guard memory only and survive `python -O`.
     """
@@ -146,7 +147,10 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
         raise ValueError("lora_gemm: x, weight and bias do not chain")
     if p is not None and (p.shape[0] != M or q.shape != (N, p.shape[1])):
         raise ValueError("lora_gemm: the low-rank operands do not chain")
-    out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (M, N):
+        raise ValueError("lora_gemm: out does not chain")
     if M == 0 or N == 0:
         return out
     return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M, N, x.device))

@@ -128,3 +128,18 @@ def test_unknown_backend_is_refused(monkeypatch, device):
     inputs = make_inputs(4, 16, 8, 2, f32, device=device)
     with pytest.raises(ValueError, match="FUSEDLORA_BACKEND"):
         fusedlora.lora_linear(*(inputs[n] for n in NAMES), 1.0)
+
+
+def test_output_can_be_modified_in_place(device, plan):
+    """The output is no view (a view returned by an autograd Function could not be modified in place),
+    so code that scales a projection's output in place keeps working, gradients included."""
+    inputs = make_inputs((2, 5), 32, 24, 4, f32, device=device)
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 2.0, 0.2, seed=6)
+    assert y._base is None and y.shape == (2, 5, 24)
+    y.mul_(3.0).sum().backward()
+    ref = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+    keep = fusedlora.dropout_mask(6, inputs["x"].shape, 0.2, device)
+    (3.0 * fusedlora.reference.lora_linear(*(ref[n] for n in NAMES), 2.0, keep, 0.2)).sum().backward()
+    for name in NAMES:
+        torch.testing.assert_close(leaves[name].grad, ref[name].grad, rtol=1e-5, atol=1e-5)
