@@ -331,3 +331,29 @@ def test_compiled_patched_layers_match_eager(kind, ops):
     assert graphs_compiled() == 1
     for name, n in ops.items():
         assert op_calls(graphs, getattr(torch.ops.fusedlora, name).default) == n
+
+
+@pytest.mark.parametrize("layer", ["qlora", "lora-linear"])
+def test_4bit_base_runs_as_it_is_and_gets_the_low_rank_term_added(layer, calls):
+    """A bitsandbytes Linear4bit base, under PEFT's QLoRA layer (a model marked as loaded in 4 bits)
+    or under a plain LoRA Linear (PEFT's default dispatch of a Linear subclass): the quantized layer
+    runs as it is and lora_add adds the adapter's term. The base cannot run in float64, so PEFT's own
+    fp32 forward is the reference: the same base output, the low-rank term to fp32 rounding."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = nn.Linear(K, HIDDEN)
+    quantized = bnb.nn.Linear4bit(K, HIDDEN, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    base = MLP(quantized)
+    base.is_loaded_in_4bit = layer == "qlora"
+    model = peft_model(base, lora_dropout=0.1)
+    module = "peft.tuners.lora.bnb" if layer == "qlora" else "peft.tuners.lora.layer"
+    assert type(model.base_model.model.lin0).__module__ == module
+    want = run(model, inputs())
+    assert fusedlora.patch_peft(model) == 2
+    got = run(model, inputs())
+    assert calls == {"lora_linear": 1, "lora_add": 1}
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-5, msg=name)
