@@ -26,10 +26,10 @@ from conftest import SUMMARY
 HERE = Path(__file__).resolve().parent
 VERSION = importlib.metadata.version("peft")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusedlora"
-TIMEOUT_S = 900
-# Floors that catch a run that silently stopped testing the fused path (numbers of the CI selection
-# with peft 0.21.2: 915 tests, of which 300 or so have a call served by the kernels).
-MIN_TESTS, MIN_FUSED = 500, 150
+TIMEOUT_S = 1200
+# Floors that catch a run that silently stopped testing the fused path (with peft 0.21.2: 1816
+# tests, of which 247 have a call served by the kernels; most of the others never call a patched layer).
+MIN_TESTS, MIN_FUSED = 1200, 180
 
 
 def _unavailable(why: str):

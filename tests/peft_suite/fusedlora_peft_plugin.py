@@ -50,23 +50,23 @@ def _stub_missing(name: str, **attrs) -> None:
 _stub_missing("diffusers", StableDiffusionPipeline=None)
 _stub_missing("datasets", load_dataset=None)
 
-# test_custom_models.py: the parametrized model tests for a representative set of LoRA cases whose
-# models have LoRA Linear or Conv1D layers (DoRA and another variant included: they exercise the
-# fallback), and the LoRA tests of the classes that test several adapters, mixed batches, gradients and
-# custom layers. FUSEDLORA_PEFT_SELECTION=all widens the first part to every LoRA case on a Linear or
-# Conv1D model (about twice the time). Conv2d, Conv3d, Embedding and MHA layers are never patched.
+# test_custom_models.py: the parametrized model tests of every LoRA case whose model has a LoRA
+# Linear or Conv1D layer (DoRA and the other variants included: they exercise the fallback), and the
+# LoRA tests of the classes that test several adapters, mixed batches, gradients and custom layers.
+# FUSEDLORA_PEFT_SELECTION=quick narrows the first part to a representative set of cases (half the
+# tests, three quarters of the time). Conv2d, Conv3d, Embedding and MHA layers are never patched.
 _CASES = {
-    "ci": r"Vanilla MLP [1456] LoRA-|Vanilla MLP 7 LoRA with DoRA|Vanilla MLP 1 LoRA with lora_b bias"
-          r"|Embedding \+ transformers Conv1D [13] LoRA-|Embedding \+ transformers Conv1D 1 (DoRA|LoRA trainable)"
-          r"|MLP 2 using nn\.Parameter LoRA|BD-LoRA both|Conv2d 2 LoRA-",
     "all": r"Vanilla MLP \d+ LoRA|Embedding \+ transformers Conv1D \d+ (LoRA|DoRA)|MLP 2 using nn\.Parameter LoRA"
            r"|BD-LoRA|(Conv2d|Conv3d|MHA) 2 LoRA-",
+    "quick": r"Vanilla MLP [1456] LoRA-|Vanilla MLP 7 LoRA with DoRA|Vanilla MLP 1 LoRA with lora_b bias"
+             r"|Embedding \+ transformers Conv1D [13] LoRA-|Embedding \+ transformers Conv1D 1 (DoRA|LoRA trainable)"
+             r"|MLP 2 using nn\.Parameter LoRA|BD-LoRA both|Conv2d 2 LoRA-",
 }
 _LORA_CLASSES = re.compile(r"::(TestMultipleActiveAdapters|TestMixedAdapterBatches|TestRequiresGrad"
                            r"|TestDynamicDispatch|TestLayerRepr|TestMultiRankAdapter)::.*(lora|LoRA|Lora)")
 
 
-def selected(nodeid: str, selection: str = "ci") -> bool:
+def selected(nodeid: str, selection: str = "all") -> bool:
     if "test_mixed.py::" in nodeid:
         return True  # every test there mixes LoRA with other tuners, or other tuners alone (cheap)
     if "test_custom_models.py::" not in nodeid:
@@ -151,7 +151,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    selection = os.environ.get("FUSEDLORA_PEFT_SELECTION", "ci")
+    selection = os.environ.get("FUSEDLORA_PEFT_SELECTION", "all")
     keep = [item for item in items if selected(item.nodeid, selection)]
     config.hook.pytest_deselected(items=[item for item in items if not selected(item.nodeid, selection)])
     items[:] = keep
