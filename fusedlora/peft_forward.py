@@ -31,8 +31,7 @@ from fusedlora.multi import multi_lora_linear
 
 
 class Term(NamedTuple):
-    """One low-rank term s·(dropout_p(x)·Aᵀ)·Bᵀ, with x in the dtype PEFT's cast gives it."""
-    x: torch.Tensor
+    """One low-rank term s·(dropout_p(x)·Aᵀ)·Bᵀ."""
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
@@ -69,12 +68,17 @@ def active_adapters(layer) -> List[str]:
     return [a for a in layer.active_adapters if a in layer.lora_A]
 
 
-def _cast(layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """PEFT's cast of x to an adapter's dtype (which peft.helpers.disable_input_dtype_casting turns off)."""
-    return x.to(dtype) if getattr(layer, "cast_input_dtype_enabled", True) else x
+def _cast_x(layer, x: torch.Tensor, parts: List["Term"]) -> torch.Tensor:
+    """x as PEFT hands it to the last of these terms: cast to each adapter's dtype in turn (so an
+    adapter after a narrower one sees the narrowed x), unless peft.helpers.disable_input_dtype_casting
+    turned casting off. Casts to x's own dtype cost nothing."""
+    if getattr(layer, "cast_input_dtype_enabled", True):
+        for term in parts:
+            x = x.to(term.lora_A.dtype)
+    return x
 
 
-def terms(layer, adapters: List[str], x: torch.Tensor) -> List[Term]:
+def terms(layer, adapters: List[str]) -> List[Term]:
     """The low-rank terms of the adapters, concatenated into one where that is the same function."""
     weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
     scalings = [float(layer.scaling[a]) for a in adapters]
@@ -86,12 +90,8 @@ def terms(layer, adapters: List[str], x: torch.Tensor) -> List[Term]:
             lora_B, scaling = torch.cat([B for _, B in weights], dim=1), scalings[0]
         else:
             lora_B, scaling = torch.cat([B * s for (_, B), s in zip(weights, scalings)], dim=1), 1.0
-        return [Term(_cast(layer, x, lora_A.dtype), lora_A, lora_B, scaling, 0.0)]
-    out = []
-    for (A, B), s, p in zip(weights, scalings, ps):
-        x = _cast(layer, x, A.dtype)  # PEFT casts cumulatively: each adapter sees the previous cast
-        out.append(Term(x, A, B, s, p))
-    return out
+        return [Term(lora_A, lora_B, scaling, 0.0)]
+    return [Term(A, B, s, p) for (A, B), s, p in zip(weights, scalings, ps)]
 
 
 def lora_bias(layer, adapters: List[str]) -> Optional[torch.Tensor]:
@@ -133,7 +133,7 @@ def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report, stack
     after the base layer ran: PEFT's own adapter loop then finishes the call. stacked: the layer is
     the base layer of another tuner layer, which may add into this output in place (AdaLoRA does)."""
     adapters = active_adapters(layer)
-    parts = terms(layer, adapters, x)
+    parts = terms(layer, adapters)
     extra = lora_bias(layer, adapters)
     base = layer.base_layer
     own = None if args or kwargs else own_weights(base, conv1d)
@@ -141,20 +141,22 @@ def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report, stack
         weight, bias = own
         if extra is not None:
             bias = extra.to(weight.dtype) if bias is None else (bias + extra).to(weight.dtype)
-        first, parts = parts[0], parts[1:]
+        first = parts[0]
         result = fused_call(x, weight, bias, first.lora_A, first.lora_B, first.scaling, first.dropout_p)
-        dtype = result.dtype
+        dtype, done = result.dtype, 1
     else:
         result = base(x, *args, **kwargs)
         if not _add_accepts(result, x, parts[0]):
-            report(f"the base layer {type(base).__name__} returned "
-                   f"{getattr(result, 'dtype', type(result).__name__)} of shape {tuple(getattr(result, 'shape', ()))}")
+            report(f"the base layer {type(base).__name__} returned {getattr(result, 'dtype', type(result).__name__)}"
+                   " or a shape lora_add does not take")
             return peft_terms(layer, adapters, x, result)
-        dtype = result.dtype
+        dtype, done = result.dtype, 0
         if extra is not None:
             result = result + extra  # PEFT's sum: in the wider dtype, rounded once at the end
-    for term in parts:
-        result = added_call(result, term.x, term.lora_A, term.lora_B, term.scaling, term.dropout_p)
+    for i in range(done, len(parts)):
+        term = parts[i]
+        result = added_call(result, _cast_x(layer, x, parts[:i + 1]), term.lora_A, term.lora_B, term.scaling,
+                            term.dropout_p)
     if stacked and result.requires_grad and result._is_view():
         # The kernels' autograd outputs are views of the (M, N) product, and autograd forbids in-place
         # changes to views made inside a custom Function: a copy the outer tuner may change.

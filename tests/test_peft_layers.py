@@ -251,6 +251,24 @@ def test_fp16_adapters_under_an_fp32_base_take_the_cast_x(calls):
         assert_at_scale(f"grad {name}", got[1][name], low[1][name], exact[1][name], torch.float16)
 
 
+def test_adapters_of_two_dtypes_are_added_one_by_one(calls):
+    """An fp32 and a bf16 adapter active together: no concatenation; the fp32 one inside the base
+    GEMM, the bf16 one by lora_add on x cast to bf16, as PEFT casts it."""
+    model = two_adapters(MLP())
+    for name, p in model.named_parameters():
+        if ".other." in name:
+            p.data = p.data.bfloat16()
+    exact = run(copy.deepcopy(model).double(), inputs().double())
+    low = run(model, inputs())
+    fusedlora.patch_peft(model)
+    got = run(model, inputs())
+    assert calls == {"lora_linear": 2, "lora_add": 2}
+    assert_at_scale("output", got[0], low[0], exact[0], torch.bfloat16)
+    for name in exact[1]:
+        assert got[1][name].dtype == low[1][name].dtype
+        assert_at_scale(f"grad {name}", got[1][name], low[1][name], exact[1][name], torch.bfloat16)
+
+
 def test_split_path_under_autocast_keeps_peft_dtypes(calls):
     torch.manual_seed(1)
     model = PeftMixedModel(MLP().to(DEVICE), LoHaConfig(r=4, target_modules=["lin0"], init_weights=False), "loha")
