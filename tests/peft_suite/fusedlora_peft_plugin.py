@@ -5,7 +5,7 @@ tests/test_peft_suite.py). It
 - applies patch_peft after every get_peft_model, PeftModel.from_pretrained,
   PeftMixedModel.from_pretrained, inject_adapter_in_model and BaseTuner.inject_adapter, as a user
   would after building a model;
-- keeps the LoRA tests whose models have LoRA Linear layers (SELECTED), deselecting the rest;
+- keeps the LoRA tests whose models have LoRA Linear layers (selected()), deselecting the rest;
 - runs every test patched, and a test that fails patched once more unpatched, in the same process:
   a failure on both is PEFT's (or the environment's: no Hub here), one on the patched run alone is a
   regression of ours;
