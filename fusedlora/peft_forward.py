@@ -127,11 +127,10 @@ def peft_terms(layer, adapters: List[str], x, result) -> torch.Tensor:
     return result.to(dtype)
 
 
-def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report, stacked: bool = False) -> torch.Tensor:
+def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report) -> torch.Tensor:
     """The layer's output for one batch with its active adapters, through lora_linear or lora_add.
     report(reason) is called when the base layer's output turns out to be one lora_add does not take,
-    after the base layer ran: PEFT's own adapter loop then finishes the call. stacked: the layer is
-    the base layer of another tuner layer, which may add into this output in place (AdaLoRA does)."""
+    after the base layer ran: PEFT's own adapter loop then finishes the call."""
     adapters = active_adapters(layer)
     parts = terms(layer, adapters)
     extra = lora_bias(layer, adapters)
@@ -157,10 +156,6 @@ def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report, stack
         term = parts[i]
         result = added_call(result, _cast_x(layer, x, parts[:i + 1]), term.lora_A, term.lora_B, term.scaling,
                             term.dropout_p)
-    if stacked and result.requires_grad and result._is_view():
-        # The kernels' autograd outputs are views of the (M, N) product, and autograd forbids in-place
-        # changes to views made inside a custom Function: a copy the outer tuner may change.
-        result = result.clone()
     return result.to(dtype)
 
 

@@ -179,7 +179,7 @@ class _Reporter:
             logger.info(message)
 
 
-def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys, stacked: bool):
+def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys):
     stacks = Stacks()
 
     def forward(self, x, *args, **kwargs):
@@ -192,8 +192,7 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
             kwargs.pop(key, None)
         if names is not None:
             return mixed_batch_forward(self, x, names, stacks, *own_weights(self.base_layer, conv1d))
-        return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True),
-                              stacked)
+        return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True
     return forward
@@ -213,14 +212,12 @@ def patch_peft(peft_model: nn.Module) -> int:
         raise TypeError(f"patch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
     conv1d, variant_keys = _conv1d(), _variant_keys()
     report = _Reporter()
-    # Layers another tuner layer wraps (PeftMixedModel stacks tuners on one module).
-    wrapped = {id(m.base_layer) for m in peft_model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
     count = 0
     for name, module in peft_model.named_modules():
         peft_forward = next((f for cls, f in classes.items() if isinstance(module, cls) and type(module).forward is f),
                             None)
         if peft_forward is not None:
-            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys, id(module) in wrapped)
+            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys)
             module.forward = types.MethodType(forward, module)
             count += 1
     return count
