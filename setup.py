@@ -13,7 +13,9 @@ setup(
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "matplotlib"],
+        # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "matplotlib",
+                 "parameterized"],
         "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
     },
 )

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fusedlora.functional import lora_linear
+from fusedlora.functional import lora_add, lora_linear
 from fusedlora.rules import check_init_lora_weights, check_lora_options, lora_scaling
 
 
@@ -40,6 +40,25 @@ def fused_call(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
     with torch.autocast(device_type, enabled=False):
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def added_call(base, x, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
+    """lora_add with autocast honoured the way the adapter's own nn.Linear modules would honour it.
+
+    `base` is the base layer's output, already computed under whatever autocast was on (so its dtype is
+    the autocast dtype for an nn.Linear, and whatever a custom module chose otherwise); it is kept as
+    given. Under autocast, x goes to the autocast dtype, as lora_A(x) would cast it, and adapter weights
+    follow fused_call's rule. The sum is rounded once, to base's dtype.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return lora_add(base, x, lora_A, lora_B, scaling, dropout_p)
+    dtype = torch.get_autocast_dtype(device_type)
+    x = x.to(dtype)
+    if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
+        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return lora_add(base, x, lora_A, lora_B, scaling, dropout_p)
 
 
 class LoRALinear(nn.Module):

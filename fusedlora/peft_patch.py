@@ -1,129 +1,162 @@
 """patch_peft / unpatch_peft: serve a PEFT model's LoRA Linear layers through the fused path, in place.
 
-Only the forward of each peft.tuners.lora.Linear instance changes (an instance attribute that
-shadows the class's forward); PEFT keeps owning the parameters and the config, so its save,
-set_adapter, merge and mixed-batch inference work as before. On every call the fused path serves
-the common case, one active vanilla LoRA adapter on a plain nn.Linear; anything else runs PEFT's own
-forward, and each reason for that is reported once per patch_peft call: with warnings.warn where
-the fused path would have been faster, with logging (INFO) where there is nothing to fuse (adapters
-disabled or merged, no active adapter).
+Only the forward of each PEFT LoRA Linear instance changes (an instance attribute that shadows the
+class's forward); PEFT keeps owning the parameters and the config, so its save, set_adapter, merge
+and mixed-batch inference work as before. What a served call computes is in fusedlora/peft_forward.py:
+the layer's direct base layer (which may itself be another tuner's layer, a quantized Linear or any
+module) is either computed by the fused GEMM, when it is a plain nn.Linear or transformers Conv1D, or
+run as it is with the low-rank terms added by fusedlora.lora_add. Vanilla LoRA adapters are served,
+one or several at once, with or without lora_bias and dropout.
+
+Anything else runs PEFT's own forward: LoRA variants (DoRA and the others), custom dropout modules,
+dtypes or devices the kernels do not take, and mixed-adapter batches the multi-adapter kernel cannot
+reproduce. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
+would have been faster, with logging (INFO) where there is nothing to fuse (adapters disabled or
+merged, no active adapter).
 
 adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
-layer's adapters stacked (cached until a weight or the adapter set changes), without dropout: in
-training mode with lora_dropout > 0 they fall back.
+layer's adapters stacked (cached until a weight or the adapter set changes), when the direct base
+layer is a plain nn.Linear or Conv1D, without dropout, autocast or lora_bias.
 
 PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
 the output has the base layer's dtype, as PEFT returns. Under autocast, x and W take the autocast
-dtype as nn.Linear would (modules.fused_call).
+dtype as nn.Linear would (modules.fused_call, modules.added_call).
 """
 import logging
+import numbers
 import types
 import warnings
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from fusedlora.checks import FLOAT_DTYPES
-from fusedlora.modules import fused_call, is_plain_linear
-from fusedlora.multi import multi_lora_linear
+from fusedlora.peft_forward import (Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
+                                    own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
 
 
-def _peft_linear():
+def _peft_classes() -> Dict[type, object]:
+    """The PEFT LoRA layer classes whose forward patch_peft reproduces, each with that forward: the
+    Linear layer, and where bitsandbytes is installed its 8-bit and 4-bit (QLoRA) layers, whose
+    forward differs only in rounding each adapter's term to the output dtype before adding it."""
     try:
         from peft.tuners.lora import Linear
     except ImportError as e:
         raise ImportError("patch_peft needs the peft package (pip install peft)") from e
-    return Linear
+    classes = {Linear: Linear.forward}
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:
+        return classes
+    for name in ("Linear8bitLt", "Linear4bit"):
+        cls = getattr(bnb, name, None)
+        if cls is not None:
+            classes[cls] = cls.forward
+    return classes
 
 
-def _dtype_reason(layer, x, base, A, B) -> Optional[str]:
-    if torch.is_autocast_enabled(x.device.type):
-        return None  # fused_call casts x and W to the autocast dtype, as nn.Linear would
-    if x.dtype not in FLOAT_DTYPES:
-        return f"x has dtype {x.dtype}"
-    if base.weight.dtype != x.dtype:
-        return f"x ({x.dtype}) and the base weight ({base.weight.dtype}) differ in dtype"
-    if A.dtype != B.dtype or A.dtype not in (x.dtype, torch.float32):
-        return f"adapter weights in {A.dtype} / {B.dtype} under a {x.dtype} base"
-    if A.dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+def _conv1d() -> Optional[type]:
+    """transformers' Conv1D (GPT-2's projections, weight (K, N)), if transformers is installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _variant_keys() -> Tuple[str, ...]:
+    """Keyword arguments PEFT's forward takes for LoRA variants and never passes to the base layer."""
+    try:
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    except ImportError:
+        return ()
+    return tuple(VARIANT_KWARG_KEYS)
+
+
+def _plain_dropout(module: nn.Module) -> bool:
+    if type(module) is nn.Identity:
+        return True
+    return isinstance(module, nn.Dropout) and type(module).forward is nn.Dropout.forward and not module.inplace
+
+
+def _adapter_reason(layer, adapter: str, x: torch.Tensor) -> Optional[str]:
+    """Why this adapter's term cannot be computed by the kernels exactly as PEFT computes it, or None."""
+    variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
+    if adapter in variants:
+        return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})"
+    if getattr(layer, "use_dora", {}).get(adapter):
+        return f"adapter {adapter!r} is a DoRA adapter"
+    if not _plain_dropout(layer.lora_dropout[adapter]):
+        return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}"
+    scaling = layer.scaling[adapter]
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        return f"a scaling of type {type(scaling).__name__}"
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if A.dtype != B.dtype or A.dtype not in FLOAT_DTYPES:
+        return f"adapter weights in {A.dtype} / {B.dtype}"
+    if not (x.device == A.device == B.device):
+        return "x and the adapter weights are on different devices"
+    casting = getattr(layer, "cast_input_dtype_enabled", True)
+    if not casting and A.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         return "input dtype casting is disabled (peft.helpers.disable_input_dtype_casting)"
     return None
 
 
-def _serving_reason(layer, x, adapters, args, kwargs) -> Optional[str]:
-    """Why the fused path cannot serve these adapters of this layer on this call, or None."""
-    for adapter in adapters:
-        variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
-        if adapter in variants:
-            return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})"
-        if getattr(layer, "use_dora", {}).get(adapter):
-            return f"adapter {adapter!r} is a DoRA adapter"
-        if getattr(layer, "lora_bias", {}).get(adapter):
-            return f"adapter {adapter!r} has a bias on lora_B (lora_bias)"
-        if not isinstance(layer.lora_dropout[adapter], (nn.Identity, nn.Dropout)):
-            return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}"
-    base = layer.get_base_layer()
-    if not is_plain_linear(base):
-        return f"the base layer is a {type(base).__name__}, not an nn.Linear"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments"
-    for adapter in adapters:
-        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        reason = _dtype_reason(layer, x, base, A, B)
-        if reason is not None:
-            return reason
-        if not (x.device == base.weight.device == A.device == B.device):
-            return "x, the base weight and the adapter weights are on different devices"
-    return None
-
-
-def _mixed_batch_reason(layer, x, names) -> Optional[Tuple[str, bool]]:
-    """The extra conditions of an adapter_names= call, served by fusedlora.multi_lora_linear."""
-    used = mixed_batch_adapters(layer, names)
-    if not used:
-        return "no adapter of the mixed batch is on this layer", False
+def _mixed_batch_reason(layer, x, adapters, rest, conv1d) -> Optional[str]:
+    """The extra conditions of an adapter_names= call, served by fusedlora.multi_lora_linear, which
+    computes the base GEMM itself and has one dtype, no dropout and no per-adapter bias."""
     if torch.is_autocast_enabled(x.device.type):
-        return "autocast in a mixed-adapter batch", True
-    if layer.training and any(getattr(layer.lora_dropout[a], "p", 0.0) > 0 for a in used):
-        return "dropout in a mixed-adapter batch (the multi-adapter kernel has none)", True
-    if len({layer.lora_A[a].weight.dtype for a in used}) > 1:
-        return "adapters of different dtypes in one mixed batch", True
+        return "autocast in a mixed-adapter batch"
+    if layer.training and any(dropout_p(layer.lora_dropout[a]) > 0 for a in adapters):
+        return "dropout in a mixed-adapter batch (the multi-adapter kernel has none)"
+    if any(layer.lora_B[a].bias is not None for a in adapters):
+        return "lora_bias in a mixed-adapter batch"
+    if len({layer.lora_A[a].weight.dtype for a in adapters}) > 1:
+        return "adapters of different dtypes in one mixed batch"
+    own = None if rest else own_weights(layer.base_layer, conv1d)
+    if own is None:
+        return (f"a mixed-adapter batch over a {type(layer.base_layer).__name__} base layer (hooked, "
+                "with extra arguments, or not an nn.Linear or Conv1D)")
+    weight, bias = own
+    A = layer.lora_A[adapters[0]].weight
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype not in (x.dtype,
+                                                                                                torch.float32):
+        return f"a mixed-adapter batch with x in {x.dtype}, the base weight in {weight.dtype}, adapters in {A.dtype}"
+    if weight.device != x.device:
+        return "x and the base weight are on different devices"
     return None
 
 
-def mixed_batch_adapters(layer, names):
-    """The adapters of an adapter_names= list that this layer holds, sorted (the stack's order)."""
-    return sorted({n for n in names if n in layer.lora_A})
-
-
-def fallback_reason(layer, x, args, kwargs) -> Optional[Tuple[str, bool]]:
+def fallback_reason(layer, x, args, kwargs, conv1d=None, variant_keys=()) -> Optional[Tuple[str, bool]]:
     """(reason, costs speed) when this call must run PEFT's forward; None when the fused path serves it."""
     if layer.disable_adapters:
         return "adapters are disabled", False
     if layer.merged:
         return "the adapter is merged into the base weight", False
     names = kwargs.get("adapter_names")
-    rest = {k: v for k, v in kwargs.items() if k != "adapter_names"}
     if names is not None:
-        why = _mixed_batch_reason(layer, x, names)
-        if why is not None:
-            return why
         adapters = mixed_batch_adapters(layer, names)
+        if not adapters:
+            return "no adapter of the mixed batch is on this layer", False
     else:
-        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        adapters = active_adapters(layer)
         if not adapters:
             return "no active adapter", False
-        if len(adapters) > 1:
-            return f"several active adapters {adapters}", True
-    reason = _serving_reason(layer, x, adapters, args, rest)
-    return (reason, True) if reason is not None else None
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        return f"x has dtype {getattr(x, 'dtype', type(x).__name__)}", True
+    for adapter in adapters:
+        reason = _adapter_reason(layer, adapter, x)
+        if reason is not None:
+            return reason, True
+    if names is not None:
+        rest = args or {k: v for k, v in kwargs.items() if k != "adapter_names" and k not in variant_keys}
+        reason = _mixed_batch_reason(layer, x, adapters, rest, conv1d)
+        if reason is not None:
+            return reason, True
+    return None
 
 
 class _Reporter:
@@ -146,62 +179,20 @@ class _Reporter:
             logger.info(message)
 
 
-class _Stacks:
-    """A layer's adapters stacked for multi_lora_linear: (lora_A (L, R, K), lora_B (L, N, R), scalings,
-    ranks), rebuilt only when the adapter set or a weight changes (tensor version counters), except
-    when gradients flow to the adapters, where the stack must be part of the graph."""
-
-    def __init__(self):
-        self.key, self.value = None, None
-
-    def __call__(self, layer, adapters):
-        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
-        track = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B in weights)
-        key = tuple((a, A.data_ptr(), A._version, B.data_ptr(), B._version, float(layer.scaling[a]))
-                    for a, (A, B) in zip(adapters, weights))
-        if track or key != self.key:
-            R = max(A.shape[0] for A, _ in weights)
-            with torch.set_grad_enabled(track):
-                stack_A = torch.stack([nn.functional.pad(A, (0, 0, 0, R - A.shape[0])) for A, _ in weights])
-                stack_B = torch.stack([nn.functional.pad(B, (0, R - B.shape[1])) for _, B in weights])
-            device = stack_A.device
-            scalings = torch.tensor([float(layer.scaling[a]) for a in adapters], device=device)
-            ranks = torch.tensor([A.shape[0] for A, _ in weights], dtype=torch.int32, device=device)
-            value = (stack_A, stack_B, scalings, ranks)
-            if track:
-                return value
-            self.key, self.value = key, value
-        return self.value
-
-
-def _mixed_batch_forward(layer, x, names, stacks: _Stacks):
-    """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
-    names[b]; "__base__", and adapters this layer does not hold, add nothing."""
-    layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
-    adapters = mixed_batch_adapters(layer, names)
-    slot = {a: i for i, a in enumerate(adapters)}
-    rows = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
-    ids = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    base = layer.get_base_layer()
-    lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
-    return multi_lora_linear(x, base.weight, base.bias, lora_A, lora_B, scalings, ids, ranks)
-
-
-def _patched_forward(layer_name: str, report: _Reporter, peft_forward):
-    stacks = _Stacks()
+def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys):
+    stacks = Stacks()
 
     def forward(self, x, *args, **kwargs):
-        why = fallback_reason(self, x, args, kwargs)
+        why = fallback_reason(self, x, args, kwargs, conv1d, variant_keys)
         if why is not None:
             report(layer_name, *why)
             return peft_forward(self, x, *args, **kwargs)
-        if kwargs.get("adapter_names") is not None:
-            return _mixed_batch_forward(self, x, kwargs["adapter_names"], stacks)
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        base, dropout = self.get_base_layer(), self.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return fused_call(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                          self.scaling[adapter], p)
+        names = kwargs.pop("adapter_names", None)
+        for key in variant_keys:  # PEFT drops these before calling the base layer
+            kwargs.pop(key, None)
+        if names is not None:
+            return mixed_batch_forward(self, x, names, stacks, *own_weights(self.base_layer, conv1d))
+        return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True
     return forward
@@ -212,18 +203,22 @@ def _is_patched(module: nn.Module) -> bool:
 
 
 def patch_peft(peft_model: nn.Module) -> int:
-    """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel or any module holding
-    peft.tuners.lora.Linear layers) through fusedlora.lora_linear. Returns how many layers it patched.
-    Layer subclasses with a forward of their own (quantized LoRA layers) are left alone. Patching again
-    re-patches; unpatch_peft undoes it."""
-    linear = _peft_linear()
+    """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel, a PeftMixedModel or any module
+    holding peft.tuners.lora.Linear layers) through fusedlora's kernels. Returns how many layers it
+    patched. Layer subclasses with a forward of their own are left alone. Patching again re-patches;
+    unpatch_peft undoes it."""
+    classes = _peft_classes()
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"patch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
+    conv1d, variant_keys = _conv1d(), _variant_keys()
     report = _Reporter()
     count = 0
     for name, module in peft_model.named_modules():
-        if isinstance(module, linear) and type(module).forward is linear.forward:
-            module.forward = types.MethodType(_patched_forward(name, report, linear.forward), module)
+        peft_forward = next((f for cls, f in classes.items() if isinstance(module, cls) and type(module).forward is f),
+                            None)
+        if peft_forward is not None:
+            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys)
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count
 

@@ -41,3 +41,12 @@ def plan(request, monkeypatch):
 def triton_backend(monkeypatch):
     """Every test goes through the kernels unless it sets FUSEDLORA_BACKEND itself."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+
+
+# Lines a test wants shown after the run whatever its outcome (tests/test_peft_suite.py's counts).
+SUMMARY = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)

@@ -203,21 +203,21 @@ def test_compiled_patched_peft_model_with_inductor():
 
 def peft_fallback(kind):
     """A patched PEFT MLP whose calls run PEFT's own forward: its adapter merged (reported with
-    logging), or two adapters active (reported with warnings.warn)."""
+    logging), or a dropout module of another class than nn.Dropout (reported with warnings.warn)."""
     model = patched_peft_mlp().eval()
     if kind == "merged":
         model.merge_adapter()
     else:
-        model.add_adapter("other", LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
-        model.base_model.set_adapter(["default", "other"])
+        for name in ("0", "2"):
+            model.base_model.model.get_submodule(name).lora_dropout["default"] = nn.AlphaDropout(0.25).eval()
     return model
 
 
 @pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
-@pytest.mark.parametrize("kind", ["merged", "two-adapters"])
+@pytest.mark.parametrize("kind", ["merged", "custom-dropout"])
 @pytest.mark.parametrize("reported_first", [True, False], ids=["after-eager", "first-call"])
 def test_compiled_peft_fallback(kind, reported_first):
-    """PEFT's own forward, for a merged adapter or several active ones, compiles with fullgraph=True,
+    """PEFT's own forward, for a merged adapter or a custom dropout module, compiles with fullgraph=True,
     whether or not an eager call reported the fallback first (reports are skipped while compiling)."""
     model = peft_fallback(kind)
     x = make_batch(3)[0].to(DEVICE)

@@ -1,0 +1,205 @@
+"""What a patched PEFT LoRA layer computes for a call that fusedlora serves (fusedlora/peft_patch.py
+decides which calls those are). PEFT's forward, for reference:
+
+    result = base_layer(x, *args, **kwargs)
+    for each active adapter a:  x = cast(x, A_a.dtype);  result = result + s_a·lora_B_a(lora_A_a(dropout_a(x)))
+    return result.to(the base output's dtype)
+
+lora_B_a may carry a bias b_a (lora_bias), added after the dropout: s_a·b_a is a constant, added once.
+
+Two plans, chosen per call:
+- own weights: the direct base layer is an nn.Linear or a transformers Conv1D whose forward is the
+  class's own, with no hooks and no extra arguments. Then x·Wᵀ + b (+ Σ s_a·b_a) and the first
+  low-rank term are one fusedlora.lora_linear call; a Conv1D's (K, N) weight is passed as its
+  transposed view, which the kernels read in place.
+- split: any other direct base layer (a stacked tuner layer, a quantized Linear, a custom module, a
+  hooked Linear) runs its own forward, hooks, arguments and autograd included, and
+  fusedlora.lora_add adds the low-rank terms into its output.
+Several active adapters: without dropout, their sum is one LoRA of the concatenated ranks, each block
+of B scaled by its adapter's scaling: one call, the same function. With dropout, PEFT draws an
+independent mask per adapter; one mask over the concatenated ranks would correlate them, so each
+adapter then gets its own call (and seed), the first fused into the base GEMM where it can be.
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from fusedlora.checks import FLOAT_DTYPES
+from fusedlora.modules import added_call, fused_call, is_plain_linear
+from fusedlora.multi import multi_lora_linear
+
+
+class Term(NamedTuple):
+    """One low-rank term s·(dropout_p(x)·Aᵀ)·Bᵀ."""
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout_p: float
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Anything that runs when the module is called, besides its class's forward: its own or global
+    hooks, or a forward set on the instance (accelerate's offloading hooks replace forward this way)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def own_weights(base: nn.Module, conv1d: Optional[type]) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(weight as (N, K), bias) when calling `base` computes exactly x·Wᵀ + b, else None."""
+    if has_hooks(base):
+        return None
+    if is_plain_linear(base):
+        return base.weight, base.bias
+    if conv1d is not None and isinstance(base, conv1d) and type(base).forward is conv1d.forward:
+        return base.weight.t(), base.bias  # Conv1D keeps (K, N): fan_in_fan_out
+    return None
+
+
+def dropout_p(module: nn.Module) -> float:
+    """The probability the adapter's dropout module drops with on this call (0 in eval mode)."""
+    return module.p if isinstance(module, nn.Dropout) and module.training else 0.0
+
+
+def active_adapters(layer) -> List[str]:
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
+def _cast_x(layer, x: torch.Tensor, parts: List["Term"]) -> torch.Tensor:
+    """x as PEFT hands it to the last of these terms: cast to each adapter's dtype in turn (so an
+    adapter after a narrower one sees the narrowed x), unless peft.helpers.disable_input_dtype_casting
+    turned casting off. Casts to x's own dtype cost nothing."""
+    if getattr(layer, "cast_input_dtype_enabled", True):
+        for term in parts:
+            x = x.to(term.lora_A.dtype)
+    return x
+
+
+def terms(layer, adapters: List[str]) -> List[Term]:
+    """The low-rank terms of the adapters, concatenated into one where that is the same function."""
+    weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
+    scalings = [float(layer.scaling[a]) for a in adapters]
+    ps = [dropout_p(layer.lora_dropout[a]) for a in adapters]
+    one_dtype = len({(A.dtype, B.dtype) for A, B in weights}) == 1
+    if len(adapters) > 1 and one_dtype and not any(ps):
+        lora_A = torch.cat([A for A, _ in weights])
+        if len(set(scalings)) == 1:
+            lora_B, scaling = torch.cat([B for _, B in weights], dim=1), scalings[0]
+        else:
+            lora_B, scaling = torch.cat([B * s for (_, B), s in zip(weights, scalings)], dim=1), 1.0
+        return [Term(lora_A, lora_B, scaling, 0.0)]
+    return [Term(A, B, s, p) for (A, B), s, p in zip(weights, scalings, ps)]
+
+
+def lora_bias(layer, adapters: List[str]) -> Optional[torch.Tensor]:
+    """Σ s_a·b_a over the adapters with a bias on lora_B, or None."""
+    biases = [layer.lora_B[a].bias * float(layer.scaling[a]) for a in adapters if layer.lora_B[a].bias is not None]
+    return sum(biases[1:], biases[0]) if biases else None
+
+
+def _linear_accepts(x, weight, bias, term: Term) -> bool:
+    """Whether lora_linear takes (x, weight, bias) with this term's adapter weights as they are (under
+    autocast fused_call casts them first, as nn.Linear would). An fp32 adapter under a half-precision
+    x reads x exactly as PEFT's upcast copy of it."""
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    same = weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+    on_device = weight.device == x.device and (bias is None or bias.device == x.device)
+    return same and on_device and term.lora_A.dtype in (x.dtype, torch.float32)
+
+
+def _add_accepts(result, x, term: Term) -> bool:
+    """Whether lora_add takes a base layer's output as it came (a custom module may return anything)."""
+    return (isinstance(result, torch.Tensor) and result.dtype in FLOAT_DTYPES and result.device == x.device
+            and result.dim() == x.dim() and result.shape[:-1] == x.shape[:-1]
+            and result.shape[-1] == term.lora_B.shape[0])
+
+
+def peft_terms(layer, adapters: List[str], x, result) -> torch.Tensor:
+    """PEFT's own loop over the adapters' modules, for a base output lora_add does not take."""
+    dtype = result.dtype
+    for a in adapters:
+        x = layer._cast_input_dtype(x, layer.lora_A[a].weight.dtype)
+        result = result + layer.lora_B[a](layer.lora_A[a](layer.lora_dropout[a](x))) * layer.scaling[a]
+    return result.to(dtype)
+
+
+def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report) -> torch.Tensor:
+    """The layer's output for one batch with its active adapters, through lora_linear or lora_add.
+    report(reason) is called when the base layer's output turns out to be one lora_add does not take,
+    after the base layer ran: PEFT's own adapter loop then finishes the call."""
+    adapters = active_adapters(layer)
+    parts = terms(layer, adapters)
+    extra = lora_bias(layer, adapters)
+    base = layer.base_layer
+    own = None if args or kwargs else own_weights(base, conv1d)
+    if own is not None and _linear_accepts(x, *own, parts[0]):
+        weight, bias = own
+        if extra is not None:
+            bias = extra.to(weight.dtype) if bias is None else (bias + extra).to(weight.dtype)
+        first = parts[0]
+        result = fused_call(x, weight, bias, first.lora_A, first.lora_B, first.scaling, first.dropout_p)
+        dtype, done = result.dtype, 1
+    else:
+        result = base(x, *args, **kwargs)
+        if not _add_accepts(result, x, parts[0]):
+            report(f"the base layer {type(base).__name__} returned {getattr(result, 'dtype', type(result).__name__)}"
+                   " or a shape lora_add does not take")
+            return peft_terms(layer, adapters, x, result)
+        dtype, done = result.dtype, 0
+        if extra is not None:
+            result = result + extra  # PEFT's sum: in the wider dtype, rounded once at the end
+    for i in range(done, len(parts)):
+        term = parts[i]
+        result = added_call(result, _cast_x(layer, x, parts[:i + 1]), term.lora_A, term.lora_B, term.scaling,
+                            term.dropout_p)
+    return result.to(dtype)
+
+
+class Stacks:
+    """A layer's adapters stacked for multi_lora_linear: (lora_A (L, R, K), lora_B (L, N, R), scalings,
+    ranks), rebuilt only when the adapter set or a weight changes (tensor version counters), except
+    when gradients flow to the adapters, where the stack must be part of the graph."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, layer, adapters):
+        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
+        track = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B in weights)
+        key = tuple((a, A.data_ptr(), A._version, B.data_ptr(), B._version, float(layer.scaling[a]))
+                    for a, (A, B) in zip(adapters, weights))
+        if track or key != self.key:
+            R = max(A.shape[0] for A, _ in weights)
+            with torch.set_grad_enabled(track):
+                stack_A = torch.stack([nn.functional.pad(A, (0, 0, 0, R - A.shape[0])) for A, _ in weights])
+                stack_B = torch.stack([nn.functional.pad(B, (0, R - B.shape[1])) for _, B in weights])
+            device = stack_A.device
+            scalings = torch.tensor([float(layer.scaling[a]) for a in adapters], device=device)
+            ranks = torch.tensor([A.shape[0] for A, _ in weights], dtype=torch.int32, device=device)
+            value = (stack_A, stack_B, scalings, ranks)
+            if track:
+                return value
+            self.key, self.value = key, value
+        return self.value
+
+
+def mixed_batch_adapters(layer, names) -> List[str]:
+    """The adapters of an adapter_names= list that this layer holds, sorted (the stack's order)."""
+    return sorted({n for n in names if n in layer.lora_A})
+
+
+def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):
+    """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
+    names[b]; "__base__", and adapters this layer does not hold, add nothing. weight (N, K) and bias
+    are the direct base layer's (own_weights)."""
+    layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
+    adapters = mixed_batch_adapters(layer, names)
+    slot = {a: i for i, a in enumerate(adapters)}
+    rows = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
+    ids = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
+    return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
