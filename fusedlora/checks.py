@@ -137,12 +137,48 @@ def check_ids_values(adapter_ids: torch.Tensor, L: int) -> None:
         raise ValueError(f"{describe('adapter_ids', adapter_ids)} holds {bad}, outside [-1, L) = [-1, {L})")
 
 
+def _multi_ok(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -> bool:
+    """check_multi's shape, dtype and device rules in as few operations as possible: every adapted
+    layer of every decode step runs them, so valid input takes this path and only invalid input pays
+    for the detailed checks and their messages."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and isinstance(scalings, Tensor) and isinstance(adapter_ids, Tensor)
+            and (bias is None or isinstance(bias, Tensor)) and (ranks is None or isinstance(ranks, Tensor))):
+        return False
+    dtype, device, adapter_dtype = x.dtype, x.device, lora_A.dtype
+    if dtype not in FLOAT_DTYPES or weight.dtype is not dtype or x.dim() < 1:
+        return False
+    (N, K), (L, R, K_a) = weight.shape, lora_A.shape  # ValueError if not 2-D and 3-D
+    if x.shape[-1] != K or K_a != K or R == 0 or lora_B.shape != (L, N, R) or lora_B.dtype is not adapter_dtype \
+            or (adapter_dtype is not dtype and adapter_dtype is not torch.float32):
+        return False
+    if scalings.shape != (L,) or not scalings.is_floating_point() or adapter_ids.dtype not in INT_DTYPES \
+            or adapter_ids.shape != x.shape[:-1]:
+        return False
+    if ranks is not None and (ranks.shape != (L,) or ranks.dtype not in INT_DTYPES or ranks.device != device):
+        return False
+    if bias is not None and (bias.dtype is not dtype or bias.shape != (N,) or bias.device != device):
+        return False
+    return (weight.device == device and lora_A.device == device and lora_B.device == device
+            and scalings.device == device and adapter_ids.device == device)
+
+
 def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, values: bool) -> None:
     """multi_lora_linear's inputs: x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (L, R, K),
     lora_B: (L, N, R), scalings: (L,) float, adapter_ids: integer of shape x.shape[:-1], ranks: (L,)
     integer or None; dtypes as lora_linear; one device. Shapes, dtypes and devices cost a few attribute
     reads (this runs in every layer of every step); the values of ids and ranks are read only when
     `values` is set (the caller knows whether that costs a GPU sync)."""
+    try:
+        ok = _multi_ok(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+    except ValueError:  # a weight or an adapter stack of the wrong rank: the checks below name it
+        ok = False
+    if ok:
+        if values:
+            check_ids_values(adapter_ids, lora_A.shape[0])
+            check_ranks_values(ranks, lora_A.shape[1])
+        return
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         require_tensor(name, t)
         require_float(name, t)

@@ -17,18 +17,20 @@ is small and each reads a slice of its adapter. The slices' partial sums go to a
 R) that the expand adds in a fixed order: deterministic, no atomics. Entries past an adapter's rank
 are never read, and no program works on them.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, interpreting, rank_block
+from .common import dot_dtype, dot_precision, interpreting, rank_block, sm_count
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
 # The leader test holds every id of the batch in one block, so the path serves up to this many rows.
 DECODE_MAX_ROWS = 64
-# Programs the shrink aims for: about two per SM of an H100 or H200 (132 SMs). Not tuned on a GPU.
-_TARGET_PROGRAMS = 256
+# Programs the shrink aims for, per SM of the device. Not tuned on a GPU.
+_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -152,8 +154,31 @@ def _check(ok: bool, launcher: str, what: str) -> None:
         raise ValueError(f"{launcher}: {what} do not chain")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain Python: triton.cdiv is a constexpr function, slow to call from the host
+
+
 def _block_ids(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    return max(16, 1 << (M - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=1024)
+def _shrink_config(M: int, C: int, R: int, device) -> tuple:
+    """(grid, BLOCK_C, columns per slice, EVEN_C, BLOCK_M, BLOCK_R): enough slices of C that M·SPLIT
+    programs give every SM about _PROGRAMS_PER_SM of them (fewer if C runs out of blocks), every slice
+    non-empty. Cached: at decode sizes the host time of a call matters as much as its kernels'."""
+    block_c = 32 if interpreting() else 128
+    blocks = _cdiv(max(C, 1), block_c)
+    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(_PROGRAMS_PER_SM * sm_count(device), M))))
+    grid = (M, _cdiv(blocks, per_split))
+    return grid, block_c, per_split * block_c, C % block_c == 0, _block_ids(M), rank_block(R)
+
+
+@functools.lru_cache(maxsize=1024)
+def _expand_config(M: int, N: int, R: int, has_out: bool) -> tuple:
+    """(grid, BLOCK_IDS, BLOCK_N, BLOCK_R)."""
+    block_n = 32 if interpreting() else 256
+    return (M, max(1, _cdiv(N, block_n)) if has_out else 1), _block_ids(M), block_n, rank_block(R)
 
 
 def decode_shrink(x, q, scalings, ids, ranks):
@@ -163,24 +188,21 @@ def decode_shrink(x, q, scalings, ids, ranks):
     are left unwritten: decode_expand never reads them."""
     M, C = x.shape
     L, R, C_q = q.shape
-    _check(0 < M <= DECODE_MAX_ROWS, "decode_shrink", f"{M} rows (at most {DECODE_MAX_ROWS})")
+    if not 0 < M <= DECODE_MAX_ROWS:
+        raise ValueError(f"decode_shrink: {M} rows, outside [1, {DECODE_MAX_ROWS}]")
     _check(C == C_q and scalings.shape == (L,) and ids.shape == (M,) and ids.stride(0) == 1
            and (ranks is None or ranks.shape == (L,)), "decode_shrink", "x, q, scalings, ids and ranks")
-    block_c = 32 if interpreting() else 128
-    blocks = triton.cdiv(max(C, 1), block_c)
-    per_split = triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, M))))
-    split = triton.cdiv(blocks, per_split)  # every slice non-empty
-    part = torch.empty((split, M, R), dtype=torch.float32, device=x.device)
+    grid, block_c, c_per_split, even_c, block_m, block_r = _shrink_config(M, C, R, x.device)
+    part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()
-    _decode_shrink_kernel[(M, split)](
+    _decode_shrink_kernel[grid](
         x, q, scalings, ids, ranks if ranks is not None else ids, part,
-        M, C, L, R, per_split * block_c,
-        x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2),
-        part.stride(0), part.stride(1), part.stride(2),
-        HAS_RANKS=ranks is not None, EVEN_C=C % block_c == 0, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
+        M, C, L, R, c_per_split,
+        *x.stride(), *q.stride(), *part.stride(),
+        HAS_RANKS=ranks is not None, EVEN_C=even_c, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
         PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_M=_block_ids(M), BLOCK_C=block_c, BLOCK_R=rank_block(R), num_warps=4,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     return part
 
@@ -202,16 +224,14 @@ def decode_expand(part, q, ids, ranks, bias=None, addend=None, out_dtype=None, w
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return out, S
-    block_n = 32 if interpreting() else 256
-    dummy = part
-    o, s, c = (t if t is not None else dummy for t in (out, S, addend))
-    _decode_expand_kernel[(M, max(1, triton.cdiv(N, block_n)) if has_out else 1)](
-        part, q, bias if bias is not None else dummy, c, o, s, ids, ranks if ranks is not None else ids,
+    grid, block_ids, block_n, block_r = _expand_config(M, N, R, has_out)
+    o, s, c = (t if t is not None else part for t in (out, S, addend))
+    _decode_expand_kernel[grid](
+        part, q, bias if bias is not None else part, c, o, s, ids, ranks if ranks is not None else ids,
         M, N, L, R, split,
-        part.stride(0), part.stride(1), part.stride(2), q.stride(0), q.stride(1), q.stride(2),
-        c.stride(0), c.stride(1), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
+        *part.stride(), *q.stride(), c.stride(0), c.stride(1), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
         HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, HAS_RANKS=ranks is not None,
         WRITE_S=write_s, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
-        BLOCK_IDS=_block_ids(M), BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=rank_block(R), num_warps=4,
+        BLOCK_IDS=block_ids, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
     return out, S

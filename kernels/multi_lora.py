@@ -212,13 +212,13 @@ def multi_shrink(x, q, scalings, groups, ranks):
     return out
 
 
-def _blocks(M: int, has_base: bool) -> dict:
+def _blocks(M: int, N: int, has_base: bool, device) -> dict:
     if interpreting():
         # 16-row blocks: small test batches still span several blocks and several adapters per block.
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     # Without the base product the kernel is a memory-bound pass over the output (the split plan's
     # low-rank term): the single-adapter expand's tiles.
-    return gemm_blocks(M) if has_base else expand_blocks(M)
+    return gemm_blocks(M, N, device) if has_base else expand_blocks(M)
 
 
 def multi_gemm(x, weight, bias, p, q, groups, ranks, out=None, out_dtype=None):
@@ -240,7 +240,7 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out=None, out_dtype=None):
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
-    cfg = _blocks(M, has_base)
+    cfg = _blocks(M, N, has_base, out.device)
     x = x if has_base else p
     w = weight if has_base else p
     K = x.shape[1] if has_base else 0
