@@ -110,6 +110,23 @@ def test_compiled_multi_adapter_model_matches_eager(backend, compiler, monkeypat
     assert op_calls(graphs, MULTI_OP) == (2 if backend == "triton" else 0)
 
 
+def test_compiled_layer_takes_an_adapter_batch_and_its_grouping(device):
+    """An AdapterBatch grouped outside the compiled region (as a server does once per step) hands its
+    grouping to the op as inputs (80 rows, above the decode size): no sort in the graph or in the op,
+    and the result equals eager's bitwise."""
+    layer = MultiLoRALayer(32, 24, device=device)
+    x, _, ids = multi_batch(80, device)
+    batch = fusedlora.AdapterBatch(ids, 3)
+    batch.groups()
+    backend_fn, graphs = recording("aot_eager")
+    compiled = torch.compile(layer, backend=backend_fn, fullgraph=True)
+    with torch.no_grad():
+        assert_same("y", compiled(x, batch), layer(x, batch))
+    (call,) = [node for g in graphs for node in g.graph.nodes if node.target is MULTI_OP]
+    assert all(arg is not None for arg in call.args[8:11]), "order, sorted_ids and starts passed in"
+    assert not any("sort" in str(node.target) for g in graphs for node in g.graph.nodes)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_ids_are_not_checked_inside_a_compiled_region(backend, monkeypatch, device):
     """Eager refuses an id outside [-1, L) (on CPU, and on CUDA with FUSEDLORA_DEBUG=1); a compiled
