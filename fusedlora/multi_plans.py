@@ -30,7 +30,7 @@ def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch:
     """(y: (M, N), S: (M, R) fp32, or None when not need_S and the path does without) for x2: (M, K)."""
     if multi_decode(plan, x2.shape[0]):
         part = decode_shrink(x2, lora_A, scalings, batch.flat, ranks)
-        y, S = decode_expand(part, lora_B, batch.flat, ranks, bias=bias, out_dtype=x2.dtype, write_s=need_S)
+        y, S = decode_expand(part, lora_B, batch.flat, ranks, x2.dtype, bias=bias, write_s=need_S)
         return y.addmm_(x2, weight.t()), S
     groups = batch.groups()
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
@@ -53,7 +53,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch
     dx = dw = db = dA = dB = None
     if decode and (need_x or need_A):
         part = decode_shrink(g, lora_Bt, scalings, batch.flat, ranks)
-        dx, dU = decode_expand(part, lora_At, batch.flat, ranks, out_dtype=x.dtype, write_s=need_A, has_out=need_x)
+        dx, dU = decode_expand(part, lora_At, batch.flat, ranks, x.dtype, write_s=need_A, has_out=need_x)
         if need_x:
             dx = dx.addmm_(g, weight)
     elif need_x or need_A:

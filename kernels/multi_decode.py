@@ -4,7 +4,7 @@ With L adapters stacked as Q: (L, R, C) for the shrink and P: (L, N, R) for the 
 ranks r_l <= R and ids: (M,) in [-1, L), for M <= DECODE_MAX_ROWS rows:
 
     shrink   S[m] = s_l · X[m]·Q_l[:r_l]ᵀ      (M, R) fp32, l = ids[m]      S (X=x, Q=A), dU (X=dY, Q=Bᵀ)
-    expand   out[m] = addend[m] + b + S[m]·P_l[:, :r_l]ᵀ                    y (P=B), dX's low-rank term (P=Aᵀ)
+    expand   out[m] = b + S[m]·P_l[:, :r_l]ᵀ                                y's (P=B) and dX's (P=Aᵀ) low-rank term
 
 Program layout. Program i reads all M ids (M is small) and serves row i's adapter l only if i is the
 first row holding l, its leader; it then serves every row holding l, so each adapter's weights are
@@ -88,11 +88,10 @@ def _sum_parts(part_ptr, offs_m, offs_r, ok, SPLIT, stride_ps, stride_pm, stride
 
 @triton.jit
 def _decode_expand_kernel(
-    part_ptr, q_ptr, bias_ptr, c_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr,
+    part_ptr, q_ptr, bias_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr,
     M, N, L, R, SPLIT,
-    stride_ps, stride_pm, stride_pr, stride_ql, stride_qn, stride_qr,
-    stride_cm, stride_cn, stride_om, stride_on, stride_sm, stride_sr,
-    HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_RANKS: tl.constexpr,
+    stride_ps, stride_pm, stride_pr, stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_sm, stride_sr,
+    HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr,
     WRITE_S: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -119,7 +118,7 @@ def _decode_expand_kernel(
             rows = m_in & tl.where(valid, ids == mine, offs_m == i)
             if tl.max(rows.to(tl.int32), axis=0) > 0:
                 if WRITE_S:
-                    if pid_n == 0:  # S in token order, every column: zero past the rank and for rows without
+                    if pid_n == 0:  # S in token order, every column: zero past the rank and on adapterless rows
                         for r0 in range(0, R, BLOCK_R):
                             offs_r = r0 + tl.arange(0, BLOCK_R)
                             s_tile = _sum_parts(part_ptr, offs_m, offs_r, rows[:, None] & (offs_r < rank)[None, :],
@@ -140,12 +139,8 @@ def _decode_expand_kernel(
                     acc = tl.where(bad, float("nan"), acc)
                     if HAS_BIAS:
                         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    out_mask = rows[:, None] & n_ok[None, :]
-                    if HAS_ADDEND:
-                        acc += tl.load(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn,
-                                       mask=out_mask, other=0.0).to(tl.float32)
                     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-                             acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                             acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & n_ok[None, :])
 
 
 def _check(ok: bool, launcher: str, what: str) -> None:
@@ -207,30 +202,28 @@ def decode_shrink(x, q, scalings, ids, ranks):
     return part
 
 
-def decode_expand(part, q, ids, ranks, bias=None, addend=None, out_dtype=None, write_s=False, has_out=True):
-    """(out: (M, N) = addend + bias + S·Q_lᵀ or None without has_out, S: (M, R) fp32 or None without
-    write_s), with S = Σ_s part[s] (decode_shrink's partial sums, added in a fixed order).
+def decode_expand(part, q, ids, ranks, out_dtype, bias=None, write_s=False, has_out=True):
+    """(out: (M, N) = bias + S·Q_lᵀ in out_dtype, or None without has_out; S: (M, R) fp32, or None
+    without write_s), with S = Σ_s part[s] (decode_shrink's partial sums, added in a fixed order).
 
     q: (L, N, R) any strides; ids: (M,) integer, contiguous; ranks: (L,) integer or None; bias: (N,)
-    or None; addend: (M, N) or None. out is new, in out_dtype (default addend's). Rows with id -1 get
-    addend + bias, rows with an id outside [-1, L) NaN. S is zero past each rank and on rows without
-    an adapter."""
+    or None. Rows with id -1 get the bias alone, rows with an id outside [-1, L) NaN; a library GEMM
+    then adds x·Wᵀ (dY·W). S is zero past each rank and on rows without an adapter."""
     split, M, R = part.shape
     L, N, R_q = q.shape
     _check(R == R_q and ids.shape == (M,) and ids.stride(0) == 1 and (ranks is None or ranks.shape == (L,))
-           and (bias is None or bias.shape == (N,)) and (addend is None or addend.shape == (M, N)),
-           "decode_expand", "part, q, ids, ranks, bias and addend")
-    out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=part.device) if has_out else None
+           and (bias is None or bias.shape == (N,)), "decode_expand", "part, q, ids, ranks and bias")
+    out = torch.empty((M, N), dtype=out_dtype, device=part.device) if has_out else None
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return out, S
     grid, block_ids, block_n, block_r = _expand_config(M, N, R, has_out)
-    o, s, c = (t if t is not None else part for t in (out, S, addend))
+    o, s = (t if t is not None else part for t in (out, S))
     _decode_expand_kernel[grid](
-        part, q, bias if bias is not None else part, c, o, s, ids, ranks if ranks is not None else ids,
+        part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids,
         M, N, L, R, split,
-        *part.stride(), *q.stride(), c.stride(0), c.stride(1), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
-        HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, HAS_RANKS=ranks is not None,
+        *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
+        HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
         WRITE_S=write_s, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
         BLOCK_IDS=block_ids, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
