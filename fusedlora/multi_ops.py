@@ -28,10 +28,13 @@ def _plan(direction, x, weight, lora_A):
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S):
+    # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
+    # that returned a view could not have its output modified in place.
     K, N = x.shape[-1], weight.shape[0]
-    y, S = multi_plans.forward(_plan("forward", x, weight, lora_A), x.reshape(-1, K), weight, bias, lora_A,
-                               lora_B, scalings, ranks, batch, need_S)
-    return y.reshape(*x.shape[:-1], N), S
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    S = multi_plans.forward(_plan("forward", x, weight, lora_A), x.reshape(-1, K), weight, bias, lora_A, lora_B,
+                            scalings, ranks, batch, need_S, y.view(-1, N))
+    return y, S
 
 
 def _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, needs):

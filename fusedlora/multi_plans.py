@@ -26,18 +26,21 @@ from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 from fusedlora.planner import multi_decode
 
 
-def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: AdapterBatch, need_S: bool):
-    """(y: (M, N), S: (M, R) fp32, or None when not need_S and the path does without) for x2: (M, K)."""
+def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: AdapterBatch, need_S: bool, out):
+    """y into out: (M, N) in x's dtype; returns S: (M, R) fp32, or None when not need_S and the path does
+    without. x2: (M, K); inputs already validated."""
     if multi_decode(plan, x2.shape[0]):
         part = decode_shrink(x2, lora_A, scalings, batch.flat, ranks)
-        y, S = decode_expand(part, lora_B, batch.flat, ranks, x2.dtype, bias=bias, write_s=need_S)
-        return y.addmm_(x2, weight.t()), S
+        S = decode_expand(part, lora_B, batch.flat, ranks, out=out, bias=bias, write_s=need_S)
+        out.addmm_(x2, weight.t())
+        return S
     groups = batch.groups()
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
     if plan == "fused":
-        return multi_gemm(x2, weight, bias, S, lora_B, groups, ranks), S
-    y = multi_gemm(None, None, bias, S, lora_B, groups, ranks, out_dtype=x2.dtype)
-    return y.addmm_(x2, weight.t()), S
+        multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out)
+    else:
+        multi_gemm(None, None, bias, S, lora_B, groups, ranks, out).addmm_(x2, weight.t())
+    return S
 
 
 def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch: AdapterBatch, needs):
@@ -50,20 +53,20 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch
     groups = None if decode else batch.groups()
     scan = dict(ids=batch.flat) if decode else dict(groups=groups)
     lora_At, lora_Bt = lora_A.transpose(1, 2), lora_B.transpose(1, 2)  # (L, K, R), (L, R, N): strides only
-    dx = dw = db = dA = dB = None
+    dw = db = dA = dB = None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    dx2 = dx.view(-1, K) if need_x else None
     if decode and (need_x or need_A):
         part = decode_shrink(g, lora_Bt, scalings, batch.flat, ranks)
-        dx, dU = decode_expand(part, lora_At, batch.flat, ranks, x.dtype, write_s=need_A, has_out=need_x)
+        dU = decode_expand(part, lora_At, batch.flat, ranks, out=dx2, write_s=need_A)
         if need_x:
-            dx = dx.addmm_(g, weight)
+            dx2.addmm_(g, weight)
     elif need_x or need_A:
         dU = multi_shrink(g, lora_Bt, scalings, groups, ranks)
         if need_x and plan == "fused":
-            dx = multi_gemm(g, weight.t(), None, dU, lora_At, groups, ranks)
+            multi_gemm(g, weight.t(), None, dU, lora_At, groups, ranks, dx2)
         elif need_x:
-            dx = multi_gemm(None, None, None, dU, lora_At, groups, ranks, out_dtype=x.dtype).addmm_(g, weight)
-    if need_x:
-        dx = dx.reshape(x.shape)
+            multi_gemm(None, None, None, dU, lora_At, groups, ranks, dx2).addmm_(g, weight)
     if need_A:
         dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
         multi_reduce(x2, dU, ranks, dA.transpose(1, 2), **scan)
@@ -84,4 +87,4 @@ def unfused_forward(x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: Ad
     y = torch.nn.functional.linear(x2, weight, bias)
     groups = batch.groups()
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
-    return multi_gemm(None, None, None, S, lora_B, groups, ranks, out=y)
+    return multi_gemm(None, None, None, S, lora_B, groups, ranks, y, accumulate=True)

@@ -202,9 +202,10 @@ def decode_shrink(x, q, scalings, ids, ranks):
     return part
 
 
-def decode_expand(part, q, ids, ranks, out_dtype, bias=None, write_s=False, has_out=True):
-    """(out: (M, N) = bias + S·Q_lᵀ in out_dtype, or None without has_out; S: (M, R) fp32, or None
-    without write_s), with S = Σ_s part[s] (decode_shrink's partial sums, added in a fixed order).
+def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
+    """out = bias + S·Q_lᵀ, written into out: (M, N) (any strides and float dtype; None: not
+    computed), and S: (M, R) fp32 returned with write_s (else None), with S = Σ_s part[s] (decode_shrink's
+    partial sums, added in a fixed order).
 
     q: (L, N, R) any strides; ids: (M,) integer, contiguous; ranks: (L,) integer or None; bias: (N,)
     or None. Rows with id -1 get the bias alone, rows with an id outside [-1, L) NaN; a library GEMM
@@ -212,11 +213,12 @@ def decode_expand(part, q, ids, ranks, out_dtype, bias=None, write_s=False, has_
     split, M, R = part.shape
     L, N, R_q = q.shape
     _check(R == R_q and ids.shape == (M,) and ids.stride(0) == 1 and (ranks is None or ranks.shape == (L,))
-           and (bias is None or bias.shape == (N,)), "decode_expand", "part, q, ids, ranks and bias")
-    out = torch.empty((M, N), dtype=out_dtype, device=part.device) if has_out else None
+           and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
+           "decode_expand", "part, q, ids, ranks, bias and out")
+    has_out = out is not None
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
-        return out, S
+        return S
     grid, block_ids, block_n, block_r = _expand_config(M, N, R, has_out)
     o, s = (t if t is not None else part for t in (out, S))
     _decode_expand_kernel[grid](
@@ -227,4 +229,4 @@ def decode_expand(part, q, ids, ranks, out_dtype, bias=None, write_s=False, has_
         WRITE_S=write_s, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
         BLOCK_IDS=block_ids, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )
-    return out, S
+    return S

@@ -221,21 +221,18 @@ def _blocks(M: int, N: int, has_base: bool, device) -> dict:
     return gemm_blocks(M, N, device) if has_base else expand_blocks(M)
 
 
-def multi_gemm(x, weight, bias, p, q, groups, ranks, out=None, out_dtype=None):
-    """out[t] (+)= x[t]·weightᵀ + bias + P[t]·Q_lᵀ -> (M, N).
+def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
+    """out[t] (+)= x[t]·weightᵀ + bias + P[t]·Q_lᵀ, into out: (M, N), any strides and float dtype.
 
     x: (M, K), or None with weight None (the low-rank term alone); weight: (N, K) or None; p: (M, R)
-    fp32 in token order; q: (L, N, R) any strides; ranks: (L,) integer or None. With `out` given, the
-    result is added into it (the unfused expand); otherwise a new tensor in out_dtype (default x's)."""
+    fp32 in token order; q: (L, N, R) any strides; ranks: (L,) integer or None. With `accumulate`, the
+    result is added to what out holds (the unfused expand)."""
     M, R = p.shape
     L, N, R_q = q.shape
     has_base = weight is not None
     _check(R == R_q and (ranks is None or ranks.shape == (L,)), "multi_gemm", "p, q and ranks")
     _check(not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])), "multi_gemm", "x and weight")
     _check(bias is None or bias.shape == (N,), "multi_gemm", "q and bias")
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=p.device)
     _check(out.shape == (M, N), "multi_gemm", "p, q and out")
     if M == 0 or N == 0:
         return out

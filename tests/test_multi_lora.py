@@ -186,9 +186,10 @@ def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
     inputs = make_multi(M, 32, 16, 2, 8, f32, device=device)
     ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1] * (M // 12 + 1), device=device)[:M]
     batch = AdapterBatch.trusted(ids, 2)
-    y, _ = fusedlora.multi_plans.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"],
-                                         inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"],
-                                         inputs["scalings"], inputs["ranks"], batch, need_S=False)
+    y = torch.empty(M, 16, device=device)
+    fusedlora.multi_plans.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"], inputs["weight"],
+                                  inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scalings"],
+                                  inputs["ranks"], batch, False, y)
     bad = (ids < -1) | (ids >= 2)
     assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
     ref = reference.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
@@ -359,3 +360,19 @@ def test_a_batch_is_grouped_once_for_every_layer(counted, monkeypatch, device):
     with torch.no_grad():
         assert torch.equal(model(ids, x), y)
     assert counted["group"] == 3
+
+
+def test_output_can_be_modified_in_place(path, device):
+    """The output is not a view (a Function's view output forbids in-place ops): a model may scale it
+    in place, 3-D input included, and the gradients follow."""
+    inputs = make_multi((3, 11), 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
+    ids = ids_for("unsorted", 33, 3, device).reshape(3, 11)
+    grads = []
+    for inplace in (True, False):
+        x = inputs["x"].detach().clone().requires_grad_()
+        y = fusedlora.multi_lora_linear(x, *(inputs[n] for n in ("weight", "bias", "lora_A", "lora_B", "scalings")),
+                                        ids, inputs["ranks"])
+        y = y.mul_(2.0) if inplace else y * 2.0
+        y.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
