@@ -81,12 +81,18 @@ CASES = {
                       grids={"headline": dict(shapes=[(4096, 4096)], ms=[8192]),
                              "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
     # Multi-tenant serving: every token one of `adapters` adapters, drawn uniformly. The headline rows
-    # are issue 6's targets (64 adapters at M=4096 and at M=64, every token its own adapter). bmm
-    # gathers M·r·(K+N) adapter elements, which bounds the full grid's M.
+    # are the serving targets: 64 adapters at M=4096 (prefill) and at M=64 (decode, nearly every token
+    # its own adapter). bmm gathers M·r·(K+N) adapter elements, which bounds the full grid's M.
     "multi_fwd": Case(build=multi_batch,
                       grids={"headline": dict(shapes=[(4096, 4096)], ms=[64, 4096], adapters=[64]),
                              "full": dict(ms=[1, 16, 64, 256, 2048, 4096], ranks=[16, 64], adapters=[1, 8, 64]),
                              "cpu": dict(adapters=[3])}),
+    # Several adapters trained in one batch (multi-job fine-tuning): `adapters` jobs of M/adapters
+    # contiguous rows each, forward and backward. One headline row keeps the run within its budget.
+    "multi_fwd_bwd": Case(build=multi_batch, backward=True,
+                          grids={"headline": dict(shapes=[(4096, 4096)], ms=[4096], adapters=[4]),
+                                 "full": dict(ms=[1024, 4096], ranks=[16, 64], adapters=[4, 16]),
+                                 "cpu": dict(adapters=[3])}),
 }
 
 

@@ -1,5 +1,6 @@
 """fusedlora: fused Triton kernels for LoRA linear layers."""
 from fusedlora import reference
+from fusedlora.adapter_batch import AdapterBatch
 from fusedlora.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from fusedlora.dropout import dropout_mask
 from fusedlora.functional import lora_add, lora_linear
@@ -12,6 +13,6 @@ from fusedlora.pool import AdapterPool, MultiLoRALinear
 __all__ = [
     "lora_linear", "lora_add", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",
     "trainable_parameters", "print_trainable_parameters", "save_adapter", "load_adapter", "read_adapter",
-    "AdapterFileError", "patch_peft", "unpatch_peft", "AdapterPool", "MultiLoRALinear",
+    "AdapterFileError", "patch_peft", "unpatch_peft", "AdapterPool", "MultiLoRALinear", "AdapterBatch",
 ]
 __version__ = "0.1.0"

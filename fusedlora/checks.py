@@ -125,3 +125,111 @@ def check_lora_add(base, x, lora_A, lora_B) -> None:
     for name, t in (("base", base), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t.device != x.device:
             raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")
+
+
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_ids_values(adapter_ids: torch.Tensor, L: int) -> None:
+    """Every id in [-1, L): a read of the values (a host sync on a GPU)."""
+    if adapter_ids.numel() and (adapter_ids.min() < -1 or adapter_ids.max() >= L):
+        bad = adapter_ids[(adapter_ids < -1) | (adapter_ids >= L)][0].item()
+        raise ValueError(f"{describe('adapter_ids', adapter_ids)} holds {bad}, outside [-1, L) = [-1, {L})")
+
+
+def _multi_ok(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -> bool:
+    """check_multi's shape, dtype and device rules in as few operations as possible: every adapted
+    layer of every decode step runs them, so valid input takes this path and only invalid input pays
+    for the detailed checks and their messages."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and isinstance(scalings, Tensor) and isinstance(adapter_ids, Tensor)
+            and (bias is None or isinstance(bias, Tensor)) and (ranks is None or isinstance(ranks, Tensor))):
+        return False
+    dtype, device, adapter_dtype = x.dtype, x.device, lora_A.dtype
+    if dtype not in FLOAT_DTYPES or weight.dtype is not dtype or x.dim() < 1:
+        return False
+    (N, K), (L, R, K_a) = weight.shape, lora_A.shape  # ValueError if not 2-D and 3-D
+    if x.shape[-1] != K or K_a != K or R == 0 or lora_B.shape != (L, N, R) or lora_B.dtype is not adapter_dtype \
+            or (adapter_dtype is not dtype and adapter_dtype is not torch.float32):
+        return False
+    if scalings.shape != (L,) or not scalings.is_floating_point() or adapter_ids.dtype not in INT_DTYPES \
+            or adapter_ids.shape != x.shape[:-1]:
+        return False
+    if ranks is not None and (ranks.shape != (L,) or ranks.dtype not in INT_DTYPES or ranks.device != device):
+        return False
+    if bias is not None and (bias.dtype is not dtype or bias.shape != (N,) or bias.device != device):
+        return False
+    return (weight.device == device and lora_A.device == device and lora_B.device == device
+            and scalings.device == device and adapter_ids.device == device)
+
+
+def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, values: bool) -> None:
+    """multi_lora_linear's inputs: x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (L, R, K),
+    lora_B: (L, N, R), scalings: (L,) float, adapter_ids: integer of shape x.shape[:-1], ranks: (L,)
+    integer or None; dtypes as lora_linear; one device. Shapes, dtypes and devices cost a few attribute
+    reads (this runs in every layer of every step); the values of ids and ranks are read only when
+    `values` is set (the caller knows whether that costs a GPU sync)."""
+    try:
+        ok = _multi_ok(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+    except ValueError:  # a weight or an adapter stack of the wrong rank: the checks below name it
+        ok = False
+    if ok:
+        if values:
+            check_ids_values(adapter_ids, lora_A.shape[0])
+            check_ranks_values(ranks, lora_A.shape[1])
+        return
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        require_tensor(name, t)
+        require_float(name, t)
+    for name, t in (("scalings", scalings), ("adapter_ids", adapter_ids)):
+        require_tensor(name, t)
+    require_tensor("bias", bias, optional=True)
+    require_tensor("ranks", ranks, optional=True)
+    if x.dim() < 1:
+        raise ValueError(f"{describe('x', x)}: x must have shape (*, K)")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"{describe('weight', weight)} must be (N, K) with K = x.shape[-1] = {K}"
+                         f" for {describe('x', x)}")
+    N = weight.shape[0]
+    if lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(f"{describe('lora_A', lora_A)} must be (L, R, K) and {describe('lora_B', lora_B)} "
+                         "must be (L, N, R)")
+    L, R, K_A = lora_A.shape
+    if K_A != K or R == 0:
+        raise ValueError(f"{describe('lora_A', lora_A)} must be (L, R, K) with R >= 1 and K = {K}")
+    if lora_B.shape != (L, N, R):
+        raise ValueError(f"{describe('lora_B', lora_B)} must be (L, N, R) = ({L}, N, {R}) with N = {N} to match "
+                         f"{describe('lora_A', lora_A)} and {describe('weight', weight)}")
+    if bias is not None:
+        require_float("bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"{describe('bias', bias)} must be (N,) = ({N},) for {describe('weight', weight)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
+                        f"dtype, x's ({x.dtype}) or torch.float32")
+    if not scalings.is_floating_point() or scalings.shape != (L,):
+        raise ValueError(f"{describe('scalings', scalings)} must be a float tensor of shape (L,) = ({L},)")
+    if adapter_ids.dtype not in INT_DTYPES or adapter_ids.shape != x.shape[:-1]:
+        raise TypeError(f"{describe('adapter_ids', adapter_ids)} must be an integer tensor of shape "
+                        f"x.shape[:-1] = {tuple(x.shape[:-1])}")
+    if ranks is not None and (ranks.dtype not in INT_DTYPES or ranks.shape != (L,)):
+        raise TypeError(f"{describe('ranks', ranks)} must be an integer tensor of shape (L,) = ({L},)")
+    device = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("scalings", scalings), ("adapter_ids", adapter_ids), ("ranks", ranks)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{describe(name, t)} is not on x's device {device}")
+    if values:
+        check_ids_values(adapter_ids, L)
+        check_ranks_values(ranks, R)
+
+
+def check_ranks_values(ranks, R: int) -> None:
+    """Every rank in [0, R] (None: nothing to check): a read of the values."""
+    if ranks is not None and ranks.numel() and (ranks.min() < 0 or ranks.max() > R):
+        raise ValueError(f"{describe('ranks', ranks)} must lie in [0, R] = [0, {R}], got {ranks.tolist()}")

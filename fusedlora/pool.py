@@ -7,11 +7,16 @@ buffer addresses stay fixed (CUDA graphs captured over the model stay valid). Wi
 `with pool.use(names):` every forward of the model serves row b of the batch with adapter names[b]
 through fusedlora.multi_lora_linear.
 
+Every layer of a forward sees the same ids: the pool hands them out as one fusedlora.AdapterBatch per
+layer-input shape (B, ...) within a `use` block, so they are checked, flattened and (for batches
+above the decode size) grouped by adapter once per shape, not once per layer.
+
 Threads: load, unload and use take one lock only to change or read the name -> slot table and the
 in-use counts. A load fills a slot no name points to yet, waits for the device to finish the copies,
 then publishes the name; an unload waits until no `use` of that name is open and the device has
-finished the work already queued, then frees the slot. The batch's ids live in thread-local state, so
-threads serving different batches through one model do not see each other's.
+finished the work already queued, then frees the slot. The batch's ids (and its AdapterBatch objects)
+live in thread-local state, so threads serving different batches through one model do not see each
+other's.
 """
 import contextlib
 import threading
@@ -20,11 +25,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from fusedlora.adapter_batch import AdapterBatch
 from fusedlora.adapter_io import AdapterFileError, read_adapter
 from fusedlora.inject import find_targets, replace_module
 from fusedlora.multi import multi_lora_linear
 
 BASE = "__base__"
+# Input shapes whose AdapterBatch a `use` block keeps at once.
+_BATCH_SHAPES = 8
 
 
 class MultiLoRALinear(nn.Module):
@@ -51,11 +59,11 @@ class MultiLoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x):
-        ids = self._ids_source(x)
-        if ids is None:
+        batch = self._ids_source(x)  # an AdapterBatch (or ids tensor) for x.shape[:-1], None for the base
+        if batch is None:
             return self.base_layer(x)
         return multi_lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                                 self.scalings, ids, self.ranks)
+                                 self.scalings, batch, self.ranks)
 
     def extra_repr(self) -> str:
         L, R, K = self.lora_A.shape
@@ -164,27 +172,39 @@ class AdapterPool:
             held = {n for n in names if n not in (None, BASE)}
             for n in held:
                 self._in_use[n] = self._in_use.get(n, 0) + 1
-        saved = getattr(self._local, "ids", None), getattr(self._local, "names", ())
+        local = self._local
+        saved = getattr(local, "ids", None), getattr(local, "names", ()), getattr(local, "batches", None)
         self._local.ids = torch.tensor(slots, dtype=torch.int64, device=self._device)
         self._local.names = set(saved[1]) | held
+        self._local.batches = {}
         try:
             yield self
         finally:
-            self._local.ids, self._local.names = saved
+            self._local.ids, self._local.names, self._local.batches = saved
             with self._lock:
                 for n in held:
                     self._in_use[n] -= 1
                 self._lock.notify_all()
 
-    def _ids_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Per-token adapter slots for a layer input x: (B, ..., K), or None outside `use`."""
+    def _ids_for(self, x: torch.Tensor) -> Optional[AdapterBatch]:
+        """The AdapterBatch of the per-token adapter slots for a layer input x: (B, ..., K), or None
+        outside `use`. One per input shape within a `use` block: every layer of a forward (and every
+        decode step of one shape) shares it, with its grouping."""
         ids = getattr(self._local, "ids", None)
         if ids is None:
             return None
-        if x.dim() < 2 or x.shape[0] != ids.numel():
-            raise ValueError(f"pool.use was given {ids.numel()} adapter names, but a layer input has shape "
-                             f"{tuple(x.shape)}: one name per batch row (dimension 0) is needed")
-        return ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        lead = tuple(x.shape[:-1])
+        batches = self._local.batches
+        batch = batches.get(lead)
+        if batch is None:
+            if x.dim() < 2 or x.shape[0] != ids.numel():
+                raise ValueError(f"pool.use was given {ids.numel()} adapter names, but a layer input has shape "
+                                 f"{tuple(x.shape)}: one name per batch row (dimension 0) is needed")
+            if len(batches) >= _BATCH_SHAPES:  # generate without a KV cache: one shape per step
+                batches.clear()
+            batch = AdapterBatch(ids.view(-1, *([1] * (x.dim() - 2))).expand(lead), self.max_adapters)
+            batches[lead] = batch
+        return batch
 
     def _check_fits(self, adapter, directory) -> None:
         for module, w in adapter.layers.items():

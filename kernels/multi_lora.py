@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA: every token may use its own adapter (multi-tenant serving, batched training).
+"""Multi-adapter LoRA over tokens grouped by adapter (prefill and training batches).
 
 With L adapters stacked as A: (L, R, K), B: (L, N, R), scalings s: (L,), ranks r_l <= R and
 adapter_ids: (M,) in [-1, L) (-1 = base only):
@@ -8,29 +8,43 @@ adapter_ids: (M,) in [-1, L) (-1 = base only):
 Tokens are grouped by adapter on the device: a stable sort of the ids gives `order` (token of each
 sorted position) and `sorted_ids`, and `starts[v + 1]` is the first sorted position whose id is >= v,
 for v in [-1, L]. No host sync, and every grid depends only on (M, L, R, K, N), never on the ids, so a
-decode step can be captured in a CUDA graph. Programs whose adapter has no tokens, or whose rank
-block lies past the adapter's rank, exit at once: work follows each adapter's true rank.
+step can be captured in a CUDA graph. Programs whose adapter has no tokens, or whose rank block lies
+past the adapter's rank, exit at once: work follows each adapter's true rank. The low-rank
+intermediates (S, dU) are (M, R) fp32 in token order, so that every path (these kernels, the decode
+kernels of kernels/multi_decode.py) reads what any other wrote.
 
-- _multi_shrink_kernel  S[p] = s_l · X[order[p]]·Q_lᵀ   (sorted rows) for S (X=x, Q=A) and dU (X=dY, Q=Bᵀ)
-- _multi_gemm_kernel    out[order[p]] = X[order[p]]·Wᵀ + b + S[p]·P_lᵀ, the base GEMM over sorted rows
-                        with each adapter's expand as extra K-steps: y (W, B) and dX (Wᵀ, Aᵀ)
-- _multi_reduce_kernel  out_l = Σ_{p in l} Y[order[p]]ᵀ·Z[p]  for dA (Y=x, Z=dU) and dB (Y=dY, Z=S)
-Ids outside [-1, L) cannot be checked on the GPU without a host sync: their output rows are NaN.
+- _multi_shrink_kernel  S[t] = s_l · X[t]·Q_lᵀ  per adapter segment, for S (X=x, Q=A) and dU (X=dY, Q=Bᵀ)
+- _multi_gemm_kernel    out[t] (+)= X[t]·Wᵀ + b + S[t]·P_lᵀ over blocks of sorted rows, each adapter's
+                        expand as extra K-steps: the fused plan's y (W, B) and dX (Wᵀ, Aᵀ); without W,
+                        the split plan's low-rank term (a library GEMM then adds x·Wᵀ or dY·W)
+- _multi_reduce_kernel  out_l = Σ_{t in l} Y[t]ᵀ·Z[t]  for dA (Y=x, Z=dU) and dB (Y=dY, Z=S); over a
+                        segment of sorted rows, or (SCAN, for small M) over every row whose id is l
+Without `ranks` (HAS_RANKS=False) every adapter has rank R. Ids outside [-1, L) cannot be checked on
+the GPU without a host sync: their output rows are NaN.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, gemm_blocks, interpreting, rank_block
+from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, interpreting, rank_block
 from .lora_gemm import grouped_pid, matmul_tile
 
 
-def group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int):
-    """(order, sorted_ids, starts) for flat int ids, all on the ids' device, without a host sync."""
-    sorted_ids, order = torch.sort(adapter_ids.reshape(-1).to(torch.int32), stable=True)
-    bounds = torch.arange(-1, num_adapters + 1, dtype=torch.int32, device=adapter_ids.device)
-    starts = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
-    return order.to(torch.int32), sorted_ids, starts
+def group_by_adapter(flat_ids: torch.Tensor, num_adapters: int):
+    """(order (M,) int64, sorted_ids (M,), starts (L + 2,) int32) for flat integer ids (M,), on the ids'
+    device, without a host sync: one sort, one arange, one searchsorted."""
+    ids = flat_ids if flat_ids.dtype in (torch.int32, torch.int64) else flat_ids.to(torch.int32)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    bounds = torch.arange(-1, num_adapters + 1, dtype=ids.dtype, device=ids.device)
+    return order, sorted_ids, torch.searchsorted(sorted_ids, bounds, out_int32=True)
+
+
+@triton.jit
+def adapter_rank(ranks_ptr, adapter, R, HAS_RANKS: tl.constexpr):
+    """The adapter's rank clamped to R (R for every adapter without a ranks tensor)."""
+    if HAS_RANKS:
+        return tl.minimum(tl.load(ranks_ptr + adapter).to(tl.int32), R)
+    return R
 
 
 @triton.jit
@@ -38,13 +52,13 @@ def _multi_shrink_kernel(
     x_ptr, q_ptr, scale_ptr, out_ptr, order_ptr, starts_ptr, ranks_ptr,
     C, R,
     stride_xm, stride_xc, stride_ql, stride_qr, stride_qc, stride_om, stride_or,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     adapter = tl.program_id(1)
     seg_end = tl.load(starts_ptr + adapter + 2)
     row0 = tl.load(starts_ptr + adapter + 1) + tl.program_id(0) * BLOCK_M
-    rank = min(tl.load(ranks_ptr + adapter), R)
+    rank = adapter_rank(ranks_ptr, adapter, R, HAS_RANKS)
     r0 = tl.program_id(2) * BLOCK_R
     if (row0 < seg_end) & (r0 < rank):
         offs_p = row0 + tl.arange(0, BLOCK_M)
@@ -59,7 +73,7 @@ def _multi_shrink_kernel(
                           p_ok, r_ok, C, BLOCK_C * stride_xc, BLOCK_C * stride_qc,
                           tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), False, DOT_DTYPE, PRECISION, BLOCK_C)
         acc *= tl.load(scale_ptr + adapter).to(tl.float32)
-        out_ptrs = out_ptr + offs_p[:, None].to(tl.int64) * stride_om + offs_r[None, :] * stride_or
+        out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_r[None, :] * stride_or
         tl.store(out_ptrs, acc, mask=p_ok[:, None] & r_ok[None, :])
 
 
@@ -69,8 +83,8 @@ def _multi_gemm_kernel(
     M, N, K, L, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr,
     stride_ql, stride_qn, stride_qr, stride_om, stride_on,
-    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -92,14 +106,14 @@ def _multi_gemm_kernel(
     # Walk the adapter segments that meet this block of sorted rows; each adds its expand as extra
     # K-steps over its own rank, with the rows of other adapters masked out.
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-    p_ptrs = p_ptr + offs_p[:, None].to(tl.int64) * stride_pm + offs_r[None, :] * stride_pr
+    p_ptrs = p_ptr + tokens[:, None] * stride_pm + offs_r[None, :] * stride_pr
     pos = pid_m * BLOCK_M
     block_end = min(pos + BLOCK_M, M)
     while pos < block_end:
         adapter = tl.load(sorted_ids_ptr + pos)
         valid = (adapter >= 0) & (adapter < L)
         if valid:
-            rank = min(tl.load(ranks_ptr + adapter), R)
+            rank = adapter_rank(ranks_ptr, adapter, R, HAS_RANKS)
             q_ptrs = q_ptr + adapter.to(tl.int64) * stride_ql + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
             acc = matmul_tile(p_ptrs, q_ptrs, p_ok & (ids == adapter), n_ok, rank,
                               BLOCK_R * stride_pr, BLOCK_R * stride_qr, acc, False, tl.float32, LORA_PRECISION, BLOCK_R)
@@ -119,30 +133,39 @@ def _multi_gemm_kernel(
 
 @triton.jit
 def _multi_reduce_kernel(
-    y_ptr, z_ptr, out_ptr, order_ptr, starts_ptr, ranks_ptr,
-    A, R,
+    y_ptr, z_ptr, out_ptr, order_ptr, ids_ptr, starts_ptr, ranks_ptr,
+    M, A, R,
     stride_ym, stride_ya, stride_zm, stride_zr, stride_ol, stride_oa, stride_or,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SCAN: tl.constexpr, HAS_RANKS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # out[l, a, r] = Σ over adapter l's sorted rows p of Y[order[p], a]·Z[p, r]; zero past the rank.
+    # out[l, a, r] = Σ over adapter l's tokens t of Y[t, a]·Z[t, r]; zero past the rank. Every adapter
+    # is written (zero where no token uses it), in a fixed order: deterministic, no atomics.
     adapter = tl.program_id(1)
-    seg_start = tl.load(starts_ptr + adapter + 1)
-    seg_end = tl.load(starts_ptr + adapter + 2)
-    rank = min(tl.load(ranks_ptr + adapter), R)
+    rank = adapter_rank(ranks_ptr, adapter, R, HAS_RANKS)
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     a_ok = offs_a < A
     r_ok = offs_r < rank
     acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=tl.float32)
     if tl.program_id(2) * BLOCK_R < rank:
-        for t0 in range(seg_start, seg_end, BLOCK_T):
+        if SCAN:  # small M: the tokens of l are found by reading every id (no grouping needed)
+            t_start = 0
+            t_end = M
+        else:
+            t_start = tl.load(starts_ptr + adapter + 1)
+            t_end = tl.load(starts_ptr + adapter + 2)
+        for t0 in range(t_start, t_end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = offs_t < seg_end
-            tokens = tl.load(order_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
+            t_ok = offs_t < t_end
+            if SCAN:
+                t_ok = t_ok & (tl.load(ids_ptr + offs_t, mask=t_ok, other=-1) == adapter)
+                tokens = offs_t.to(tl.int64)
+            else:
+                tokens = tl.load(order_ptr + offs_t, mask=t_ok, other=0).to(tl.int64)
             yt = tl.load(y_ptr + tokens[None, :] * stride_ym + offs_a[:, None].to(tl.int64) * stride_ya,
                          mask=a_ok[:, None] & t_ok[None, :], other=0.0)
-            zt = tl.load(z_ptr + offs_t[:, None].to(tl.int64) * stride_zm + offs_r[None, :] * stride_zr,
+            zt = tl.load(z_ptr + tokens[:, None] * stride_zm + offs_r[None, :] * stride_zr,
                          mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc = tl.dot(yt.to(DOT_DTYPE), zt.to(DOT_DTYPE), acc, input_precision=PRECISION)
     out_ptrs = (out_ptr + adapter.to(tl.int64) * stride_ol + offs_a[:, None].to(tl.int64) * stride_oa
@@ -150,25 +173,31 @@ def _multi_reduce_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=a_ok[:, None] & (offs_r < R)[None, :])
 
 
-def _blocks(M: int) -> dict:
-    if interpreting():
-        # 16-row blocks: small test batches still span several blocks and several adapters per block.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    return gemm_blocks(M)
+def _check(ok: bool, launcher: str, what: str) -> None:
+    """Guards memory, not user input (fusedlora/ validates that); survives `python -O`."""
+    if not ok:
+        raise ValueError(f"{launcher}: {what} do not chain")
+
+
+def _ranks_arg(ranks, fallback):
+    return (ranks, True) if ranks is not None else (fallback, False)
 
 
 def multi_shrink(x, q, scalings, groups, ranks):
-    """S = s_l · x[order]·Q_lᵀ -> (M, R) fp32 in sorted row order.
-    x: (M, C); q: (L, R, C) any strides; scalings: (L,); groups from group_by_adapter; ranks: (L,) int32."""
+    """S[t] = s_l · x[t]·Q_lᵀ -> (M, R) fp32 in token order, zero for base-only tokens and past each rank.
+    x: (M, C); q: (L, R, C) any strides; scalings: (L,) float; groups from group_by_adapter;
+    ranks: (L,) integer or None (all R)."""
     M, C = x.shape
     L, R, C_q = q.shape
-    assert C == C_q and scalings.shape == (L,) and ranks.shape == (L,), "multi_shrink: shapes do not chain"
-    # Zeros, not empty: rows of base-only tokens and columns past an adapter's rank are never written,
-    # and the forward op returns S (saved for backward), whose values must not be leftover memory.
+    _check(C == C_q and scalings.shape == (L,) and (ranks is None or ranks.shape == (L,)), "multi_shrink",
+           "x, q, scalings and ranks")
+    # Zeros: rows of base-only tokens and columns past a rank are never written, and S is an output of
+    # the forward op (saved for backward), whose values must not be leftover memory.
     out = torch.zeros((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or L == 0:
         return out
     order, _, starts = groups
+    ranks, has_ranks = _ranks_arg(ranks, starts)
     block_m = 16 if interpreting() or M <= 64 else 64
     block_c = 32 if interpreting() else 128
     block_r = rank_block(R, cap=128)
@@ -176,60 +205,82 @@ def multi_shrink(x, q, scalings, groups, ranks):
     _multi_shrink_kernel[grid](
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
-        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
+        HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
+        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     return out
 
 
-def multi_gemm(x, weight, bias, p, q, groups, ranks, out=None):
-    """out[order] (+)= x[order]·weightᵀ + bias + P·Q_lᵀ -> (M, N).
+def _blocks(M: int, N: int, has_base: bool, device) -> dict:
+    if interpreting():
+        # 16-row blocks: small test batches still span several blocks and several adapters per block.
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    # Without the base product the kernel is a memory-bound pass over the output (the split plan's
+    # low-rank term): the single-adapter expand's tiles.
+    return gemm_blocks(M, N, device) if has_base else expand_blocks(M)
 
-    x: (M, K); weight: (N, K), or None for the expand alone; p: (M, R) fp32 in sorted row order;
-    q: (L, N, R) any strides. With `out` given, the result is added into it (the unfused expand)."""
-    M, K = x.shape
-    L, N, R = q.shape
-    assert p.shape == (M, R) and ranks.shape == (L,), "multi_gemm: shapes do not chain"
-    assert weight is None or weight.shape == (N, K), "multi_gemm: weight does not chain"
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+
+def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
+    """out[t] (+)= x[t]·weightᵀ + bias + P[t]·Q_lᵀ, into out: (M, N), any strides and float dtype.
+
+    x: (M, K), or None with weight None (the low-rank term alone); weight: (N, K) or None; p: (M, R)
+    fp32 in token order; q: (L, N, R) any strides; ranks: (L,) integer or None. With `accumulate`, the
+    result is added to what out holds (the unfused expand)."""
+    M, R = p.shape
+    L, N, R_q = q.shape
+    has_base = weight is not None
+    _check(R == R_q and (ranks is None or ranks.shape == (L,)), "multi_gemm", "p, q and ranks")
+    _check(not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])), "multi_gemm", "x and weight")
+    _check(bias is None or bias.shape == (N,), "multi_gemm", "q and bias")
+    _check(out.shape == (M, N), "multi_gemm", "p, q and out")
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
-    cfg = _blocks(M)
-    w = weight if weight is not None else x
+    cfg = _blocks(M, N, has_base, out.device)
+    x = x if has_base else p
+    w = weight if has_base else p
+    K = x.shape[1] if has_base else 0
+    ranks, has_ranks = _ranks_arg(ranks, starts)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _multi_gemm_kernel[grid](
-        x, w, bias if bias is not None else x, p, q, out, order, sorted_ids, starts, ranks,
+        x, w, bias if bias is not None else p, p, q, out, order, sorted_ids, starts, ranks,
         M, N, K, L, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
-        HAS_BASE=weight is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, ACCUMULATE=accumulate,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
-        LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True), BLOCK_R=rank_block(R), **cfg,
+        LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), BLOCK_R=rank_block(R), **cfg,
     )
     return out
 
 
-def multi_reduce(y, z, groups, ranks, out):
-    """out[l] = Σ over adapter l's rows of y[order]ᵀ·z, zero past each rank. y: (M, A) in token
-    order; z: (M, R) in sorted order; out: (L, A, R), any strides and float dtype (dAᵀ and dB views)."""
+def multi_reduce(y, z, ranks, out, groups=None, ids=None):
+    """out[l] = Σ over adapter l's tokens of y[t]ᵀ·z[t], zero past each rank and for unused adapters.
+
+    y: (M, A) and z: (M, R), both in token order; out: (L, A, R), any strides and float dtype (dAᵀ and
+    dB views). Tokens are found through `groups` (group_by_adapter), or without them by scanning the
+    flat `ids` (M,) (small M: the decode path has no grouping)."""
     M, A = y.shape
     L, A_o, R = out.shape
-    assert z.shape == (M, R) and A == A_o and ranks.shape == (L,), "multi_reduce: shapes do not chain"
+    _check(z.shape == (M, R) and A == A_o and (ranks is None or ranks.shape == (L,)), "multi_reduce",
+           "y, z, ranks and out")
+    _check((groups is None) != (ids is None) and (ids is None or ids.shape == (M,)), "multi_reduce", "groups and ids")
     if L == 0 or A == 0:
         return out
-    _, _, starts = groups
+    scan = groups is None
+    order, _, starts = (ids, ids, ids) if scan else groups
+    ranks, has_ranks = _ranks_arg(ranks, order)
     block_a = 32 if interpreting() else 64
     block_t = 16 if interpreting() else 64
     block_r = rank_block(R, cap=64)
     grid = (triton.cdiv(A, block_a), L, triton.cdiv(R, block_r))
     _multi_reduce_kernel[grid](
-        y, z, out, groups[0], starts, ranks, A, R,
+        y, z, out, order, ids if scan else order, starts, ranks, M, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        DOT_DTYPE=dot_dtype(y.dtype, z.dtype), PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True),
+        SCAN=scan, HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(y.dtype, z.dtype),
+        PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True),
         BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r, num_warps=4,
     )
     return out

@@ -82,15 +82,29 @@ def drive():
             fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed=5).sum().backward()
             fusedlora.lora_add(torch.randn(M, 192, dtype=dt, requires_grad=True), x, A, B, 2.0, p, seed=5).sum().backward()
     os.environ.pop("FUSEDLORA_PLAN")
-    for M, dt in ((4096, torch.bfloat16), (64, torch.float16)):
-        x = torch.randn(M, 256, dtype=dt, requires_grad=True)
-        W = torch.randn(192, 256, dtype=dt)
-        A = torch.randn(8, 16, 256, dtype=torch.float32, requires_grad=True)
-        B = torch.randn(8, 192, 16, dtype=torch.float32, requires_grad=True)
-        s = torch.ones(8)
-        ids = torch.randint(-1, 8, (M,))
-        fusedlora.multi_lora_linear(x, W, None, A, B, s, ids).sum().backward()
-        multi_lora_linear_unfused(x, W, None, A, B, s, ids)
+    # Multi-adapter: each plan at a prefill size (tokens grouped by adapter) and at decode sizes (the
+    # split plan's decode kernels), with and without ranks, adapters in fp32 and in x's dtype.
+    for plan in ("fused", "split"):
+        os.environ["FUSEDLORA_PLAN"] = plan
+        for M, dt, adapter_dt, with_ranks in ((4096, torch.bfloat16, torch.float32, True),
+                                              (64, torch.float16, torch.float32, False),
+                                              (16, torch.bfloat16, torch.bfloat16, True),
+                                              (1, torch.float32, torch.float32, True)):
+            x = torch.randn(M, 256, dtype=dt, requires_grad=True)
+            W = torch.randn(192, 256, dtype=dt)
+            b = torch.randn(192, dtype=dt)
+            A = torch.randn(8, 16, 256, dtype=adapter_dt, requires_grad=True)
+            B = torch.randn(8, 192, 16, dtype=adapter_dt, requires_grad=True)
+            s = torch.ones(8)
+            ranks = torch.randint(0, 17, (8,), dtype=torch.int32) if with_ranks else None
+            ids = torch.randint(-1, 8, (M,))
+            fusedlora.multi_lora_linear(x, W, b, A, B, s, ids, ranks).sum().backward()
+            if M == 16:  # adapters trained, x without a gradient: dU without dX
+                fusedlora.multi_lora_linear(x.detach(), W, b, A, B, s, ids, ranks).sum().backward()
+            with torch.no_grad():
+                fusedlora.multi_lora_linear(x, W, None, A, B, s, ids, ranks)
+            multi_lora_linear_unfused(x, W, None, A, B, s, ids, ranks)
+    del os.environ["FUSEDLORA_PLAN"]
     keep_mask(7, 64, 64, 1 << 20, "cpu")
 
 

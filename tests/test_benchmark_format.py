@@ -39,7 +39,7 @@ def test_every_provider_agrees_with_float64(checked):
     assert checked["failures"] == []  # each within twice the same-dtype reference's error
     assert all(math.isfinite(row["rel_err"]) for row in checked["rows"])
     expected = {(case, p) for case in suite.CASES
-                for p in (multi_providers.PROVIDERS if case == "multi_fwd" else providers.PROVIDERS)}
+                for p in multi_providers.PROVIDERS.get(case, providers.PROVIDERS)}
     assert {(row["case"], row["provider"]) for row in checked["rows"]} == expected
     assert len(checked["lines"]) == len(checked["rows"])  # one progress line per row
 
@@ -53,7 +53,7 @@ def test_json_schema_and_no_timings(checked):
         assert tuple(row) == suite.ROW_KEYS + suite.EXTRA_KEYS
         assert all(row[key] is None for key in TIMING_KEYS), row
         lora = row["provider"] != "base"
-        adapters = 3 if row["case"] == "multi_fwd" else 1
+        adapters = 3 if row["case"].startswith("multi") else 1
         assert (row["r"], row["adapters"]) == ((3, adapters) if lora else (None, None))
         assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd"))
 
@@ -145,8 +145,10 @@ def test_plot_per_provider_or_a_clear_skip(tmp_path, monkeypatch):
 
 def test_grids_cover_the_issue():
     headline, full = suite.specs("headline"), suite.specs("full")
-    assert {s.case for s in headline} == set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd"}
+    assert {s.case for s in headline} == set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd",
+                                                              "multi_fwd_bwd"}
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd"} == {(64, 64), (4096, 64)}
+    assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd_bwd"} == {(4096, 4)}
     assert {s.adapters for s in full if s.case == "multi_fwd"} == {1, 8, 64}
     assert {s.dtype for s in headline} == {"bf16"}
     assert {(s.K, s.N) for s in full} == {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192),

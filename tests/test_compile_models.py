@@ -27,6 +27,7 @@ from torch import nn
 
 import fusedlora
 from fusedlora.inject import lora_layers
+from fusedlora.kernels.multi_lora import group_by_adapter
 from fusedlora.multi import multi_lora_linear_backward_op, multi_lora_linear_op
 
 pytestmark = [pytest.mark.usefixtures("fresh_dynamo"),
@@ -37,17 +38,21 @@ LORA_OP = torch.ops.fusedlora.lora_linear.default
 MULTI_OP = torch.ops.fusedlora.multi_lora_linear.default
 
 
-def test_multi_opcheck(device):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_multi_opcheck(grouped, plan, device):
+    """Both ops, under both plans (the split plan runs its decode kernels at these 14 rows), with the
+    grouping made inside the op or passed in (as from an AdapterBatch)."""
     inputs = make_multi((2, 7), 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
     ids = torch.tensor([[0, 1, 2, -1, 0, 1, 2], [2, 2, 1, -1, 0, 0, 1]], device=device)
+    groups = list(group_by_adapter(ids.reshape(-1), 3)) if grouped else [None] * 3
     x, W, b, A, B = (inputs[n].requires_grad_() for n in ("x", "weight", "bias", "lora_A", "lora_B"))
     scalings, ranks = inputs["scalings"], inputs["ranks"]
-    torch.library.opcheck(multi_lora_linear_op, (x, W, b, A, B, scalings, ids, ranks))
+    torch.library.opcheck(multi_lora_linear_op, (x, W, b, A, B, scalings, ids, ranks, *groups))
     x, W, A, B = (t.detach() for t in (x, W, A, B))
-    y, S, *groups = multi_lora_linear_op(x, W, None, A, B, scalings, ids, ranks)
+    y, S = multi_lora_linear_op(x, W, None, A, B, scalings, ids, ranks, *groups)
     for needs in ([True, True, True, True, True], [False, False, False, True, True]):
         torch.library.opcheck(multi_lora_linear_backward_op,
-                              (torch.randn_like(y), x, W, A, B, scalings, ranks, S, *groups, needs))
+                              (torch.randn_like(y), x, W, A, B, scalings, ids, ranks, S, *groups, needs))
 
 
 class MultiLoRALayer(nn.Module):
@@ -103,6 +108,23 @@ def test_compiled_multi_adapter_model_matches_eager(backend, compiler, monkeypat
     assert assert_steps_equal(eager, model, compiled, batches, exact) == 6  # loss, dx, both layers' A and B
     assert graphs_compiled() == 1
     assert op_calls(graphs, MULTI_OP) == (2 if backend == "triton" else 0)
+
+
+def test_compiled_layer_takes_an_adapter_batch_and_its_grouping(device):
+    """An AdapterBatch grouped outside the compiled region (as a server does once per step) hands its
+    grouping to the op as inputs (80 rows, above the decode size): no sort in the graph or in the op,
+    and the result equals eager's bitwise."""
+    layer = MultiLoRALayer(32, 24, device=device)
+    x, _, ids = multi_batch(80, device)
+    batch = fusedlora.AdapterBatch(ids, 3)
+    batch.groups()
+    backend_fn, graphs = recording("aot_eager")
+    compiled = torch.compile(layer, backend=backend_fn, fullgraph=True)
+    with torch.no_grad():
+        assert_same("y", compiled(x, batch), layer(x, batch))
+    (call,) = [node for g in graphs for node in g.graph.nodes if node.target is MULTI_OP]
+    assert all(arg is not None for arg in call.args[8:11]), "order, sorted_ids and starts passed in"
+    assert not any("sort" in str(node.target) for g in graphs for node in g.graph.nodes)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -269,15 +291,17 @@ def test_transformers_gradient_checkpointing_recomputes_the_same_masks(use_reent
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_cuda_graph_replays_a_multi_adapter_decode_step():
-    """A decode step of MultiModel (16 requests, one token each, fp16 activations with fp32 adapters)
-    through the kernels, captured once with static x and ids; replayed after new ids, then after new
-    adapters are copied into slots of the stacks (weights, scaling, rank), it equals bitwise an eager
-    call on the new values (the same deterministic kernels on the same inputs)."""
+@pytest.mark.parametrize("rows", [16, 80])
+def test_cuda_graph_replays_a_multi_adapter_decode_step(rows, plan):
+    """A step of MultiModel (16 requests, one token each: the split plan's decode kernels; or 80 rows,
+    grouped by adapter on the device; fp16 activations with fp32 adapters) through the kernels of each
+    plan, captured once with static x and ids; replayed after new ids, then after new adapters are
+    copied into slots of the stacks (weights, scaling, rank), it equals bitwise an eager call on the
+    new values (the same deterministic kernels on the same inputs)."""
     model = MultiModel("cuda")
     for layer in (model.first, model.second):
         layer.weight, layer.bias = layer.weight.half(), layer.bias.half()
-    x, _, ids = multi_batch(16, "cuda")
+    x, _, ids = multi_batch(rows, "cuda")
     static_x, static_ids = x.half(), ids.clone()
 
     @torch.no_grad()
@@ -292,7 +316,7 @@ def test_cuda_graph_replays_a_multi_adapter_decode_step():
         return y.clone()
 
     first = replay_equals_eager("capture")
-    static_ids.copy_(torch.arange(16, device="cuda") % 4 - 1)  # new ids: every adapter and base rows
+    static_ids.copy_(torch.arange(rows, device="cuda") % 4 - 1)  # new ids: every adapter and base rows
     new_ids = replay_equals_eager("new ids")
     assert not torch.equal(new_ids, first)
     with torch.no_grad():  # a new adapter of rank 3 into slot 1 of both layers (entries past it zeroed)
@@ -302,6 +326,6 @@ def test_cuda_graph_replays_a_multi_adapter_decode_step():
             layer.lora_B[1].copy_(new["lora_B"][0])
             layer.scalings[1] = 4.0
             layer.ranks[1] = 3
-        static_x.copy_(torch.randn(16, 32, generator=torch.Generator().manual_seed(9)).half())
+        static_x.copy_(torch.randn(rows, 32, generator=torch.Generator().manual_seed(9)).half())
     new_adapters = replay_equals_eager("new adapters and x")
     assert not torch.equal(new_adapters, new_ids)

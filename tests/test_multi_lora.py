@@ -1,17 +1,33 @@
-"""multi_lora_linear through the kernels against the float64 reference, gradients included."""
+"""multi_lora_linear through the kernels against the float64 reference, gradients included, under
+each execution path: the fused plan, the split plan (decode kernels up to MULTI_DECODE_MAX_M rows) and
+the split plan over grouped tokens at any M."""
 import pytest
 import torch
 from oracle import ATOL, assert_oracle
 
 import fusedlora
-from fusedlora import reference
+import fusedlora.adapter_batch
+import fusedlora.multi_plans
+from fusedlora import AdapterBatch, planner, reference
 from fusedlora.multi import multi_lora_linear_unfused
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+PATHS = ("fused", "split", "split-sorted")
 
 
-def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, device="cpu"):
-    """Stacked adapters, zero past each rank as the API asks; inputs scaled to order one."""
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """FUSEDLORA_PLAN forced to each plan; "split-sorted" also turns the decode kernels off, so the split
+    plan groups tokens by adapter at every M."""
+    monkeypatch.setenv("FUSEDLORA_PLAN", request.param.split("-")[0])
+    if request.param == "split-sorted":
+        monkeypatch.setattr(planner, "MULTI_DECODE_MAX_M", 0)
+    return request.param
+
+
+def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, device="cpu", past_rank=0.0):
+    """Stacked adapters, `past_rank` (zero, or garbage such as NaN) past each rank; inputs scaled to
+    order one."""
     gen = torch.Generator().manual_seed(seed)
     adapter_dtype = adapter_dtype or dtype
     lead = M if isinstance(M, tuple) else (M,)
@@ -23,8 +39,8 @@ def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, dev
     B = rnd(L, N, R, scale=R ** -0.5, dt=adapter_dtype)
     if ranks is not None:
         for i, r in enumerate(ranks):
-            A[i, r:] = 0
-            B[i, :, r:] = 0
+            A[i, r:] = past_rank
+            B[i, :, r:] = past_rank
         ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
     return dict(x=rnd(*lead, K), weight=rnd(N, K, scale=K ** -0.5), bias=rnd(N), lora_A=A, lora_B=B,
                 scalings=(torch.rand(L, generator=gen, dtype=torch.float64) * 2 + 0.5).float().to(device),
@@ -76,39 +92,49 @@ def ids_for(kind, M, L, device, seed=0):
     return ids.to(device)
 
 
+NAN = float("nan")
 CASES = [
-    # (M, K, N, L, R, ranks, dtype, adapter dtype, ids)
+    # (M, K, N, L, R, ranks, dtype, adapter dtype, ids); NaN past each rank where ranks are given
     pytest.param(37, 70, 45, 4, 16, None, f32, f32, "unsorted", id="unsorted-f32"),
     pytest.param(24, 64, 40, 24, 8, None, f32, f32, "each-own", id="decode-each-own"),
     pytest.param(40, 48, 36, 3, 16, None, f16, f16, "one", id="one-adapter-f16"),
     pytest.param(50, 64, 48, 3, 16, [4, 8, 16], bf16, bf16, "runs", id="mixed-ranks-runs-bf16"),
     pytest.param(33, 40, 24, 5, 32, [1, 32, 3, 17, 8], bf16, f32, "unsorted", id="mixed-ranks-fp32-adapters"),
     pytest.param((3, 11), 70, 45, 4, 8, None, f16, f32, "unsorted", id="3d-input"),
+    pytest.param(90, 40, 36, 6, 16, [16, 5, 0, 9, 1, 12], f32, f32, "unsorted", id="prefill-mixed-ranks"),
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
-def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, backend, monkeypatch, device):
-    """The kernels, and the torch backend's gather-free formulation, against the float64 reference."""
-    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
-    inputs = make_multi(M, K, N, L, R, dtype, adapter_dtype, ranks, device=device)
+def case_inputs(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device):
+    inputs = make_multi(M, K, N, L, R, dtype, adapter_dtype, ranks, device=device, past_rank=NAN)
     lead = M if isinstance(M, tuple) else (M,)
-    ids = ids_for(kind, int(torch.tensor(lead).prod()), L, device).reshape(lead)
+    return inputs, ids_for(kind, int(torch.tensor(lead).prod()), L, device).reshape(lead)
+
+
+@pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
+def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, path, device):
+    """Every path of the kernels against the float64 reference: output and gradients."""
+    inputs, ids = case_inputs(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device)
     check(inputs, ids, dtype)
 
 
-def test_base_weight_and_bias_gradients(device):
+@pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
+def test_torch_backend_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, monkeypatch, device):
+    """The torch backend's gather-free formulation against the float64 reference."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    inputs, ids = case_inputs(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device)
+    check(inputs, ids, dtype)
+
+
+def test_base_weight_and_bias_gradients(path, device):
     """A trainable base layer under a multi-adapter batch: dW and db join dx, dA and dB."""
     inputs = make_multi(29, 48, 40, 3, 8, f32, ranks=[8, 3, 5], device=device)
     check(inputs, ids_for("unsorted", 29, 3, device), f32, grad=("x", "weight", "bias", "lora_A", "lora_B"))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_ranks_mean_work_past_the_rank_is_skipped(backend, monkeypatch, device):
+def test_ranks_mean_work_past_the_rank_is_skipped(path, device):
     """With ranks given, entries past an adapter's rank are never read: garbage there changes nothing,
     and their gradients are zero."""
-    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     clean = make_multi(30, 48, 40, 3, 16, f32, ranks=[2, 16, 5], device=device)
     dirty = dict(clean, lora_A=clean["lora_A"].clone(), lora_B=clean["lora_B"].clone())
     dirty["lora_A"][0, 2:] = 7.0
@@ -122,7 +148,7 @@ def test_ranks_mean_work_past_the_rank_is_skipped(backend, monkeypatch, device):
     assert grads["lora_A"][1].abs().max() > 0
 
 
-def test_base_only_rows_equal_the_base_layer(device):
+def test_base_only_rows_equal_the_base_layer(path, device):
     inputs = make_multi(20, 32, 24, 2, 8, f32, device=device)
     ids = torch.tensor([-1, 0, 1, -1] * 5, device=device)
     y = fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
@@ -144,7 +170,7 @@ def test_single_adapter_equals_lora_linear(device):
 
 
 def test_unfused_path_matches_reference(device):
-    inputs = make_multi(37, 70, 45, 4, 16, bf16, f32, ranks=[3, 16, 8, 1], device=device)
+    inputs = make_multi(37, 70, 45, 4, 16, bf16, f32, ranks=[3, 16, 8, 1], device=device, past_rank=NAN)
     ids = ids_for("unsorted", 37, 4, device)
     args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
     y = multi_lora_linear_unfused(*args, ids, inputs["ranks"])
@@ -153,20 +179,21 @@ def test_unfused_path_matches_reference(device):
     assert_oracle("y", y, y_low, y64, bf16)
 
 
-def test_invalid_ids_give_nan_rows_in_the_kernel(device):
-    """What a GPU caller gets without FUSEDLORA_DEBUG: the bad rows poisoned, the others right."""
-    from fusedlora.kernels.multi_lora import group_by_adapter, multi_gemm, multi_shrink
-    inputs = make_multi(12, 32, 16, 2, 8, f32, device=device)
-    ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1], device=device)
-    ranks = torch.full((2,), 8, dtype=torch.int32, device=device)
-    groups = group_by_adapter(ids, 2)
-    S = multi_shrink(inputs["x"], inputs["lora_A"], inputs["scalings"], groups, ranks)
-    y = multi_gemm(inputs["x"], inputs["weight"], inputs["bias"], S, inputs["lora_B"], groups, ranks)
+@pytest.mark.parametrize("M", [12, 70])
+def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
+    """What a GPU caller gets without FUSEDLORA_DEBUG (the plans run on ids nobody checked): the bad
+    rows poisoned, the others right."""
+    inputs = make_multi(M, 32, 16, 2, 8, f32, device=device)
+    ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1] * (M // 12 + 1), device=device)[:M]
+    batch = AdapterBatch.trusted(ids, 2)
+    y = torch.empty(M, 16, device=device)
+    fusedlora.multi_plans.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"], inputs["weight"],
+                                  inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scalings"],
+                                  inputs["ranks"], batch, False, y)
     bad = (ids < -1) | (ids >= 2)
-    assert torch.isnan(y[bad]).all()
-    good_ids = ids.clamp(-1, 1)
+    assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
     ref = reference.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
-                                      inputs["lora_B"], inputs["scalings"], good_ids)
+                                      inputs["lora_B"], inputs["scalings"], ids.clamp(-1, 1))
     torch.testing.assert_close(y[~bad], ref[~bad], rtol=1e-5, atol=1e-5)
 
 
@@ -194,7 +221,7 @@ def test_torch_backend_equals_kernels(monkeypatch, device):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_an_adapter_no_token_uses_is_never_read(backend, monkeypatch, device):
+def test_an_adapter_no_token_uses_is_never_read(backend, path, monkeypatch, device):
     """A slot full of NaN (say, a pool slot not loaded yet) leaves the rows of other adapters alone."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(20, 32, 24, 3, 8, f32, device=device)
@@ -207,7 +234,7 @@ def test_an_adapter_no_token_uses_is_never_read(backend, monkeypatch, device):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_empty_batch(backend, monkeypatch, device):
+def test_empty_batch(backend, path, monkeypatch, device):
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(0, 32, 16, 2, 8, f32, device=device)
     x = inputs["x"].requires_grad_()
@@ -216,6 +243,26 @@ def test_empty_batch(backend, monkeypatch, device):
     assert y.shape == (0, 16)
     y.sum().backward()
     assert x.grad.shape == (0, 32)
+
+
+@pytest.mark.parametrize("M", [20, 80])
+def test_backward_may_take_another_path(M, monkeypatch, device):
+    """S and dU are in token order on every path, so a forward under one and a backward under another
+    give the gradients of either alone."""
+    inputs = make_multi(M, 40, 24, 4, 16, f32, ranks=[16, 3, 0, 9], device=device, past_rank=NAN)
+    ids = ids_for("unsorted", M, 4, device)
+    grads = {}
+    for fwd, bwd in (("fused", "split"), ("split", "fused"), ("fused", "fused")):
+        leaves = {n: inputs[n].detach().clone().requires_grad_() for n in GRAD}
+        monkeypatch.setenv("FUSEDLORA_PLAN", fwd)
+        y = fusedlora.multi_lora_linear(leaves["x"], inputs["weight"], inputs["bias"], leaves["lora_A"],
+                                        leaves["lora_B"], inputs["scalings"], ids, inputs["ranks"])
+        monkeypatch.setenv("FUSEDLORA_PLAN", bwd)
+        y.sum().backward()
+        grads[fwd, bwd] = [leaves[n].grad for n in GRAD]
+    for pair in (("fused", "split"), ("split", "fused")):
+        for a, b in zip(grads[pair], grads["fused", "fused"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 BAD = [
@@ -242,3 +289,90 @@ def test_bad_input_is_named(change, error, words):
                                     args["scalings"], args["ids"], args["ranks"])
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def test_bad_adapter_batch_is_named(device):
+    inputs = make_multi(8, 16, 12, 3, 4, f32, device=device)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 2, 0], device=device)
+    with pytest.raises(ValueError, match=r"built for 4 adapters, but lora_A \(shape \(3, 4, 16\)"):
+        fusedlora.multi_lora_linear(*args, AdapterBatch(ids, 4))
+    with pytest.raises(TypeError, match=r"adapter_ids \(shape \(4,\).*x.shape\[:-1\] = \(8,\)"):
+        fusedlora.multi_lora_linear(*args, AdapterBatch(ids[:4], 3))
+    with pytest.raises(ValueError, match=r"holds 3, outside \[-1, L\) = \[-1, 3\)"):
+        AdapterBatch(ids + 1, 3)
+    with pytest.raises(TypeError, match="integer"):
+        AdapterBatch(ids.float(), 3)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts Triton launches by kernel name and groupings (sorts) made."""
+    from fusedlora.kernels.multi_decode import _decode_shrink_kernel
+    kind = type(_decode_shrink_kernel)  # JITFunction, or the interpreter's stand-in
+    seen = {"group": 0}
+    real_run, real_group = kind.run, fusedlora.adapter_batch.group_by_adapter
+
+    def run(self, *args, **kwargs):
+        seen[self.fn.__name__] = seen.get(self.fn.__name__, 0) + 1
+        return real_run(self, *args, **kwargs)
+
+    def group(*args):
+        seen["group"] += 1
+        return real_group(*args)
+
+    monkeypatch.setattr(kind, "run", run)
+    monkeypatch.setattr(fusedlora.adapter_batch, "group_by_adapter", group)
+    return seen
+
+
+@pytest.mark.parametrize("M", [16, 64])
+def test_decode_step_is_two_kernels_and_no_sort(M, counted, monkeypatch, device):
+    """Without a gradient, a decode-sized call is the shrink, the expand and the library GEMM: no sort,
+    no other launch."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
+    inputs = make_multi(M, 32, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
+    ids = ids_for("unsorted", M, 3, device)
+    with torch.no_grad():
+        fusedlora.multi_lora_linear(*(inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")),
+                                    ids, inputs["ranks"])
+    assert counted == {"group": 0, "_decode_shrink_kernel": 1, "_decode_expand_kernel": 1}
+
+
+def test_a_batch_is_grouped_once_for_every_layer(counted, monkeypatch, device):
+    """Above the decode size, layers sharing an AdapterBatch share one grouping, forward and backward;
+    bare ids group once per call. Both give the same output bitwise."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
+    first = make_multi(80, 32, 32, 3, 8, f32, ranks=[8, 2, 5], device=device)
+    second = make_multi(80, 32, 24, 3, 8, f32, ranks=[1, 8, 4], seed=1, device=device)
+    ids = ids_for("unsorted", 80, 3, device)
+
+    def model(adapter_ids, x):
+        h = fusedlora.multi_lora_linear(x, *(first[n] for n in ("weight", "bias", "lora_A", "lora_B", "scalings")),
+                                        adapter_ids, first["ranks"])
+        return fusedlora.multi_lora_linear(h, *(second[n] for n in ("weight", "bias", "lora_A", "lora_B",
+                                                                    "scalings")), adapter_ids, second["ranks"])
+
+    x = first["x"].requires_grad_()
+    y = model(AdapterBatch(ids, 3), x)
+    y.sum().backward()
+    assert counted["group"] == 1
+    with torch.no_grad():
+        assert torch.equal(model(ids, x), y)
+    assert counted["group"] == 3
+
+
+def test_output_can_be_modified_in_place(path, device):
+    """The output is not a view (a Function's view output forbids in-place ops): a model may scale it
+    in place, 3-D input included, and the gradients follow."""
+    inputs = make_multi((3, 11), 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
+    ids = ids_for("unsorted", 33, 3, device).reshape(3, 11)
+    grads = []
+    for inplace in (True, False):
+        x = inputs["x"].detach().clone().requires_grad_()
+        y = fusedlora.multi_lora_linear(x, *(inputs[n] for n in ("weight", "bias", "lora_A", "lora_B", "scalings")),
+                                        ids, inputs["ranks"])
+        y = y.mul_(2.0) if inplace else y * 2.0
+        y.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -78,6 +78,26 @@ def test_pool_equals_peft_mixed_batch(saved, peft_model, backend):
         torch.testing.assert_close(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_one_grouping_per_forward(saved, peft_model, monkeypatch):
+    """Every pool layer of a forward shares one AdapterBatch: 65 rows (above the decode kernels' size)
+    are grouped by adapter once for all 14 layers, and once per `use` block for forwards of one shape."""
+    import fusedlora.adapter_batch
+    calls = []
+    real = fusedlora.adapter_batch.group_by_adapter
+    monkeypatch.setattr(fusedlora.adapter_batch, "group_by_adapter", lambda *a: calls.append(1) or real(*a))
+    names = ["c", None, "a", "b", "a"]
+    model, pool = pool_with(saved)
+    ids = tokens(batch=5, length=13)
+    got = pool_logits(model, pool, ids, names)
+    assert len(calls) == 1
+    assert_at_scale("logits", got, peft_logits(peft_model, ids, names),
+                    peft_logits(copy.deepcopy(peft_model).double(), ids, names), torch.float32)
+    with pool.use(names), torch.no_grad():
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert len(calls) == 2
+
+
 def test_generate_matches_peft(saved, peft_model):
     ids = tokens(batch=3, length=5)
     names = ["b", "c", "a"]

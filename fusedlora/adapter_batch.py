@@ -1,0 +1,74 @@
+"""AdapterBatch: the adapter ids of one batch, checked and flattened once, grouped by adapter at most once.
+
+A model serving a mixed batch calls multi_lora_linear in every adapted layer with the same ids. Given
+bare ids, each call would check them, flatten them and (above the decode size) sort the tokens by
+adapter. An AdapterBatch does that once per batch and every layer reuses it: AdapterPool.use builds
+one per input shape, and a caller can build one and pass it as `adapter_ids`.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from fusedlora.checks import INT_DTYPES, check_ids_values, describe, require_tensor
+from fusedlora.kernels.multi_lora import group_by_adapter
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether ids and ranks on t's device get their values checked. Reading values back from a GPU
+    would stall the stream and break CUDA-graph capture, so there it is opt-in (FUSEDLORA_DEBUG=1);
+    under torch.compile a branch on tensor values would break the graph, so there it never happens."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("FUSEDLORA_DEBUG") == "1"
+
+
+class AdapterBatch:
+    """`AdapterBatch(adapter_ids, num_adapters)`: ids of any integer dtype and shape (the leading shape
+    of the layer inputs, x.shape[:-1]), in [-1, num_adapters), -1 for the base model alone.
+
+    Pass it to fusedlora.multi_lora_linear as `adapter_ids` for every layer whose lora_A holds
+    num_adapters adapters. The values are checked here, once (on CPU; on CUDA with FUSEDLORA_DEBUG=1),
+    not per layer; the grouping by adapter (a sort on the device, no host sync) is made on first need
+    and kept. Immutable: write new ids into a new batch (CUDA graphs read the ids tensor in place)."""
+
+    __slots__ = ("ids", "flat", "num_adapters", "_groups")
+
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int):
+        require_tensor("adapter_ids", adapter_ids)
+        if adapter_ids.dtype not in INT_DTYPES:
+            raise TypeError(f"{describe('adapter_ids', adapter_ids)} must be an integer tensor")
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 0:
+            raise ValueError(f"num_adapters must be a non-negative int, got {num_adapters!r}")
+        self.ids = adapter_ids
+        flat = adapter_ids.reshape(-1)
+        self.flat = flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
+        self.num_adapters = num_adapters
+        self._groups: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        if values_checked(adapter_ids):
+            check_ids_values(adapter_ids, num_adapters)
+
+    @classmethod
+    def trusted(cls, adapter_ids: torch.Tensor, num_adapters: int, groups=None) -> "AdapterBatch":
+        """A batch over ids the caller has already checked (inside the ops), with a known grouping."""
+        batch = cls.__new__(cls)
+        batch.ids, batch.num_adapters, batch._groups = adapter_ids, num_adapters, groups
+        flat = adapter_ids.reshape(-1)
+        batch.flat = flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
+        return batch
+
+    def groups(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, sorted_ids, starts) of kernels/multi_lora.py, computed once."""
+        if self._groups is None:
+            self._groups = group_by_adapter(self.flat, self.num_adapters)
+        return self._groups
+
+    @property
+    def cached_groups(self):
+        """The grouping if it was made, else (None, None, None): what the compiled path may pass on
+        without adding a sort to the graph."""
+        return self._groups if self._groups is not None else (None, None, None)
+
+    def __repr__(self) -> str:
+        return (f"AdapterBatch(ids shape {tuple(self.ids.shape)}, {self.num_adapters} adapters, "
+                f"{'grouped' if self._groups is not None else 'not grouped'})")

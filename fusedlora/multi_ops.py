@@ -1,0 +1,134 @@
+"""multi_lora_linear over the plans, in two wrappers that share one implementation (as fusedlora/ops.py).
+
+- Eager (serving loops, HF generate, training): a plain torch.autograd.Function, or no autograd at all
+  when nothing needs a gradient. The AdapterBatch travels as a Python object, so backward reuses the
+  grouping that forward made (or that an earlier layer made for the same batch).
+- Under torch.compile: the custom ops fusedlora::multi_lora_linear -> (y, S) and
+  fusedlora::multi_lora_linear_backward, with fake implementations and registered autograd, so that
+  torch.compile(fullgraph=True) traces through them. The grouping (order, sorted_ids, starts) is an
+  optional input: passed on when an AdapterBatch already holds it, else made inside the op where the
+  plan needs it (and again in backward: a compiled training step at more than MULTI_DECODE_MAX_M
+  rows over bare ids sorts twice).
+Each op picks its plan per direction from the shapes, inside the op, so the choice adds no guard to a
+compiled graph.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from fusedlora import multi_plans
+from fusedlora.adapter_batch import AdapterBatch
+from fusedlora.planner import choose_multi
+
+
+def _plan(direction, x, weight, lora_A):
+    L, R, K = lora_A.shape
+    return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S):
+    # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
+    # that returned a view could not have its output modified in place.
+    K, N = x.shape[-1], weight.shape[0]
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    S = multi_plans.forward(_plan("forward", x, weight, lora_A), x.reshape(-1, K), weight, bias, lora_A, lora_B,
+                            scalings, ranks, batch, need_S, y.view(-1, N))
+    return y, S
+
+
+def _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, needs):
+    return multi_plans.backward(_plan("backward", x, weight, lora_A), dy, x, weight, lora_A, lora_B, scalings,
+                                ranks, S, batch, needs)
+
+
+# ---- eager -------------------------------------------------------------------------------------
+
+class _MultiLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, ranks, batch):
+        y, S = _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=True)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, S)
+        ctx.batch = batch
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, scalings, ranks, S = ctx.saved_tensors
+        grads = _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, ctx.batch, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None)
+
+
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks) -> torch.Tensor:
+    """The kernels' multi_lora_linear for validated inputs (fusedlora.multi checks them). ids: the
+    adapter ids (x.shape[:-1]) or an AdapterBatch over them."""
+    batch = ids if isinstance(ids, AdapterBatch) else None
+    if torch.compiler.is_compiling():
+        ids, groups = (batch.ids, batch.cached_groups) if batch is not None else (ids, (None, None, None))
+        return multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, *groups)[0]
+    if batch is None:
+        batch = AdapterBatch.trusted(ids, lora_A.shape[0])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
+        return _MultiLoRA.apply(x, weight, bias, lora_A, lora_B, scalings, ranks, batch)
+    return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=False)[0]
+
+
+# ---- torch.compile: custom ops -----------------------------------------------------------------
+
+def _batch(adapter_ids, lora_A, order, sorted_ids, starts):
+    groups = (order, sorted_ids, starts) if order is not None else None
+    return AdapterBatch.trusted(adapter_ids, lora_A.shape[0], groups)
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
+def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                         lora_B: torch.Tensor, scalings: torch.Tensor, adapter_ids: torch.Tensor,
+                         ranks: Optional[torch.Tensor], order: Optional[torch.Tensor],
+                         sorted_ids: Optional[torch.Tensor], starts: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y: (*, N), S: (M, R) fp32 in token order). adapter_ids: x.shape[:-1]; ranks: (L,) or None;
+    order, sorted_ids, starts: group_by_adapter's grouping of the ids, or None. Inputs validated by
+    the caller."""
+    batch = _batch(adapter_ids, lora_A, order, sorted_ids, starts)
+    return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=True)
+
+
+@multi_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, order, sorted_ids, starts):
+    M, R = math.prod(x.shape[:-1]), lora_A.shape[1]
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, R), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedlora::multi_lora_linear_backward", mutates_args=())
+def multi_lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                                  lora_B: torch.Tensor, scalings: torch.Tensor, adapter_ids: torch.Tensor,
+                                  ranks: Optional[torch.Tensor], S: torch.Tensor, order: Optional[torch.Tensor],
+                                  sorted_ids: Optional[torch.Tensor], starts: Optional[torch.Tensor],
+                                  needs: List[bool]) -> List[torch.Tensor]:
+    """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order
+    (a custom op cannot return None)."""
+    batch = _batch(adapter_ids, lora_A, order, sorted_ids, starts)
+    grads = _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, tuple(needs))
+    return [g for g in grads if g is not None]
+
+
+@multi_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, scalings, adapter_ids, ranks, S, order, sorted_ids, starts, needs):
+    like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t, need in zip(like, needs) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, scalings, adapter_ids, ranks, order, sorted_ids, starts = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, adapter_ids, ranks, output[1], order, sorted_ids,
+                          starts)
+
+
+def _autograd(ctx, dy, _dS):
+    needs = list(ctx.needs_input_grad[:5])
+    grads = iter(multi_lora_linear_backward_op(dy, *ctx.saved_tensors, needs))
+    return (*(next(grads) if need else None for need in needs), *(None,) * 6)
+
+
+multi_lora_linear_op.register_autograd(_autograd, setup_context=_setup_context)
