@@ -13,7 +13,7 @@ from compiling import (assert_same, assert_steps_equal, capture, fresh_dynamo,  
                        graphs_compiled)
 from conftest import CUDA
 from lora_model import adapter_grads, make_batch, make_model, mse
-from oracle import NAMES, assert_oracle, make_inputs, reference_run
+from oracle import NAMES, check_lora_linear, make_inputs
 from torch.utils.checkpoint import checkpoint
 
 import fusedlora
@@ -68,13 +68,9 @@ def test_compiled_function_matches_eager(backend, monkeypatch, device):
         for name in grads_e:
             assert_same(f"d{name}", grads_c[name], grads_e[name])
         return
-    # Inductor sums dbias in its own order; the eager torch path is the same-dtype reference, so the
-    # compiled graph must meet the oracle's bound against float64.
+    # Inductor sums dbias in its own order: the compiled torch path meets the oracle against float64.
     keep = fusedlora.dropout_mask(11, inputs["x"].shape, 0.25, device)
-    y64, grads64 = reference_run(inputs, 2.0, keep, 0.25, dy, dtype64=True)
-    assert_oracle("y", y_c, y_e, y64, torch.float32)
-    for name in grads64:
-        assert_oracle(f"d{name}", grads_c[name], grads_e[name], grads64[name], torch.float32)
+    check_lora_linear(y_c, grads_c, inputs, 2.0, keep, 0.25, dy, torch_ops=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
