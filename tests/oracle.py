@@ -22,7 +22,8 @@ each of those bounded by u_s·magnitude. So
 low being the PyTorch reference run in the tested dtypes: a bound is never tighter than what torch
 itself achieves on that element.
 
-Norm-wise, for whole models (a Llama's logits and gradients against PEFT's). No componentwise bound survives softmax and normalisation layers, whose conditioning
+Norm-wise, for whole models (a Llama's logits and gradients, compiled against eager, a fallback
+against PEFT). No componentwise bound survives softmax and normalisation layers, whose conditioning
 no rule of thumb knows; the same-dtype PyTorch run measures it. One tensor's error against another's
 is still luck: measured here, two correct fp32 paths differ by 2.6x on one gradient, since a few
 rounding errors upstream dominate it. So the rule is per run: every tensor of it (logits and each
@@ -36,16 +37,26 @@ of them, and
 Bugs that whole-model tests are for (a wrong adapter, scaling, bias or mask) move results by 1e-2
 or more, against noise scales of about 1e-6 (fp32) and 4e-2 (bf16).
 """
+import contextlib
 import os
 from typing import NamedTuple
 
+import pytest
 import torch
 
+import fusedlora
 from fusedlora import reference
+from fusedlora.dropout import draw_seed
 
 CUDA = torch.cuda.is_available()
 # Set by tests/conftest.py before triton loads; kernels then run in the Triton interpreter.
 INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+# Two paths over the same inputs (compiled and eager, a fallback and PEFT) agree bit for bit on CPU:
+# the same BLAS calls with correctly rounded elementwise ops around them. On CUDA nothing promises
+# that (cuBLAS picks algorithms by shape and layout and fuses the bias, Inductor writes its own
+# kernels, SDPA's backward and fusedlora's dB use atomics), so there both are held against float64.
+# FUSEDLORA_TEST_BITWISE=0 makes CPU runs take the CUDA branch too.
+BITWISE = not CUDA and os.environ.get("FUSEDLORA_TEST_BITWISE", "1") != "0"
 
 
 class Rule(NamedTuple):
@@ -156,6 +167,45 @@ def assert_normwise(got, low, exact, torch_ops=False, where=""):
             f"{scale:.3e} (the same-dtype run's worst, on {worst}) + {us:.3g}; its own same-dtype "
             f"error {dist(low[n], exact[n]) / max(norms[n], 1e-300):.3e}; worst element "
             f"{(got[n].double() - exact[n].double()).abs().max().item():.3e}")
+
+
+def assert_same(got, want, exact=None, where=""):
+    """got and want ({name: tensor} of two runs over the same inputs) equal bitwise; or, given exact
+    (the float64 run, where not BITWISE), both held against it by the norm-wise rule, want as the
+    same-dtype run."""
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    if exact is not None:
+        assert_normwise(got, want, exact, where=where)
+        return
+    for n in want:
+        assert got[n].shape == want[n].shape, f"{n} {where}: shape {tuple(got[n].shape)} != {tuple(want[n].shape)}"
+        bad = got[n] != want[n]
+        assert not bad.any(), (f"{n} {where}: {int(bad.sum())} of {bad.numel()} differ, the first at "
+                               f"{tuple(bad.nonzero()[0].tolist())}: {got[n][bad][0].item()!r}, "
+                               f"expected {want[n][bad][0].item()!r}")
+
+
+def _lora_linear64(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+    """fusedlora.lora_linear in any dtype: the seed drawn as lora_linear draws it (README), its mask."""
+    if dropout_p > 0 and seed is None:
+        seed = draw_seed()
+    keep = fusedlora.dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
+    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep, dropout_p)
+
+
+@contextlib.contextmanager
+def float64_fusedlora():
+    """fusedlora's layers (LoRALinear, patched PEFT layers, calls of fusedlora.lora_linear and
+    fusedlora.multi_lora_linear) through fusedlora.reference, which takes float64: the float64 run of
+    a model whose layers draw the masks of the run under test when torch is seeded alike."""
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (fusedlora, fusedlora.modules):
+            patch.setattr(module, "lora_linear", _lora_linear64)
+        patch.setattr(fusedlora, "multi_lora_linear", reference.multi_lora_linear)
+        # A patched PEFT layer serves float64 x rather than falling back to PEFT's own dropout.
+        patch.setattr(fusedlora.peft_patch, "FLOAT_DTYPES", (torch.float32, torch.float16, torch.bfloat16,
+                                                             torch.float64))
+        yield
 
 
 def make_inputs(M, K, N, r, dtype, adapter_dtype=None, bias=True, device="cpu", seed=0):
