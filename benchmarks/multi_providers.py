@@ -20,6 +20,7 @@ from torch import nn
 import fusedlora
 from fusedlora import reference
 from fusedlora.multi import multi_lora_linear_unfused
+from providers import norm_tolerance
 
 L2_FLUSH_BYTES = 256 << 20
 PROVIDERS = ("base", "peft", "bmm", "fusedlora_unfused", "fusedlora")
@@ -105,10 +106,9 @@ class MultiBatch:
 
     @functools.cached_property
     def tolerance(self):
-        """The oracle of tests/oracle.py on relative norms: twice the same-dtype reference's error, plus
-        one unit roundoff."""
+        """providers.norm_tolerance of the same-dtype reference's relative error."""
         low = self._exact(self.dtype).double()
-        return 2 * ((low - self._float64).norm() / self._float64.norm()).item() + torch.finfo(self.dtype).eps / 2
+        return norm_tolerance(((low - self._float64).norm() / self._float64.norm()).item(), self.dtype)
 
     def saved_mb(self, name):
         return None  # forward only

@@ -32,7 +32,8 @@ of them, and
 
     ‖got − exact‖ ≤ (F·max_T ‖low_T − exact_T‖/‖exact_T‖ + u_s)·‖exact‖
 
-(u_s: one rounding of the output is always allowed).
+(u_s: one rounding of the output is always allowed). benchmarks/providers.py checks providers by
+the same rule.
 
 Bugs that whole-model tests are for (a wrong adapter, scaling, bias or mask) move results by 1e-2
 or more, against noise scales of about 1e-6 (fp32) and 4e-2 (bf16).
