@@ -13,9 +13,9 @@ additions) on the path of any one term, each term carries a factor ∏(1+δ_i) w
 (Higham, Accuracy and Stability of Numerical Algorithms, §3.1) whatever the summation order, the
 blocking or the order of atomics. Σ|terms| is the float64 reference run on |inputs| (and |dy|
 for gradients): `magnitude`. Rounding a value to its storage format adds at most u_s·|value|: once
-at the end (u_s·|exact|), and up to R − 1 times on the way (the split plan rounds the library
-GEMM's x·Wᵀ + b before adding the low-rank term; PyTorch's op-by-op path rounds after every op),
-each of those bounded by u_s·magnitude. So
+at the end (u_s·|exact|), and up to R − 1 times on the way (the split plan rounds S·Bᵀ + b before
+the library GEMM adds x·Wᵀ onto it; PyTorch's op-by-op path rounds after every op), each of those
+bounded by u_s·magnitude. So
 
     bound = (γ_n + (R − 1)·u_s)·magnitude·(1 + u_s)^R + u_s·|exact|,  and never below |low − exact|,
 
@@ -97,9 +97,10 @@ def chain_lengths(M, K, N, r):
     """n per result: fp32 roundings on the longest path of one term, in any plan. y: the shrink over
     K, its scale, the product with B, then the accumulator that also holds the K base steps and r
     low-rank steps, the masked add, the bias. dx alike over N. dW, db: the reduction over the M rows.
-    dA: dU (over N, scaled), then over M; dB: S (over K, scaled), then over M by atomics in any order."""
+    dA: dU (over N, scaled), then over M; dB: S (over K, scaled), then over M by atomics in any order.
+    base (lora_add's): dy itself, at most one rounding."""
     return {"y": 2 * K + r + 4, "x": 2 * N + r + 4, "weight": M + 1, "bias": M + 1,
-            "lora_A": N + M + 4, "lora_B": K + M + 4}
+            "lora_A": N + M + 4, "lora_B": K + M + 4, "base": 1}
 
 
 def gamma(n, dtype):
@@ -259,12 +260,13 @@ def reference_run(inputs, scaling, keep, p, dy, dtype64=False, magnitude=False):
     return run(reference.lora_linear, args, dy, [n for n in NAMES if inputs[n] is not None], mode)
 
 
-def _check(fn, args, y, grads, dy, lengths, torch_ops):
+def _check(fn, args, y, grads, dy, lengths, torch_ops, out="x"):
+    """The componentwise rule on y and grads; `out`: the argument whose dtype y has."""
     dtype = args["x"].dtype
     names = list(grads or {})
     (y_low, g_low), (y64, g64), (y_mag, g_mag) = (run(fn, args, dy if names else None, names, mode)
                                                   for mode in ("low", "exact", "magnitude"))
-    assert y.dtype == dtype, f"y has dtype {y.dtype}, x {dtype}"
+    assert y.dtype == args[out].dtype, f"y has dtype {y.dtype}, {out} {args[out].dtype}"
     assert_oracle("y", y, y_low, y64, y_mag, lengths["y"], dtype, torch_ops)
     for n in names:
         assert grads[n].dtype == args[n].dtype, f"d{n} has dtype {grads[n].dtype}, {n} {args[n].dtype}"
@@ -278,6 +280,14 @@ def check_lora_linear(y, grads, inputs, scaling, keep, p, dy=None, torch_ops=Fal
     x, (N, K), r = inputs["x"], inputs["weight"].shape, inputs["lora_A"].shape[0]
     args = dict(inputs, scaling=scaling, keep_mask=keep, dropout_p=p)
     _check(reference.lora_linear, args, y, grads, dy, chain_lengths(x.numel() // max(K, 1), K, N, r), torch_ops)
+
+
+def check_lora_add(y, grads, inputs, scaling, keep, p, dy=None, torch_ops=False):
+    """The same for lora_add; inputs: base, x, lora_A, lora_B (dtype checks against base's dtype)."""
+    x, (r, K), N = inputs["x"], inputs["lora_A"].shape, inputs["lora_B"].shape[0]
+    args = dict(inputs, scaling=scaling, keep_mask=keep, dropout_p=p)
+    _check(reference.lora_add, args, y, grads, dy, chain_lengths(x.numel() // max(K, 1), K, N, r), torch_ops,
+           out="base")
 
 
 def check_multi_lora_linear(y, grads, inputs, ids, dy=None, torch_ops=False):
