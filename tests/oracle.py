@@ -40,6 +40,7 @@ or more, against noise scales of about 1e-6 (fp32) and 4e-2 (bf16).
 """
 import contextlib
 import os
+import sys
 from typing import NamedTuple
 
 import pytest
@@ -52,10 +53,10 @@ from fusedlora.dropout import draw_seed
 CUDA = torch.cuda.is_available()
 # Set by tests/conftest.py before triton loads; kernels then run in the Triton interpreter.
 INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
-# Two paths over the same inputs (compiled and eager, a fallback and PEFT) agree bit for bit on CPU:
+# Two paths over the same inputs (compiled and eager, checkpointed and not) agree bit for bit on CPU:
 # the same BLAS calls with correctly rounded elementwise ops around them. On CUDA nothing promises
-# that (cuBLAS picks algorithms by shape and layout and fuses the bias, Inductor writes its own
-# kernels, SDPA's backward and fusedlora's dB use atomics), so there both are held against float64.
+# that (cuBLAS picks algorithms by shape and layout, Inductor writes its own kernels, SDPA's backward
+# and fusedlora's dB use atomics), so there both are held against float64.
 # FUSEDLORA_TEST_BITWISE=0 makes CPU runs take the CUDA branch too.
 BITWISE = not CUDA and os.environ.get("FUSEDLORA_TEST_BITWISE", "1") != "0"
 
@@ -187,26 +188,40 @@ def assert_same(got, want, exact=None, where=""):
                                f"expected {want[n][bad][0].item()!r}")
 
 
+def _keep(x, dropout_p, seed):
+    """The mask fusedlora's functions draw: the seed from torch's generator when None (README)."""
+    if dropout_p == 0:
+        return None
+    return fusedlora.dropout_mask(draw_seed() if seed is None else seed, x.shape, dropout_p, x.device)
+
+
 def _lora_linear64(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
-    """fusedlora.lora_linear in any dtype: the seed drawn as lora_linear draws it (README), its mask."""
-    if dropout_p > 0 and seed is None:
-        seed = draw_seed()
-    keep = fusedlora.dropout_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0 else None
-    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, keep, dropout_p)
+    return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, _keep(x, dropout_p, seed), dropout_p)
+
+
+def _lora_add64(base, x, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+    return reference.lora_add(base, x, lora_A, lora_B, scaling, _keep(x, dropout_p, seed), dropout_p)
 
 
 @contextlib.contextmanager
 def float64_fusedlora():
-    """fusedlora's layers (LoRALinear, patched PEFT layers, calls of fusedlora.lora_linear and
-    fusedlora.multi_lora_linear) through fusedlora.reference, which takes float64: the float64 run of
-    a model whose layers draw the masks of the run under test when torch is seeded alike."""
+    """fusedlora's functions, wherever fusedlora's modules hold them (LoRALinear, patched PEFT
+    layers, AdapterPool), through fusedlora.reference, which takes float64, and float64 let through
+    the dtype checks: the float64 run of a model whose layers draw the masks of the run under test
+    when torch is seeded alike."""
+    stand_ins = [(fusedlora.lora_linear, _lora_linear64), (fusedlora.lora_add, _lora_add64),
+                 (fusedlora.multi_lora_linear, reference.multi_lora_linear)]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     with pytest.MonkeyPatch.context() as patch:
-        for module in (fusedlora, fusedlora.modules):
-            patch.setattr(module, "lora_linear", _lora_linear64)
-        patch.setattr(fusedlora, "multi_lora_linear", reference.multi_lora_linear)
-        # A patched PEFT layer serves float64 x rather than falling back to PEFT's own dropout.
-        patch.setattr(fusedlora.peft_patch, "FLOAT_DTYPES", (torch.float32, torch.float16, torch.bfloat16,
-                                                             torch.float64))
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == "fusedlora" or name.startswith("fusedlora.")):
+                continue
+            for attr, value in list(vars(module).items()):
+                for public, stand_in in stand_ins:
+                    if value is public:
+                        patch.setattr(module, attr, stand_in)
+            if hasattr(module, "FLOAT_DTYPES"):
+                patch.setattr(module, "FLOAT_DTYPES", dtypes)
         yield
 
 
