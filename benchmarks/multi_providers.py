@@ -33,6 +33,7 @@ from torch import nn
 import fusedlora
 from fusedlora import reference
 from fusedlora.multi import multi_lora_linear_unfused
+from providers import norm_tolerance
 
 L2_FLUSH_BYTES = 256 << 20
 MIB = float(2**20)
@@ -208,9 +209,9 @@ class MultiBatch:
 
     @functools.cached_property
     def tolerance(self):
-        """The oracle of tests/oracle.py on relative norms: twice the same-dtype reference's error, plus
-        one unit roundoff."""
-        return 2 * _rel_err(zip(self._exact(self.dtype), self._float64)) + torch.finfo(self.dtype).eps / 2
+        """providers.norm_tolerance of the same-dtype reference's worst relative error (output and, with
+        backward, every gradient)."""
+        return norm_tolerance(_rel_err(zip(self._exact(self.dtype), self._float64)), self.dtype)
 
     def saved_mb(self, name):
         """MiB of distinct storages autograd holds for backward after one forward, the parameters and the

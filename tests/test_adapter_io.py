@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 import torch
-from lora_models import TARGETS, assert_at_scale, logits, tiny_llama, tokens
+from lora_models import TARGETS, logits, tiny_llama, tokens
+from oracle import assert_normwise
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -41,7 +42,7 @@ def assert_logits_match(got, peft_model, ids):
     """`got` (fusedlora's logits) against PEFT's, in fp32 and in float64, by the oracle."""
     low = logits(peft_model, ids)
     exact = logits(peft_model.double(), ids)
-    assert_at_scale("logits", got, low, exact, torch.float32)
+    assert_normwise(dict(logits=got), dict(logits=low), dict(logits=exact))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)

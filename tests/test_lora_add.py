@@ -4,7 +4,7 @@ custom base module trained through it, compile, and bad input."""
 import pytest
 import torch
 from compiling import fresh_dynamo, graphs_compiled  # noqa: F401 (a fixture)
-from oracle import assert_oracle, make_inputs
+from oracle import BITWISE, assert_normwise, assert_same, check_lora_add, make_inputs
 
 import fusedlora
 from fusedlora import reference
@@ -21,10 +21,10 @@ def add_inputs(lead, K, N, r, dtype, adapter_dtype=None, device="cpu", seed=0):
     return dict(base=base.to(dtype).to(device), x=inputs["x"], lora_A=inputs["lora_A"], lora_B=inputs["lora_B"])
 
 
-def run(fn, inputs, dy, dtype64=False, **kwargs):
-    leaves = {n: (t.detach().double() if dtype64 else t.detach().clone()).requires_grad_() for n, t in inputs.items()}
+def run(fn, inputs, dy, **kwargs):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
     y = fn(*(leaves[n] for n in ADD_NAMES), **kwargs)
-    y.backward(dy.double() if dtype64 else dy.to(y.dtype))
+    y.backward(dy.to(y.dtype))
     return y.detach(), {n: t.grad for n, t in leaves.items()}
 
 
@@ -44,14 +44,9 @@ def test_matches_reference(lead, K, N, r, dtype, adapter_dtype, p, device):
     dy = torch.randn(inputs["base"].shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
     keep = fusedlora.dropout_mask(9, inputs["x"].shape, p, device) if p > 0 else None
     y, grads = run(fusedlora.lora_add, inputs, dy, scaling=1.5, dropout_p=p, seed=9)
-    y_low, grads_low = run(reference.lora_add, inputs, dy, scaling=1.5, keep_mask=keep, dropout_p=p)
-    y64, grads64 = run(reference.lora_add, inputs, dy, dtype64=True, scaling=1.5, keep_mask=keep, dropout_p=p)
     assert torch.equal(inputs["base"], base_before), "lora_add modified its base argument"
     assert y.dtype == dtype and y.shape == inputs["base"].shape
-    assert_oracle("y", y, y_low, y64, dtype)
-    for name in ADD_NAMES:
-        assert grads[name].dtype == inputs[name].dtype, name
-        assert_oracle(f"d{name}", grads[name], grads_low[name], grads64[name], dtype)
+    check_lora_add(y, grads, inputs, 1.5, keep, p, dy)
 
 
 def test_strided_base_and_x(device):
@@ -86,7 +81,7 @@ def test_custom_base_module_trains_through_lora_add(device):
     A = torch.randn(4, 32, device=device) / 6
     B = torch.randn(24, 4, device=device) / 2
     x = torch.randn(10, 32, device=device)
-    dy = torch.randn(10, 24, device=device)  # order-one gradients, as the oracle's atol assumes
+    dy = torch.randn(10, 24, device=device)
     runs = {}
     for name, fn, dtype in (("kernel", fusedlora.lora_add, f32), ("low", reference.lora_add, f32),
                             ("exact", reference.lora_add, torch.float64)):
@@ -96,8 +91,9 @@ def test_custom_base_module_trains_through_lora_add(device):
         y = fn(layer(xx), xx, AA, BB, 2.0)
         y.backward(dy.to(dtype))
         runs[name] = [y.detach(), xx.grad, layer.weight.grad, AA.grad, BB.grad]
-    for label, got, low, exact in zip(("y", "dx", "dweight", "dlora_A", "dlora_B"), *runs.values()):
-        assert_oracle(label, got, low, exact, f32)
+    # A tanh inside: no componentwise bound, so the norm-wise rule of a whole model.
+    labels = ("y", "dx", "dweight", "dlora_A", "dlora_B")
+    assert_normwise(*(dict(zip(labels, tensors)) for tensors in runs.values()))
 
 
 def test_compiled_equals_eager_and_opcheck(fresh_dynamo, device):  # noqa: F811
@@ -110,9 +106,11 @@ def test_compiled_equals_eager_and_opcheck(fresh_dynamo, device):  # noqa: F811
     y_c, grads_c = run(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs, dy)
     y_e, grads_e = run(fn, inputs, dy)
     assert graphs_compiled() == 1
-    assert torch.equal(y_c, y_e)
-    for name in ADD_NAMES:
-        assert torch.equal(grads_c[name], grads_e[name]), name
+    if BITWISE:  # the op is opaque to the compiler: eager's kernels on eager's inputs
+        assert_same(dict(y=y_c, **grads_c), dict(y=y_e, **grads_e))
+    else:
+        keep = fusedlora.dropout_mask(11, inputs["x"].shape, 0.25, device)
+        check_lora_add(y_c, grads_c, inputs, 2.0, keep, 0.25, dy)
     args = [inputs[n].clone().requires_grad_() for n in ADD_NAMES]
     seed = torch.tensor(5)
     torch.library.opcheck(lora_add_op, (*args, 2.0, 0.3, seed))

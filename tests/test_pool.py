@@ -5,7 +5,8 @@ import threading
 
 import pytest
 import torch
-from lora_models import DEVICE, TARGETS, assert_at_scale, tiny_llama, tokens
+from lora_models import DEVICE, TARGETS, tiny_llama, tokens
+from oracle import assert_normwise
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fusedlora
@@ -73,7 +74,7 @@ def test_pool_equals_peft_mixed_batch(saved, peft_model, backend):
     got = pool_logits(model, pool, ids, names)
     low = peft_logits(peft_model, ids, names)
     exact = peft_logits(copy.deepcopy(peft_model).double(), ids, names)
-    assert_at_scale("logits", got, low, exact, torch.float32)
+    assert_normwise(dict(logits=got), dict(logits=low), dict(logits=exact))
     with torch.no_grad():  # outside `use`, the model is the base model, bit for bit
         torch.testing.assert_close(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, rtol=0, atol=0)
 
@@ -90,8 +91,8 @@ def test_one_grouping_per_forward(saved, peft_model, monkeypatch):
     ids = tokens(batch=5, length=13)
     got = pool_logits(model, pool, ids, names)
     assert len(calls) == 1
-    assert_at_scale("logits", got, peft_logits(peft_model, ids, names),
-                    peft_logits(copy.deepcopy(peft_model).double(), ids, names), torch.float32)
+    assert_normwise(dict(logits=got), dict(logits=peft_logits(peft_model, ids, names)),
+                    dict(logits=peft_logits(copy.deepcopy(peft_model).double(), ids, names)))
     with pool.use(names), torch.no_grad():
         model(input_ids=ids)
         model(input_ids=ids)
