@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.testing  # noqa: F401  (do_bench; not every triton imports it with the package)
 
+from fusedlora import planner
+
 from multi_providers import multi_batch
 from providers import layer_stack
 from report import fmt, mib
@@ -154,6 +156,8 @@ def provider_plan(name):
     """A provider named like "fusedlora[split]" runs with FUSEDLORA_PLAN forced to the bracketed plan
     while it is checked and timed (set once, outside the timed calls)."""
     plan = name[name.index("[") + 1:-1] if name.endswith("]") else None
+    if plan is not None and plan not in planner.PLANS:
+        raise ValueError(f"provider {name!r} names no execution plan of {planner.PLANS}")
     old = os.environ.get("FUSEDLORA_PLAN")
     if plan is not None:
         os.environ["FUSEDLORA_PLAN"] = plan

@@ -4,7 +4,6 @@ auto (default): the Triton kernels for CUDA tensors, the PyTorch reference path 
 triton: always the kernels; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before
 triton is first imported). torch: the PyTorch path, with the same Philox dropout mask.
 """
-import functools
 import os
 
 import torch
@@ -21,8 +20,9 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-@functools.lru_cache(maxsize=16)
 def _parse(value) -> str:
+    # Not cached: torch.compile traces this (an lru_cache there draws a dynamo warning), and parsing a
+    # short string costs less than a microsecond.
     choice = (value or "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
