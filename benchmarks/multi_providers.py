@@ -33,10 +33,9 @@ from torch import nn
 import fusedlora
 from fusedlora import reference
 from fusedlora.multi import multi_lora_linear_unfused
-from providers import norm_tolerance
+from providers import norm_tolerance, saved_mib
 
 L2_FLUSH_BYTES = 256 << 20
-MIB = float(2**20)
 FWD_PROVIDERS = ("base", "peft", "bmm", "fusedlora_unfused", "fusedlora", "fusedlora[fused]", "fusedlora[split]",
                  "fusedlora_batch", "base_graph", "bmm_graph", "fusedlora_graph")
 FWD_BWD_PROVIDERS = ("base", "loop", "bmm", "fusedlora", "fusedlora[fused]", "fusedlora[split]")
@@ -214,24 +213,12 @@ class MultiBatch:
         return norm_tolerance(_rel_err(zip(self._exact(self.dtype), self._float64)), self.dtype)
 
     def saved_mb(self, name):
-        """MiB of distinct storages autograd holds for backward after one forward, the parameters and the
-        inputs excluded; None for a forward-only case."""
+        """MiB autograd holds for backward after one forward, the parameters and the inputs
+        excluded; None for a forward-only case."""
         if not self.backward:
             return None
-        held = {t.untyped_storage().data_ptr() for t in
-                [*(t for pair in self.inputs for t in pair), self.weight, self.lora_A, self.lora_B, self.scalings]}
-        seen = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in held:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = self.forwards[name](*self.inputs[0])
-        del y
-        return sum(seen.values()) / MIB
+        held = [*(t for pair in self.inputs for t in pair), self.weight, self.lora_A, self.lora_B, self.scalings]
+        return saved_mib(lambda: self.forwards[name](*self.inputs[0]), held)
 
     def flops(self, name):
         gemm, low_rank = 2 * self.M * self.N * self.K, 2 * self.M * self.r * (self.K + self.N)

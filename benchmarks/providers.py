@@ -190,25 +190,13 @@ class LayerStack:
         return norm_tolerance(_rel_err(zip(low, self._float64[0])), self.dtype)
 
     def saved_mb(self, name):
-        """MiB of distinct storages autograd holds for backward after one training forward (dropout
-        on), the parameters and the input excluded: they stay in memory whatever the provider. None
-        for a forward-only case."""
+        """MiB autograd holds for backward after one training forward (dropout on), the parameters
+        and the input excluded: they stay in memory whatever the provider. None for a forward-only
+        case."""
         if not self.backward:
             return None
-        held = {t.untyped_storage().data_ptr() for t in
-                [*self.xs, *self.weights, *self.lora_A, *self.lora_B, *self.peft_model.parameters()]}
-        seen = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in held:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = self.forwards[name](self.xs[0], self.p)
-        del y
-        return sum(seen.values()) / MIB
+        held = [*self.xs, *self.weights, *self.lora_A, *self.lora_B, *self.peft_model.parameters()]
+        return saved_mib(lambda: self.forwards[name](self.xs[0], self.p), held)
 
     def flops(self, name):
         """Floating-point operations of the work asked of the provider (base: the GEMMs alone)."""
@@ -228,3 +216,20 @@ def layer_stack(case, spec, device, rotate=True):
     return LayerStack(spec.M, spec.K, spec.N, spec.r, spec.torch_dtype, device, depth=case.depth,
                       backward=case.backward, dropout_p=case.dropout_p, rotate=rotate)
 
+
+def saved_mib(forward, held):
+    """MiB of the distinct storages autograd saves for backward while `forward()` runs, the storages
+    of the tensors in `held` (parameters, inputs: in memory whatever the provider) excluded."""
+    held = {t.untyped_storage().data_ptr() for t in held}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = forward()
+    del y
+    return sum(seen.values()) / MIB

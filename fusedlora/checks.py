@@ -62,6 +62,22 @@ def _lora_linear_ok(x, weight, bias, lora_A, lora_B) -> bool:
     return bias is None or (bias.dtype is dtype and bias.shape == (N,) and bias.device == device)
 
 
+def _check_bias_and_dtypes(x, weight, bias, lora_A, lora_B) -> None:
+    """The bias (N,) for weight (N, K); weight and bias in x's dtype; the adapters in one dtype, x's or
+    float32. Shared by the single- and multi-adapter checks."""
+    N = weight.shape[0]
+    if bias is not None:
+        require_float("bias", bias)
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"{describe('bias', bias)} must be (N,) = ({N},) for {describe('weight', weight)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
+                        f"dtype, x's ({x.dtype}) or torch.float32")
+
+
 def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
     """x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r); x, weight and
     bias share one float dtype; lora_A and lora_B share x's dtype or float32; one device."""
@@ -88,16 +104,7 @@ def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
     if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"{describe('lora_B', lora_B)} must be (N, r) = ({N}, {r}) to match "
                          f"{describe('weight', weight)} and {describe('lora_A', lora_A)}")
-    if bias is not None:
-        require_float("bias", bias)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"{describe('bias', bias)} must be (N,) = ({N},) for {describe('weight', weight)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
-                        f"dtype, x's ({x.dtype}) or torch.float32")
+    _check_bias_and_dtypes(x, weight, bias, lora_A, lora_B)
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")
@@ -202,16 +209,7 @@ def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, v
     if lora_B.shape != (L, N, R):
         raise ValueError(f"{describe('lora_B', lora_B)} must be (L, N, R) = ({L}, N, {R}) with N = {N} to match "
                          f"{describe('lora_A', lora_A)} and {describe('weight', weight)}")
-    if bias is not None:
-        require_float("bias", bias)
-        if bias.shape != (N,):
-            raise ValueError(f"{describe('bias', bias)} must be (N,) = ({N},) for {describe('weight', weight)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
-                        f"dtype, x's ({x.dtype}) or torch.float32")
+    _check_bias_and_dtypes(x, weight, bias, lora_A, lora_B)
     if not scalings.is_floating_point() or scalings.shape != (L,):
         raise ValueError(f"{describe('scalings', scalings)} must be a float tensor of shape (L,) = ({L},)")
     if adapter_ids.dtype not in INT_DTYPES or adapter_ids.shape != x.shape[:-1]:

@@ -5,11 +5,10 @@ import threading
 
 import pytest
 import torch
-from lora_models import DEVICE, TARGETS, tiny_llama, tokens
+from lora_models import TARGETS, tiny_llama, tokens
 from oracle import assert_normwise
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import fusedlora
 from fusedlora import AdapterFileError, AdapterPool
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
