@@ -75,7 +75,8 @@ if ! "$PY" -c "import fusedlora.kernels" 2>/dev/null; then
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 step versions 60 bash -c "$VERSIONS" "$OUT/versions.txt" "$PY"
-step tests 200 "$PY" -m pytest -n 12 -q tests
+# -v: one line per finished test, so that a run cut off by its timeout still names what passed and failed.
+step tests 240 "$PY" -m pytest -n 12 -v -p no:cacheprovider --durations=15 tests
 step serve 150 "$PY" benchmarks/serve.py --out "$OUT"
 step benchmark 260 "$PY" benchmarks/run.py --out "$OUT"
 TRAIN_MIN_S=100  # two 8B-class Llama copies, a float32 check and 42 timed optimizer steps
