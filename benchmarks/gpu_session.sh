@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One call for a GPU session: install offline, the CUDA test suite, the serving benchmark, the headline
-# benchmark, the training step and the large serving scenario, each under `timeout`, all within one
-# time budget.
+# benchmark, the plan crossover, the training step and the large serving scenario, each under
+# `timeout`, all within one time budget.
 #
 #     benchmarks/gpu_session.sh OUTDIR
 #
 # Writes into OUTDIR: session.log (every step's output, in order, then the summary), versions.txt
-# (nvidia-smi, Python packages, commit), <gpu>.json/.md/.png from benchmarks/run.py, and
-# serve-<gpu>.json, serve-<gpu>-large.json from benchmarks/serve.py, <gpu>-train.json from
-# benchmarks/train.py. A failed step does not stop the next; the last lines give each step's exit
-# status (124: timed out), and the script exits 1 if any step failed. The training step and the large
-# serving scenario are optional: each runs only if TRAIN_MIN_S / LARGE_MIN_S of the budget are left,
-# and is otherwise skipped without counting as a failure. Environment: PYTHON (default python3),
-# GPU_SESSION_BUDGET_S (default 520, for a 9-minute slot: on an H200 at commit 8bd3736 the tests took
-# 126 s, the benchmark about 150 s and the serving benchmark 60-90 s).
+# (nvidia-smi, Python packages, commit), <gpu>.json/.md/.png from benchmarks/run.py, <gpu>-plans.*
+# from run.py --plans, serve-<gpu>.json and serve-<gpu>-large.json from benchmarks/serve.py, and
+# <gpu>-train.json from benchmarks/train.py. A failed step does not stop the next; the last lines give
+# each step's exit status (124: timed out), and the script exits 1 if any step failed. The plan
+# crossover, the training step and the large serving scenario are optional: each runs only if
+# PLANS_MIN_S / TRAIN_MIN_S / LARGE_MIN_S of the budget are left, and is otherwise skipped without
+# counting as a failure. Environment: PYTHON (default python3), GPU_SESSION_BUDGET_S (default 520,
+# for a 9-minute slot: on an H200 at commit 8bd3736 the tests took 126 s, the benchmark about 150 s
+# and the serving benchmark 60-90 s).
 set -u
 if [ $# -ne 1 ]; then
     echo "usage: benchmarks/gpu_session.sh OUTDIR" >&2
@@ -79,6 +80,12 @@ step versions 60 bash -c "$VERSIONS" "$OUT/versions.txt" "$PY"
 step tests 240 "$PY" -m pytest -n 12 -v -p no:cacheprovider --durations=15 tests
 step serve 150 "$PY" benchmarks/serve.py --out "$OUT"
 step benchmark 260 "$PY" benchmarks/run.py --out "$OUT"
+PLANS_MIN_S=90  # 32 rows of 5 providers: where the planner should switch from the fused to the split plan
+if [ $((BUDGET - SECONDS)) -ge $PLANS_MIN_S ]; then
+    step plans 120 "$PY" benchmarks/run.py --plans --out "$OUT"
+else
+    SUMMARY+=("$(printf '%-12s skipped (optional): under %s s of the budget left' plans $PLANS_MIN_S)")
+fi
 TRAIN_MIN_S=100  # two 8B-class Llama copies, a float32 check and 42 timed optimizer steps
 if [ $((BUDGET - SECONDS)) -ge $TRAIN_MIN_S ]; then
     step train 150 "$PY" benchmarks/train.py --out "$OUT"

@@ -10,9 +10,9 @@ from pathlib import Path
 PLOT_PROVIDERS = ("peft", "addmm", "compile", "fusedlora")  # base is the floor: ratio 1 by definition
 
 
-def stem(gpu, full=False):
-    """File name stem of a result: the GPU's name, '-full' for the whole grid."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-") + ("-full" if full else "")
+def stem(gpu, size="headline"):
+    """File name stem of a result: the GPU's name, then '-full' or '-plans' for those sizes."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-") + ("" if size == "headline" else f"-{size}")
 
 
 def fmt(value, spec):

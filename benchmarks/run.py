@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            headline rows: a few minutes on an H100
     python benchmarks/run.py --full     the whole grid of shapes, M and r
+    python benchmarks/run.py --plans    the fused/split crossover: fwd and fwd_bwd from M = 16 to 2048
     python benchmarks/run.py --out DIR  write the results there instead
 
 Providers: base (the base GEMM alone: the floor), peft (a real PEFT LoRA Linear), addmm (matmul then
@@ -11,7 +12,7 @@ dropout 0.1). Every provider is first checked against a float64 reference.
 
 On a CUDA GPU each row is the median of CUDA-event timings (triton.testing.do_bench: warm-up
 excluded, L2 flushed between calls, inputs rotated) and the results go to
-benchmarks/results/<gpu>.json, .md and .png (<gpu>-full.* with --full). Without a GPU the same code
+benchmarks/results/<gpu>.json, .md and .png (<gpu>-full.* with --full, <gpu>-plans.* with --plans). Without a GPU the same code
 runs on tiny shapes through the Triton interpreter: every provider is checked, memory saved for
 backward is measured, and no timings are made, because interpreter timings mean nothing. Files are
 then written only with --out.
@@ -39,24 +40,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="the whole grid instead of the headline rows")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--full", action="store_true", help="the whole grid instead of the headline rows")
+    sizes.add_argument("--plans", action="store_true",
+                       help="fwd and fwd_bwd at M = 16..2048 for base, addmm and fusedlora's plans only: "
+                            "where the planner should switch plans")
     parser.add_argument("--out", type=Path, help="directory for <gpu>.json/.md/.png "
                         "(default: benchmarks/results on a GPU, none without one)")
     args = parser.parse_args(argv)
+    size = "full" if args.full else "plans" if args.plans else "headline"
+    only = suite.PLANS_PROVIDERS if args.plans else None
     start = time.perf_counter()
     gpu = torch.cuda.get_device_name() if CUDA else None
     result = suite.header(gpu)
     print(f"fusedlora benchmark on {result['gpu']}: torch {result['torch']}, triton {result['triton']}, "
           f"commit {result['commit']}, fusedlora backend {os.environ.get('FUSEDLORA_BACKEND', 'auto')}")
     if CUDA:
-        todo = suite.specs("full" if args.full else "headline")
+        todo = suite.specs(size)
         print(f"{len(todo)} rows of providers, each checked against float64, then timed.", flush=True)
     else:
         todo = suite.specs("cpu")
         print("No CUDA GPU: checking every provider against float64 through the Triton interpreter on tiny "
-              f"shapes{' (--full needs a GPU: same tiny shapes)' if args.full else ''}.", flush=True)
+              f"shapes{f' (--{size} needs a GPU: same tiny shapes)' if size != 'headline' else ''}.", flush=True)
+        if args.plans:
+            todo = [spec for spec in todo if spec.case in suite.PLANS_CASES]
     rows, failures = suite.run_rows(todo, "cuda" if CUDA else "cpu", timed=CUDA,
-                                    log=lambda line: print(line, flush=True))
+                                    log=lambda line: print(line, flush=True), only=only)
     result["rows"] = rows
     print(f"{len(rows) - len(failures)} of {len(rows)} provider checks agree with the float64 reference "
           f"({time.perf_counter() - start:.0f} s).")
@@ -64,7 +73,7 @@ def main(argv=None):
         print("No timings: they need a CUDA GPU (interpreter timings mean nothing). Run this command on one.")
     out = args.out or (RESULTS if CUDA else None)
     if out is not None:
-        for line in report.write(result, out, report.stem(gpu or "cpu-check", args.full)):
+        for line in report.write(result, out, report.stem(gpu or "cpu-check", size)):
             print(line)
     else:
         print("Nothing written (pass --out DIR to keep the check rows).")

@@ -43,6 +43,13 @@ GRIDS = {
                  ranks=[8, 16, 64, 128], adapters=[1]),
 }
 FP16_SUBSET = dict(shapes=[(4096, 4096)], ranks=[16])  # --full adds fp16 rows here
+# --plans: where the single-adapter planner should switch from the fused to the split plan
+# (fusedlora/planner.py SPLIT_FROM_M), measured between the decode sizes and the compute-bound ones.
+# Only these cases and providers run: the rest of a headline row says nothing about the crossover.
+PLANS_GRID = dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 32, 64, 128, 256, 512, 1024, 2048],
+                  ranks=[16], adapters=[1])
+PLANS_CASES = ("fwd", "fwd_bwd")
+PLANS_PROVIDERS = ("base", "addmm", "fusedlora", "fusedlora[fused]", "fusedlora[split]")
 # Without a GPU: tiny shapes through the interpreter, edges that fit no block included (M, K, N, r, dtype).
 CPU_GRID = [(37, 70, 45, 3, "fp32"), (64, 128, 96, 16, "bf16")]
 
@@ -99,9 +106,15 @@ CASES = {
 
 
 def specs(size):
-    """Rows to run, size 'headline', 'full' or 'cpu'; bf16 throughout, fp16 on a subset with 'full'."""
+    """Rows to run, size 'headline', 'full', 'plans' or 'cpu'; bf16 throughout, fp16 on a subset with
+    'full'."""
     out = []
     for name, case in CASES.items():
+        if size == "plans":
+            if name in PLANS_CASES:
+                axes = (PLANS_GRID["shapes"], PLANS_GRID["ms"], PLANS_GRID["ranks"], PLANS_GRID["adapters"])
+                out += [Spec(name, M, K, N, r, "bf16", a) for (K, N), M, r, a in itertools.product(*axes)]
+            continue
         if size == "cpu":
             adapters = case.grids.get("cpu", {}).get("adapters", [1])
             out += [Spec(name, M, K, N, r, dtype, a) for M, K, N, r, dtype in CPU_GRID for a in adapters]
@@ -185,14 +198,15 @@ def host_us(fn, calls=30):
     return statistics.median(samples)
 
 
-def run_rows(todo, device, timed, log=print):
-    """Check every provider of every spec against float64; with timed, time it on CUDA too.
-    Returns (rows, failures): a provider that fails its check is not timed and is listed."""
+def run_rows(todo, device, timed, log=print, only=None):
+    """Check every provider of every spec (or those named in `only`) against float64; with timed, time
+    it on CUDA too. Returns (rows, failures): a provider that fails its check is not timed and is listed."""
     rows, failures, done_groups = [], [], set()
     for i, spec in enumerate(todo, 1):
         case = CASES[spec.case]
         bench = case.build(case, spec, device, rotate=timed)
-        names = [n for n in bench.providers if n != "base" or spec.group not in done_groups]
+        names = [n for n in bench.providers if (n != "base" or spec.group not in done_groups)
+                 and (only is None or n in only)]
         done_groups.add(spec.group)
         for name in names:
             with provider_plan(name):

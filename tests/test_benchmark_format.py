@@ -157,8 +157,25 @@ def test_grids_cover_the_issue():
     assert {s.r for s in full if s.case == "fwd"} == {8, 16, 64, 128}
     assert {(s.K, s.N, s.r) for s in full if s.dtype == "fp16"} == {(4096, 4096, 16)}
     assert len(set(full)) == len(full)
+    plans = suite.specs("plans")
+    assert {s.case for s in plans} == {"fwd", "fwd_bwd"} and {s.r for s in plans} == {16}
+    assert {s.M for s in plans} >= {16, 64, 128, 2048} and len(set(plans)) == len(plans)
 
 
 def test_result_file_names():
     assert report.stem("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
-    assert report.stem("NVIDIA H200", full=True) == "NVIDIA-H200-full"
+    assert report.stem("NVIDIA H200", "full") == "NVIDIA-H200-full"
+    assert report.stem("NVIDIA H200", "plans") == "NVIDIA-H200-plans"
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA, run.main --plans times the whole crossover grid")
+def test_plans_run_checks_only_the_crossover_providers(tmp_path, monkeypatch, capsys):
+    """`run.py --plans` checks fwd and fwd_bwd with base, addmm and fusedlora's plans only, and names
+    its files <gpu>-plans.*."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    monkeypatch.setattr(suite, "CPU_GRID", TINY)
+    assert run.main(["--plans", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu-check-plans.json").read_text())["rows"]
+    assert {(row["case"], row["provider"]) for row in rows} == \
+        {(case, p) for case in suite.PLANS_CASES for p in suite.PLANS_PROVIDERS}
+    assert "--plans needs a GPU" in capsys.readouterr().out
