@@ -16,8 +16,8 @@ The rules come from an H200 (bf16, K = N = 4096, r = 16; ratios to cuBLAS's x·W
   1.92x at M = 16 (graph-timed), where the launches and the extra pass over a tiny output dominate
   and the fused plan ran 1.2-1.3x.
 So small row counts take the fused plan and everything else the split plan. The crossover between
-M = 16 and M = 2048 has not been measured; SPLIT_FROM_M sits at the top of the decode range, where
-the base GEMM is still bound by reading W.
+M = 16 and M = 2048 has not been measured (`python benchmarks/run.py --plans` on a GPU measures it);
+SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still bound by reading W.
 """
 import functools
 import os
