@@ -20,11 +20,13 @@ of B scaled by its adapter's scaling: one call, the same function. With dropout,
 independent mask per adapter; one mask over the concatenated ranks would correlate them, so each
 adapter then gets its own call (and seed), the first fused into the base GEMM where it can be.
 """
+from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
+from fusedlora.adapter_batch import AdapterBatch
 from fusedlora.checks import FLOAT_DTYPES
 from fusedlora.modules import added_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
@@ -192,14 +194,42 @@ def mixed_batch_adapters(layer, names) -> List[str]:
     return sorted({n for n in names if n in layer.lora_A})
 
 
+# AdapterBatches of recent adapter_names= calls, keyed by (names, the layer's adapters among them,
+# input shape, device). Every adapted layer of a forward sees the same names and, mostly, the same
+# adapters, so the ids go to the device (a host-to-device copy) and get grouped by adapter once per
+# forward instead of once per layer, and a generate loop reuses them from step to step. The entries
+# are small integer tensors; the oldest go first.
+_BATCHES: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
+_BATCHES_MAX = 16
+
+
+def _adapter_batch(names, adapters: List[str], shape: torch.Size, device: torch.device):
+    """Row b of the batch uses adapters.index(names[b]), or -1 (the base alone) for a name not among them."""
+    slot = {a: i for i, a in enumerate(adapters)}
+
+    def build():
+        rows = torch.tensor([slot.get(n, -1) for n in names], device=device)
+        return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+    if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
+        return build()
+    key = (tuple(names), tuple(adapters), tuple(shape), device)
+    batch = _BATCHES.get(key)
+    if batch is None:
+        batch = _BATCHES[key] = AdapterBatch(build(), len(adapters))
+        if len(_BATCHES) > _BATCHES_MAX:
+            _BATCHES.popitem(last=False)
+    else:
+        _BATCHES.move_to_end(key)
+    return batch
+
+
 def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):
     """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
     names[b]; "__base__", and adapters this layer does not hold, add nothing. weight (N, K) and bias
     are the direct base layer's (own_weights)."""
     layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
     adapters = mixed_batch_adapters(layer, names)
-    slot = {a: i for i, a in enumerate(adapters)}
-    rows = torch.tensor([slot.get(n, -1) for n in names], device=x.device)
-    ids = rows.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    ids = _adapter_batch(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)

@@ -167,6 +167,34 @@ def test_mixed_batch_is_served_by_the_multi_adapter_kernels(backend):
     assert_normwise(dict(logits=y, **g), dict(logits=y_low, **g_low), dict(logits=y64, **g64))
 
 
+def test_mixed_batch_sends_its_ids_to_the_device_once(monkeypatch):
+    """The layers of a mixed-batch forward share one AdapterBatch per set of adapters they hold (here
+    two: q/v hold "default" and "other", the rest "default" alone), and the next forward with the same
+    names and shape reuses them: no per-layer host-to-device copy or sort. Same code twice: bitwise."""
+    import fusedlora.peft_forward as peft_forward
+    built = []
+
+    class Counted(peft_forward.AdapterBatch):
+        __slots__ = ()
+
+        def __init__(self, ids, num_adapters):
+            built.append(num_adapters)
+            super().__init__(ids, num_adapters)
+
+    monkeypatch.setattr(peft_forward, "AdapterBatch", Counted)
+    monkeypatch.setattr(peft_forward, "_BATCHES", type(peft_forward._BATCHES)())
+    model = two_adapter_model()
+    fusedlora.patch_peft(model)
+    ids, names = tokens(batch=3), ["other", "__base__", "default"]
+    with torch.no_grad():
+        first = model(input_ids=ids, adapter_names=names).logits
+        second = model(input_ids=ids, adapter_names=names).logits
+    assert sorted(built) == [1, 2]
+    assert_same(dict(logits=second), dict(logits=first))
+    model(input_ids=ids[:, :-1], adapter_names=names)  # another shape: new batches
+    assert len(built) == 4
+
+
 def test_mixed_batch_falls_back_with_dropout(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = peft_llama(lora_dropout=0.1)
