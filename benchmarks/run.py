@@ -12,10 +12,10 @@ dropout 0.1). Every provider is first checked against a float64 reference.
 
 On a CUDA GPU each row is the median of CUDA-event timings (triton.testing.do_bench: warm-up
 excluded, L2 flushed between calls, inputs rotated) and the results go to
-benchmarks/results/<gpu>.json, .md and .png (<gpu>-full.* with --full, <gpu>-plans.* with --plans). Without a GPU the same code
-runs on tiny shapes through the Triton interpreter: every provider is checked, memory saved for
-backward is measured, and no timings are made, because interpreter timings mean nothing. Files are
-then written only with --out.
+benchmarks/results/<gpu>.json, .md and .png (<gpu>-full.* with --full, <gpu>-plans.* with --plans).
+Without a GPU the same code runs on tiny shapes through the Triton interpreter: every provider is
+checked, memory saved for backward is measured, and no timings are made, because interpreter timings
+mean nothing. Files are then written only with --out.
 """
 import argparse
 import os
