@@ -20,6 +20,7 @@ of B scaled by its adapter's scaling: one call, the same function. With dropout,
 independent mask per adapter; one mask over the concatenated ranks would correlate them, so each
 adapter then gets its own call (and seed), the first fused into the base GEMM where it can be.
 """
+import threading
 from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -198,9 +199,12 @@ def mixed_batch_adapters(layer, names) -> List[str]:
 # input shape, device). Every adapted layer of a forward sees the same names and, mostly, the same
 # adapters, so the ids go to the device (a host-to-device copy) and get grouped by adapter once per
 # forward instead of once per layer, and a generate loop reuses them from step to step. The entries
-# are small integer tensors; the oldest go first.
+# are small integer tensors; the oldest go first, except those a CUDA graph captured: the graph reads
+# their memory on every replay, so they are kept for the life of the process.
 _BATCHES: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
 _BATCHES_MAX = 16
+_CAPTURED: dict = {}
+_LOCK = threading.Lock()  # serving threads share the cache
 
 
 def _adapter_batch(names, adapters: List[str], shape: torch.Size, device: torch.device):
@@ -214,14 +218,23 @@ def _adapter_batch(names, adapters: List[str], shape: torch.Size, device: torch.
     if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
         return build()
     key = (tuple(names), tuple(adapters), tuple(shape), device)
-    batch = _BATCHES.get(key)
-    if batch is None:
-        batch = _BATCHES[key] = AdapterBatch(build(), len(adapters))
-        if len(_BATCHES) > _BATCHES_MAX:
-            _BATCHES.popitem(last=False)
-    else:
-        _BATCHES.move_to_end(key)
+    with _LOCK:
+        batch = _BATCHES.get(key)
+        if batch is None:
+            batch = _CAPTURED.get(key)
+        if batch is None:
+            batch = _BATCHES[key] = AdapterBatch(build(), len(adapters))
+            if len(_BATCHES) > _BATCHES_MAX:
+                _BATCHES.popitem(last=False)
+        elif key in _BATCHES:
+            _BATCHES.move_to_end(key)
+        if _capturing(device):
+            _CAPTURED[key] = batch
     return batch
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):

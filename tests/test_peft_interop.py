@@ -195,6 +195,29 @@ def test_mixed_batch_sends_its_ids_to_the_device_once(monkeypatch):
     assert len(built) == 4
 
 
+def test_mixed_batch_cache_keeps_what_a_cuda_graph_captured(monkeypatch):
+    """The cache of mixed-batch AdapterBatches drops its oldest entries, except those made or used while
+    a CUDA graph was being captured: the graph reads their ids on every replay."""
+    import fusedlora.peft_forward as peft_forward
+    monkeypatch.setattr(peft_forward, "_BATCHES", type(peft_forward._BATCHES)())
+    monkeypatch.setattr(peft_forward, "_CAPTURED", {})
+    cpu = torch.device("cpu")
+
+    def batch(length, names=("a", "__base__")):
+        return peft_forward._adapter_batch(list(names), ["a"], torch.Size([2, length]), cpu)
+
+    monkeypatch.setattr(peft_forward, "_capturing", lambda device: True)
+    captured = batch(3)
+    monkeypatch.setattr(peft_forward, "_capturing", lambda device: False)
+    plain = batch(3, names=("__base__", "a"))
+    assert plain.ids.tolist() == [[-1] * 3, [0] * 3] and captured.ids.tolist() == [[0] * 3, [-1] * 3]
+    assert batch(3) is captured and batch(3, names=("__base__", "a")) is plain
+    for length in range(4, 5 + peft_forward._BATCHES_MAX):  # more new keys than the cache holds
+        batch(length)
+    assert batch(3) is captured
+    assert batch(3, names=("__base__", "a")) is not plain
+
+
 def test_mixed_batch_falls_back_with_dropout(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = peft_llama(lora_dropout=0.1)
