@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ ships as fusedlora.kernels: a top-level `kernels` would clash with the PyPI package of
     # that name, which transformers can import.
-    packages=["fusedlora", "fusedlora.kernels"],
+    packages=["fusedlora", "fusedlora.core", "fusedlora.plans", "fusedlora.ops", "fusedlora.modules",
+              "fusedlora.peft", "fusedlora.serving", "fusedlora.kernels"],
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import fusedlora
-from fusedlora import reference
+from fusedlora.core import reference
 from fusedlora.multi import multi_lora_linear_unfused
 from providers import norm_tolerance, saved_mib
 

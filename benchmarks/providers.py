@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import fusedlora
-from fusedlora import reference
+from fusedlora.core import reference
 
 L2_FLUSH_BYTES = 256 << 20  # rotate inputs until this many bytes are in flight: several times any L2
 MIB = float(2**20)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.testing  # noqa: F401  (do_bench; not every triton imports it with the package)
 
-from fusedlora import planner
+from fusedlora.plans import planner
 
 from multi_providers import multi_batch
 from providers import layer_stack
@@ -44,7 +44,7 @@ GRIDS = {
 }
 FP16_SUBSET = dict(shapes=[(4096, 4096)], ranks=[16])  # --full adds fp16 rows here
 # --plans: where the single-adapter planner should switch from the fused to the split plan
-# (fusedlora/planner.py SPLIT_FROM_M), measured between the decode sizes and the compute-bound ones.
+# (fusedlora/plans/planner.py SPLIT_FROM_M), measured between the decode sizes and the compute-bound ones.
 # Only these cases and providers run: the rest of a headline row says nothing about the crossover.
 PLANS_GRID = dict(shapes=[(4096, 4096), (4096, 14336)], ms=[16, 32, 64, 128, 256, 512, 1024, 2048],
                   ranks=[16], adapters=[1])

@@ -1,14 +1,14 @@
 """fusedlora: fused Triton kernels for LoRA linear layers."""
-from fusedlora import reference
-from fusedlora.adapter_batch import AdapterBatch
-from fusedlora.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from fusedlora.dropout import dropout_mask
+from fusedlora.core import reference
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.peft.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from fusedlora.core.dropout import dropout_mask
 from fusedlora.functional import lora_add, lora_linear
-from fusedlora.inject import inject, print_trainable_parameters, trainable_parameters
-from fusedlora.modules import LoRALinear
+from fusedlora.modules.inject import inject, print_trainable_parameters, trainable_parameters
+from fusedlora.modules.lora_linear import LoRALinear
 from fusedlora.multi import multi_lora_linear
-from fusedlora.peft_patch import patch_peft, unpatch_peft
-from fusedlora.pool import AdapterPool, MultiLoRALinear
+from fusedlora.peft.patch import patch_peft, unpatch_peft
+from fusedlora.serving.pool import AdapterPool, MultiLoRALinear
 
 __all__ = [
     "lora_linear", "lora_add", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",

@@ -3,10 +3,11 @@ from typing import Optional, Union
 
 import torch
 
-from fusedlora import ops, reference
-from fusedlora.backend import backend_for
-from fusedlora.checks import check_lora_add, check_lora_linear, require_scalar
-from fusedlora.dropout import dropout_mask, seed_tensor
+from fusedlora.ops import single as ops
+from fusedlora.core import reference
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
+from fusedlora.core.dropout import dropout_mask, seed_tensor
 
 Seed = Union[int, torch.Tensor, None]
 
@@ -36,7 +37,7 @@ def lora_linear(
     (only when dropout_p > 0).
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
     (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
-    execution plan (FUSEDLORA_PLAN, fusedlora/planner.py) does not change the result beyond rounding.
+    execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     """
     check_lora_linear(x, weight, bias, lora_A, lora_B)
     scaling = require_scalar("scaling", scaling)

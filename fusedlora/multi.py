@@ -1,19 +1,20 @@
 """multi_lora_linear: one batch, many adapters, each token with its own (or none).
 
-The public function validates, picks the backend (fusedlora/backend.py) and calls the kernels' op
-(fusedlora/multi_ops.py, over the plans of fusedlora/multi_plans.py) or the PyTorch path below.
+The public function validates, picks the backend (fusedlora/core/backend.py) and calls the kernels' op
+(fusedlora/ops/multi.py, over the plans of fusedlora/plans/multi.py) or the PyTorch path below.
 multi_lora_linear_unfused is the benchmark's Punica/vLLM-structured variant.
 """
 from typing import Optional, Union
 
 import torch
 
-from fusedlora import multi_ops, multi_plans
-from fusedlora.adapter_batch import AdapterBatch, values_checked
-from fusedlora.backend import backend_for
-from fusedlora.checks import check_multi, check_ranks_values, describe
+from fusedlora.ops import multi as multi_ops
+from fusedlora.plans import multi as multi_plans
+from fusedlora.core.adapter_batch import AdapterBatch, values_checked
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_multi, check_ranks_values, describe
 # The custom ops, importable from here as before the split by role.
-from fusedlora.multi_ops import multi_lora_linear_backward_op, multi_lora_linear_op  # noqa: F401
+from fusedlora.ops.multi import multi_lora_linear_backward_op, multi_lora_linear_op  # noqa: F401
 
 
 def _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
@@ -83,7 +84,7 @@ def multi_lora_linear(
     tensor values would break the graph. Unchecked ids outside [-1, L) give NaN rows.
     Runs under torch.compile(fullgraph=True) (the kernels are the custom op fusedlora::multi_lora_linear)
     and in CUDA graphs: on CUDA, without FUSEDLORA_DEBUG, nothing in it reads a value back to the host.
-    The execution plan (FUSEDLORA_PLAN, fusedlora/planner.py) does not change the result beyond rounding.
+    The execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     """
     ids, batch = _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     if backend_for(x) == "torch":

@@ -8,7 +8,7 @@ a row's columns 4q .. 4q+3 share the call at counter q. For element (m, k) of x 
     keep  = (words[k % 4] >> 8) >= threshold,   threshold = ceil(p * 2^24)
 
 An integer compare (instead of a float uniform) makes the decision bit-exact in every
-implementation: fusedlora/dropout.py draws the same mask with PyTorch integer ops. Drawing one call
+implementation: fusedlora/core/dropout.py draws the same mask with PyTorch integer ops. Drawing one call
 per element and keeping one word of four made dropout cost a third of the forward time on an H200
 (p=0.1 at M=8192: 1.95x the base GEMM against 1.49x without).
 """

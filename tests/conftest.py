@@ -6,8 +6,16 @@ so a kernel that only works on CPU fails here, not on the H100.
 """
 import os
 import sys
+from pathlib import Path
 
-import torch
+# `python -m pytest` puts the working directory on sys.path. From the repository root that makes its
+# kernels/ folder (installed as fusedlora.kernels) importable as a top-level `kernels`, which shadows
+# the PyPI package of that name: transformers imports it when it is installed (bitsandbytes 0.50
+# brings it) and fails. The tests import the installed fusedlora, so the root has no business there.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA:

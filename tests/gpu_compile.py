@@ -18,7 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fusedlora  # noqa: E402
-import fusedlora.backend  # noqa: E402
+import fusedlora.core.backend  # noqa: E402
 from fusedlora.kernels.dropout import keep_mask  # noqa: E402
 from fusedlora.multi import multi_lora_linear_unfused  # noqa: E402
 
@@ -58,7 +58,7 @@ def record_launches(drive):
 
     original = JITFunction.run
     JITFunction.run = run
-    fusedlora.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through on CPU tensors
+    fusedlora.core.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through on CPU tensors
     try:
         drive()
     finally:

@@ -47,8 +47,8 @@ import pytest
 import torch
 
 import fusedlora
-from fusedlora import reference
-from fusedlora.dropout import draw_seed
+from fusedlora.core import reference
+from fusedlora.core.dropout import draw_seed
 
 CUDA = torch.cuda.is_available()
 # Set by tests/conftest.py before triton loads; kernels then run in the Triton interpreter.

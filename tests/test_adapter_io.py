@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import fusedlora
-from fusedlora.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from fusedlora.peft.adapter_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 OPTIONS = dict(target_modules=TARGETS, r=4, lora_alpha=8, bias="lora_only", modules_to_save=["lm_head"],

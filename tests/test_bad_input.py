@@ -55,7 +55,7 @@ class Launched(Exception):
 @pytest.fixture
 def launches(monkeypatch):
     """Records launcher calls instead of running them."""
-    import fusedlora.plans as plans
+    import fusedlora.plans.single as plans
     launched = []
 
     def stub(*args, _name, **kwargs):
@@ -85,7 +85,7 @@ def test_bad_input_is_named(change, error, words, device, launches):
 
 
 def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
-    import fusedlora.backend as backend
+    import fusedlora.core.backend as backend
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend.backend_for(torch.zeros(1))

@@ -19,8 +19,8 @@ from oracle import BITWISE, NAMES, assert_same, check_lora_linear, float64_fused
 from torch.utils.checkpoint import checkpoint
 
 import fusedlora
-from fusedlora.ops import lora_linear_backward_op, lora_linear_op
-from fusedlora.dropout import keep_mask_op
+from fusedlora.ops.single import lora_linear_backward_op, lora_linear_op
+from fusedlora.core.dropout import keep_mask_op
 
 BACKENDS = ("triton", "torch")
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")

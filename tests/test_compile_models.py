@@ -29,7 +29,7 @@ from test_multi_lora import make_multi
 from torch import nn
 
 import fusedlora
-from fusedlora.inject import lora_layers
+from fusedlora.modules.inject import lora_layers
 from fusedlora.kernels.multi_lora import group_by_adapter
 from fusedlora.multi import multi_lora_linear_backward_op, multi_lora_linear_op
 

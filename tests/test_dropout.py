@@ -7,7 +7,7 @@ from oracle import NAMES, make_inputs
 from torch.utils.checkpoint import checkpoint
 
 import fusedlora
-from fusedlora.dropout import keep_threshold, philox4x32
+from fusedlora.core.dropout import keep_threshold, philox4x32
 from fusedlora.kernels.dropout import keep_mask
 
 

@@ -7,8 +7,8 @@ from compiling import fresh_dynamo, graphs_compiled  # noqa: F401 (a fixture)
 from oracle import BITWISE, assert_normwise, assert_same, check_lora_add, make_inputs
 
 import fusedlora
-from fusedlora import reference
-from fusedlora.ops import lora_add_backward_op, lora_add_op
+from fusedlora.core import reference
+from fusedlora.ops.single import lora_add_backward_op, lora_add_op
 
 f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
 ADD_NAMES = ("base", "x", "lora_A", "lora_B")

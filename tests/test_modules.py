@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import fusedlora
-from fusedlora.dropout import draw_seed
+from fusedlora.core.dropout import draw_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 f32, bf16 = torch.float32, torch.bfloat16

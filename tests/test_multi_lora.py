@@ -6,9 +6,11 @@ import torch
 from oracle import assert_oracle, chain_lengths, check_multi_lora_linear
 
 import fusedlora
-import fusedlora.adapter_batch
-import fusedlora.multi_plans
-from fusedlora import AdapterBatch, planner, reference
+import fusedlora.core.adapter_batch
+import fusedlora.plans.multi
+from fusedlora import AdapterBatch
+from fusedlora.plans import planner
+from fusedlora.core import reference
 from fusedlora.multi import multi_lora_linear_unfused
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -177,7 +179,7 @@ def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
     ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1] * (M // 12 + 1), device=device)[:M]
     batch = AdapterBatch.trusted(ids, 2)
     y = torch.empty(M, 16, device=device)
-    fusedlora.multi_plans.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"], inputs["weight"],
+    fusedlora.plans.multi.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"], inputs["weight"],
                                   inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scalings"],
                                   inputs["ranks"], batch, False, y)
     bad = (ids < -1) | (ids >= 2)
@@ -301,7 +303,7 @@ def counted(monkeypatch):
     from fusedlora.kernels.multi_decode import _decode_shrink_kernel
     kind = type(_decode_shrink_kernel)  # JITFunction, or the interpreter's stand-in
     seen = {"group": 0}
-    real_run, real_group = kind.run, fusedlora.adapter_batch.group_by_adapter
+    real_run, real_group = kind.run, fusedlora.core.adapter_batch.group_by_adapter
 
     def run(self, *args, **kwargs):
         seen[self.fn.__name__] = seen.get(self.fn.__name__, 0) + 1
@@ -312,7 +314,7 @@ def counted(monkeypatch):
         return real_group(*args)
 
     monkeypatch.setattr(kind, "run", run)
-    monkeypatch.setattr(fusedlora.adapter_batch, "group_by_adapter", group)
+    monkeypatch.setattr(fusedlora.core.adapter_batch, "group_by_adapter", group)
     return seen
 
 

@@ -4,8 +4,8 @@ import torch
 from test_multi_lora import ids_for, make_multi
 
 import fusedlora
-import fusedlora.multi_plans
-from fusedlora import planner
+import fusedlora.plans.multi
+from fusedlora.plans import planner
 
 ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "scalings")
 
@@ -44,14 +44,14 @@ def chosen(monkeypatch):
     """Records (sequence, plan, decode kernels or not) for each forward and backward sequence run."""
     seen = []
     for name in ("forward", "backward"):
-        real = getattr(fusedlora.multi_plans, name)
+        real = getattr(fusedlora.plans.multi, name)
 
         def record(plan, *a, _real=real, _name=name):
             rows = a[0].shape[0] if _name == "forward" else a[0].reshape(-1, a[0].shape[-1]).shape[0]
             seen.append((_name, plan, planner.multi_decode(plan, rows)))
             return _real(plan, *a)
 
-        monkeypatch.setattr(fusedlora.multi_plans, name, record)
+        monkeypatch.setattr(fusedlora.plans.multi, name, record)
     return seen
 
 

@@ -15,7 +15,7 @@ from oracle import assert_normwise, assert_same, check_lora_linear
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fusedlora
-from fusedlora.dropout import draw_seed
+from fusedlora.core.dropout import draw_seed
 from fusedlora.kernels.common import interpreting
 
 BACKENDS = ["triton", "torch"]
@@ -99,8 +99,8 @@ def test_unpatch_restores_peft_forward(monkeypatch):
 def test_patched_layers_go_through_lora_linear(monkeypatch):
     """The patched forward really is the fused call: count lora_linear calls."""
     calls = []
-    real = fusedlora.modules.lora_linear
-    monkeypatch.setattr(fusedlora.modules, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fusedlora.modules.lora_linear.lora_linear
+    monkeypatch.setattr(fusedlora.modules.lora_linear, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = peft_llama()
     fusedlora.patch_peft(model)
@@ -171,7 +171,7 @@ def test_mixed_batch_sends_its_ids_to_the_device_once(monkeypatch):
     """The layers of a mixed-batch forward share one AdapterBatch per set of adapters they hold (here
     two: q/v hold "default" and "other", the rest "default" alone), and the next forward with the same
     names and shape reuses them: no per-layer host-to-device copy or sort. Same code twice: bitwise."""
-    import fusedlora.peft_forward as peft_forward
+    import fusedlora.peft.forward as peft_forward
     built = []
 
     class Counted(peft_forward.AdapterBatch):
@@ -198,7 +198,7 @@ def test_mixed_batch_sends_its_ids_to_the_device_once(monkeypatch):
 def test_mixed_batch_cache_keeps_what_a_cuda_graph_captured(monkeypatch):
     """The cache of mixed-batch AdapterBatches drops its oldest entries, except those made or used while
     a CUDA graph was being captured: the graph reads their ids on every replay."""
-    import fusedlora.peft_forward as peft_forward
+    import fusedlora.peft.forward as peft_forward
     monkeypatch.setattr(peft_forward, "_BATCHES", type(peft_forward._BATCHES)())
     monkeypatch.setattr(peft_forward, "_CAPTURED", {})
     cpu = torch.device("cpu")
@@ -296,7 +296,7 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
     with model.disable_adapter():
         base = logits(model, ids)
     fusedlora.patch_peft(model)
-    caplog.set_level(logging.INFO, logger="fusedlora.peft_patch")
+    caplog.set_level(logging.INFO, logger="fusedlora.peft.patch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to fuse is no reason to warn
         model.merge_adapter()

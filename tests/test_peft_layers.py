@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fusedlora
-from fusedlora.dropout import draw_seed
+from fusedlora.core.dropout import draw_seed
 
 K, N, HIDDEN = 24, 20, 32
 pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -86,12 +86,12 @@ def calls(monkeypatch):
     """How often the patched layers called the kernels' lora_linear and lora_add."""
     counts = {"lora_linear": 0, "lora_add": 0}
     for name in counts:
-        real = getattr(fusedlora.modules, name)
+        real = getattr(fusedlora.modules.lora_linear, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             counts[_name] += 1
             return _real(*args, **kwargs)
-        monkeypatch.setattr(fusedlora.modules, name, counted)
+        monkeypatch.setattr(fusedlora.modules.lora_linear, name, counted)
     return counts
 
 
@@ -302,9 +302,9 @@ def test_mixed_batch_over_conv1d_and_its_fallback_over_a_custom_base(calls):
         want = model(x, adapter_names=names)
         fusedlora.patch_peft(model)
         multi = []
-        real = fusedlora.peft_forward.multi_lora_linear
+        real = fusedlora.peft.forward.multi_lora_linear
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(fusedlora.peft_forward, "multi_lora_linear", lambda *a: multi.append(1) or real(*a))
+            patch.setattr(fusedlora.peft.forward, "multi_lora_linear", lambda *a: multi.append(1) or real(*a))
             got = model(x, adapter_names=names)
     assert len(multi) == 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

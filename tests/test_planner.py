@@ -4,8 +4,8 @@ import torch
 from oracle import NAMES, make_inputs
 
 import fusedlora
-import fusedlora.plans
-from fusedlora import planner
+import fusedlora.plans.single
+from fusedlora.plans import planner
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -36,8 +36,8 @@ def chosen(monkeypatch):
     """Records the plan each forward and backward sequence receives."""
     seen = []
     for name in ("forward", "backward"):
-        real = getattr(fusedlora.plans, name)
-        monkeypatch.setattr(fusedlora.plans, name,
+        real = getattr(fusedlora.plans.single, name)
+        monkeypatch.setattr(fusedlora.plans.single, name,
                             lambda plan, *a, _real=real, _name=name: seen.append((_name, plan)) or _real(plan, *a))
     return seen
 

@@ -81,10 +81,10 @@ def test_pool_equals_peft_mixed_batch(saved, peft_model, backend):
 def test_one_grouping_per_forward(saved, peft_model, monkeypatch):
     """Every pool layer of a forward shares one AdapterBatch: 65 rows (above the decode kernels' size)
     are grouped by adapter once for all 14 layers, and once per `use` block for forwards of one shape."""
-    import fusedlora.adapter_batch
+    import fusedlora.core.adapter_batch
     calls = []
-    real = fusedlora.adapter_batch.group_by_adapter
-    monkeypatch.setattr(fusedlora.adapter_batch, "group_by_adapter", lambda *a: calls.append(1) or real(*a))
+    real = fusedlora.core.adapter_batch.group_by_adapter
+    monkeypatch.setattr(fusedlora.core.adapter_batch, "group_by_adapter", lambda *a: calls.append(1) or real(*a))
     names = ["c", None, "a", "b", "a"]
     model, pool = pool_with(saved)
     ids = tokens(batch=5, length=13)

@@ -40,7 +40,7 @@ os.environ.setdefault("FUSEDLORA_BACKEND", "triton")
 import triton.runtime.interpreter as interpreter  # noqa: E402
 
 import fusedlora  # noqa: E402
-from fusedlora import peft_patch  # noqa: E402
+from fusedlora.peft import patch as peft_patch  # noqa: E402
 
 if not torch.cuda.is_available():  # refuse tl.dot shapes the GPU refuses, as tests/conftest.py does
     interpreter.interpreter_builder.codegen_fns["min_dot_size"] = (

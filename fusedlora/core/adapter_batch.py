@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fusedlora.checks import INT_DTYPES, check_ids_values, describe, require_tensor
+from fusedlora.core.checks import INT_DTYPES, check_ids_values, describe, require_tensor
 from fusedlora.kernels.multi_lora import group_by_adapter
 
 

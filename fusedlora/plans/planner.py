@@ -1,6 +1,6 @@
 """Which execution plan serves a call: the one place that decides, from shapes alone.
 
-Plans (fusedlora/plans.py):
+Plans (fusedlora/plans/single.py):
 - "fused": the low-rank term runs inside a Triton GEMM (y = x·Wᵀ + b + S·Bᵀ in one kernel, and dX
   likewise): fewest launches and no extra pass over the output, but the GEMM is Triton's.
 - "split": the library GEMM (cuBLAS through torch) computes x·Wᵀ and dY·W; Triton kernels compute
@@ -56,7 +56,7 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
     return _rule(direction, M, K, N, r) if forced == "auto" else forced
 
 # ---- multi-adapter (fusedlora.multi_lora_linear) -----------------------------------------------
-# Plans (fusedlora/multi_plans.py), the same two as above:
+# Plans (fusedlora/plans/multi.py), the same two as above:
 # - "fused": tokens grouped by adapter, each adapter's expand inside the Triton GEMM.
 # - "split": the library GEMM computes x·Wᵀ (dY·W) for all rows at once and accumulates onto the
 #   low-rank term that Triton kernels wrote first, each row with its own adapter at its own rank.

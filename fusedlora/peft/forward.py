@@ -1,4 +1,4 @@
-"""What a patched PEFT LoRA layer computes for a call that fusedlora serves (fusedlora/peft_patch.py
+"""What a patched PEFT LoRA layer computes for a call that fusedlora serves (fusedlora/peft/patch.py
 decides which calls those are). PEFT's forward, for reference:
 
     result = base_layer(x, *args, **kwargs)
@@ -27,9 +27,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from fusedlora.adapter_batch import AdapterBatch
-from fusedlora.checks import FLOAT_DTYPES
-from fusedlora.modules import added_call, fused_call, is_plain_linear
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.core.checks import FLOAT_DTYPES
+from fusedlora.modules.lora_linear import added_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
 
 

@@ -8,17 +8,17 @@
   torch.compile(fullgraph=True) traces through them (a raw Triton launch or a plain
   autograd.Function breaks the graph). There the seed is a 0-d int64 CPU tensor, so that a seed
   drawn inside a compiled region stays a graph value and is saved for backward like any other.
-Both call fusedlora/plans.py; each op picks its plan per direction from the shapes
-(fusedlora/planner.py), inside the op, so the choice adds no guard to a compiled graph.
+Both call fusedlora/plans/single.py; each op picks its plan per direction from the shapes
+(fusedlora/plans/planner.py), inside the op, so the choice adds no guard to a compiled graph.
 """
 import math
 from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora import plans
-from fusedlora.dropout import check_seed, draw_seed, seed_tensor
-from fusedlora.planner import choose
+from fusedlora.plans import single as plans
+from fusedlora.core.dropout import check_seed, draw_seed, seed_tensor
+from fusedlora.plans.planner import choose
 
 
 def _rows(x) -> torch.Tensor:

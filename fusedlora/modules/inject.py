@@ -8,8 +8,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from fusedlora.modules import LoRALinear, is_plain_linear
-from fusedlora.rules import (ALL_LINEAR, Targets, check_init_lora_weights, check_lora_options, check_targets,
+from fusedlora.modules.lora_linear import LoRALinear, is_plain_linear
+from fusedlora.modules.rules import (ALL_LINEAR, Targets, check_init_lora_weights, check_lora_options, check_targets,
                              inside_to_save, matches_target, matches_to_save, pattern_value)
 
 BIAS_MODES = ("none", "all", "lora_only")

@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from fusedlora.adapter_batch import AdapterBatch
-from fusedlora.adapter_io import AdapterFileError, read_adapter
-from fusedlora.inject import find_targets, replace_module
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.peft.adapter_io import AdapterFileError, read_adapter
+from fusedlora.modules.inject import find_targets, replace_module
 from fusedlora.multi import multi_lora_linear
 
 BASE = "__base__"

@@ -21,10 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusedlora.inject import (CONFIG_ATTR, check_bias, check_modules_to_save, lora_layers, record_config,
+from fusedlora.modules.inject import (CONFIG_ATTR, check_bias, check_modules_to_save, lora_layers, record_config,
                               replace_module, set_trainable)
-from fusedlora.modules import LoRALinear, is_plain_linear
-from fusedlora.rules import (check_lora_options, check_targets, lora_scaling, matches_target, matches_to_save,
+from fusedlora.modules.lora_linear import LoRALinear, is_plain_linear
+from fusedlora.modules.rules import (check_lora_options, check_targets, lora_scaling, matches_target, matches_to_save,
                              pattern_value)
 
 CONFIG_NAME = "adapter_config.json"

@@ -7,7 +7,7 @@ With x: (M, K), W: (N, K), adapters A: (L, R, K), B: (L, N, R), s_l, ranks r_l, 
                dX[t] = dY[t]·W + dU[t]·A_l
                dA_l = Σ_{t in l} dU[t]ᵀ·x[t],  dB_l = Σ_{t in l} dY[t]ᵀ·S[t]   (every adapter written)
                dW = dYᵀ·x,  db = Σ_rows dY
-The plans (fusedlora/planner.py: choose_multi, multi_decode) differ in how y and dX are formed:
+The plans (fusedlora/plans/planner.py: choose_multi, multi_decode) differ in how y and dX are formed:
 - fused   tokens grouped by adapter; the base GEMM runs in Triton with each adapter's expand as
           extra K-steps (kernels/multi_lora.py).
 - split   the low-rank term (+ b) is written first and the library GEMM accumulates x·Wᵀ (dY·W) onto
@@ -20,10 +20,10 @@ Rows with id -1 get the base alone; ids outside [-1, L) give NaN rows.
 """
 import torch
 
-from fusedlora.adapter_batch import AdapterBatch
+from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.kernels.multi_decode import decode_expand, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
-from fusedlora.planner import multi_decode
+from fusedlora.plans.planner import multi_decode
 
 
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: AdapterBatch, need_S: bool, out):

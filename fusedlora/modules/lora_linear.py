@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fusedlora.functional import lora_add, lora_linear
-from fusedlora.rules import check_init_lora_weights, check_lora_options, lora_scaling
+from fusedlora.modules.rules import check_init_lora_weights, check_lora_options, lora_scaling
 
 
 def is_plain_linear(module: nn.Module) -> bool:

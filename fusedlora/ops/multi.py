@@ -1,4 +1,4 @@
-"""multi_lora_linear over the plans, in two wrappers that share one implementation (as fusedlora/ops.py).
+"""multi_lora_linear over the plans, in two wrappers that share one implementation (as fusedlora/ops/single.py).
 
 - Eager (serving loops, HF generate, training): a plain torch.autograd.Function, or no autograd at all
   when nothing needs a gradient. The AdapterBatch travels as a Python object, so backward reuses the
@@ -17,9 +17,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora import multi_plans
-from fusedlora.adapter_batch import AdapterBatch
-from fusedlora.planner import choose_multi
+from fusedlora.plans import multi as multi_plans
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.plans.planner import choose_multi
 
 
 def _plan(direction, x, weight, lora_A):

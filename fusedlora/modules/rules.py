@@ -15,7 +15,7 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from fusedlora.checks import require_scalar
+from fusedlora.core.checks import require_scalar
 
 ALL_LINEAR = "all-linear"
 

@@ -2,7 +2,7 @@
 
 Only the forward of each PEFT LoRA Linear instance changes (an instance attribute that shadows the
 class's forward); PEFT keeps owning the parameters and the config, so its save, set_adapter, merge
-and mixed-batch inference work as before. What a served call computes is in fusedlora/peft_forward.py:
+and mixed-batch inference work as before. What a served call computes is in fusedlora/peft/forward.py:
 the layer's direct base layer (which may itself be another tuner's layer, a quantized Linear or any
 module) is either computed by the fused GEMM, when it is a plain nn.Linear or transformers Conv1D, or
 run as it is with the low-rank terms added by fusedlora.lora_add. Vanilla LoRA adapters are served,
@@ -31,8 +31,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from fusedlora.checks import FLOAT_DTYPES
-from fusedlora.peft_forward import (Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
+from fusedlora.core.checks import FLOAT_DTYPES
+from fusedlora.peft.forward import (Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
                                     own_weights, served_forward)
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ With x: (M, K), W: (N, K), A: (r, K), B: (N, r), s the scaling, keep the dropout
                dX = dY·W + keep ⊙ (dU·A)
                dA = dUᵀ·(keep ⊙ x)               mask regenerated from the seed
                dW = dYᵀ·x,  db = Σ_rows dY
-The plans (fusedlora/planner.py) differ only in how y and dX are formed: "fused" adds the low-rank
+The plans (fusedlora/plans/planner.py) differ only in how y and dX are formed: "fused" adds the low-rank
 term inside one Triton GEMM; "split" writes it first (lora_expand) and lets the library GEMM
 accumulate x·Wᵀ or dY·W onto it (addmm_ with beta = 1). Everything else is shared, so forward and
 backward may choose differently. Saved for backward: x, S and the seed, never a mask or a dropped x.
@@ -17,7 +17,7 @@ lora_add (any base layer) is the split plan with the base product computed by so
 """
 import torch
 
-from fusedlora.dropout import keep_threshold
+from fusedlora.core.dropout import keep_threshold
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
