@@ -27,7 +27,7 @@ from providers import layer_stack
 from report import fmt, mib
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# The issue's schema, in its order; saved_mb and rel_err follow it (README, "Benchmarks").
+# The row schema, in its order (docs/benchmarks.md, "Output files"); the extra keys follow it.
 ROW_KEYS = ("case", "provider", "M", "K", "N", "r", "dtype", "adapters", "ms", "tflops", "ratio_to_base",
             "peak_mb")
 EXTRA_KEYS = ("saved_mb", "rel_err", "host_us")
@@ -129,7 +129,7 @@ def specs(size):
 
 
 def make_row(spec, provider, **measured):
-    """A result row: the issue's keys in order, then the extras; r and adapters are None for base."""
+    """A result row: the schema's keys in order, then the extras; r and adapters are None for base."""
     lora = provider != "base"
     row = dict(case=spec.case, provider=provider, M=spec.M, K=spec.K, N=spec.N, r=spec.r if lora else None,
                dtype=spec.dtype, adapters=spec.adapters if lora else None)
