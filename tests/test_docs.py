@@ -163,3 +163,19 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_stays_short():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= 250, f"README.md has {lines} lines; maintainers' material belongs in docs/"
+
+
+def test_benchmark_schema_page_matches_the_code():
+    """docs/benchmarks.md lists the JSON row keys in the order benchmarks/suite.py writes them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import suite
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    table = page.split("Each row has these keys, in this order:")[1].split("\n\n")[1]
+    documented = [key for line in table.splitlines()[2:]
+                  for key in re.findall(r"`([A-Za-z_]+)`", line.split("|")[1])]
+    assert documented == [*suite.ROW_KEYS, *suite.EXTRA_KEYS]
+    header = re.search(r"\{(\"gpu\".*?), \"rows\"", page).group(1)
+    assert re.findall(r'"(\w+)"', header) == list(suite.HEADER_KEYS)
