@@ -32,9 +32,8 @@ RUN_TIMEOUT_S = 600
 # transformers and peft once for all pages, which is most of the cost.
 RUNNER = r'''
 import json, sys, time, traceback
-import torch
 pages = json.load(open(sys.argv[1], encoding="utf-8"))
-cuda = torch.cuda.is_available()
+cuda = sys.argv[2] == "cuda"  # from the parent, so that a page without torch does not import it
 for page, blocks in pages.items():
     print(f"=== PAGE {page}", flush=True)
     namespace, skipped, failed = None, False, False
@@ -88,7 +87,7 @@ def run_pages(pages, workdir: Path):
     (workdir / "blocks.json").write_text(json.dumps(pages), encoding="utf-8")
     (workdir / "run_blocks.py").write_text(RUNNER, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEDLORA_") and k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-u", "run_blocks.py", "blocks.json"], cwd=workdir, env=env,
+    proc = subprocess.run([sys.executable, "-u", "run_blocks.py", "blocks.json", "cuda" if torch.cuda.is_available() else "cpu"], cwd=workdir, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)
     results = {}
     for page in pages:
