@@ -1,7 +1,8 @@
 """multi_lora_linear: one batch, many adapters, each token with its own (or none).
 
 The public function validates, picks the backend (fusedlora/core/backend.py) and calls the kernels' op
-(fusedlora/ops/multi.py, over the plans of fusedlora/plans/multi.py) or the PyTorch path below.
+(fusedlora/ops/multi.py, over the plans of fusedlora/plans/multi.py) or the PyTorch backend
+(fusedlora/core/torch_backend.py).
 multi_lora_linear_unfused is the benchmark's Punica/vLLM-structured variant.
 """
 from typing import Optional, Union
@@ -11,6 +12,7 @@ import torch
 from fusedlora.ops import multi as multi_ops
 from fusedlora.plans import multi as multi_plans
 from fusedlora.core.adapter_batch import AdapterBatch, values_checked
+from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_multi, check_ranks_values, describe
 # The custom ops, importable from here as before the split by role.
@@ -31,34 +33,6 @@ def _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
     if ranks is not None and values_checked(ranks):
         check_ranks_values(ranks, lora_A.shape[1])
     return batch.ids, batch
-
-
-def multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
-    """The torch backend: the function in PyTorch ops whose shapes never depend on the ids, so that it
-    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference uses boolean
-    indexing instead, the plainer oracle). Each adapter's update is computed for every token and kept
-    where the token chose it: L times the low-rank work of the kernels. Selecting after each adapter's
-    expand, rather than one dense matmul over all adapters, keeps a row from ever touching another
-    adapter's weights, so a NaN in an unused slot cannot leak (0 * NaN is NaN); entries past each rank
-    are zeroed before use for the same reason."""
-    L, R, K = lora_A.shape
-    M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
-    ids = adapter_ids.reshape(M)
-    y = x.reshape(M, K) @ weight.t()
-    if bias is not None:
-        y = y + bias
-    y = y.to(dtype)
-    xa = x.reshape(M, K).to(dtype)
-    if ranks is None:
-        ranks = torch.full((L,), R, device=x.device)
-    in_rank = torch.arange(R, device=x.device) < ranks[:, None]  # (L, R)
-    for i in range(L):
-        A = torch.where(in_rank[i, :, None], lora_A[i], 0)
-        B = torch.where(in_rank[i, None, :], lora_B[i], 0)
-        update = ((xa @ A.t()) @ B.t()) * scalings[i].to(dtype)
-        y = torch.where((ids == i)[:, None], y + update, y)
-    y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def multi_lora_linear(
@@ -88,7 +62,7 @@ def multi_lora_linear(
     """
     ids, batch = _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     if backend_for(x) == "torch":
-        return multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
+        return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
     return multi_ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings,
                                        batch if batch is not None else ids, ranks)
 

@@ -191,12 +191,12 @@ def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
 
 def test_invalid_ids_give_nan_rows_in_the_torch_path(device):
     """The torch backend's answer to unchecked ids (under torch.compile, or on CUDA) is the kernels'."""
-    from fusedlora.multi import multi_lora_torch
+    from fusedlora.core import torch_backend
     inputs = make_multi(6, 32, 16, 2, 8, f32, device=device)
     ids = torch.tensor([0, 2, -1, 1, -2, 0], device=device)
     ranks = torch.full((2,), 8, device=device)
     args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
-    y = multi_lora_torch(*args, ids, ranks)
+    y = torch_backend.multi_lora_linear(*args, ids, ranks)
     bad = torch.tensor([False, True, False, False, True, False], device=device)
     assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
     torch.testing.assert_close(y[~bad], reference.multi_lora_linear(*args, ids.clamp(-1, 1))[~bad],
