@@ -5,11 +5,11 @@ bare ids, each call would check them, flatten them and (above the decode size) s
 adapter. An AdapterBatch does that once per batch and every layer reuses it: AdapterPool.use builds
 one per input shape, and a caller can build one and pass it as `adapter_ids`.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from fusedlora.core import knobs
 from fusedlora.core.checks import INT_DTYPES, check_ids_values, describe, require_tensor
 from fusedlora.kernels.multi_lora import group_by_adapter
 
@@ -20,7 +20,7 @@ def values_checked(t: torch.Tensor) -> bool:
     under torch.compile a branch on tensor values would break the graph, so there it never happens."""
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("FUSEDLORA_DEBUG") == "1"
+    return t.device.type == "cpu" or knobs.debug()
 
 
 class AdapterBatch:

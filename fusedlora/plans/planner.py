@@ -20,26 +20,13 @@ M = 16 and M = 2048 has not been measured (`python benchmarks/run.py --plans` on
 SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still bound by reading W.
 """
 import functools
-import os
+
+from fusedlora.core import knobs
 
 PLANS = ("fused", "split")
-CHOICES = ("auto",) + PLANS
 
 # Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction.
 SPLIT_FROM_M = {"forward": 65, "backward": 65}
-
-
-def forced_plan() -> str:
-    """FUSEDLORA_PLAN, read on every call so that tests and users can switch it at run time."""
-    return _parse(os.environ.get("FUSEDLORA_PLAN"))
-
-
-@functools.lru_cache(maxsize=16)
-def _parse(value) -> str:
-    choice = (value or "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"FUSEDLORA_PLAN must be one of {CHOICES}, got {choice!r}")
-    return choice
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,7 +39,7 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
     weight: (N, K), rank r. Depends on shapes only (never on values), so torch.compile and CUDA graphs
     see one choice per shape; dropout and dtype do not change the rule (no measurement says they
     should)."""
-    forced = _parse(os.environ.get("FUSEDLORA_PLAN"))
+    forced = knobs.plan()
     return _rule(direction, M, K, N, r) if forced == "auto" else forced
 
 # ---- multi-adapter (fusedlora.multi_lora_linear) -----------------------------------------------
@@ -82,7 +69,7 @@ def choose_multi(direction: str, M: int, K: int, N: int, R: int, L: int) -> str:
     """"fused" or "split" for a multi-adapter call: direction "forward" or "backward", x: (M, K),
     weight: (N, K), L adapters stacked to rank R. Shapes only, never the ids, so torch.compile and CUDA
     graphs see one choice per shape."""
-    forced = _parse(os.environ.get("FUSEDLORA_PLAN"))
+    forced = knobs.plan()
     return _multi_rule(direction, M, K, N, R, L) if forced == "auto" else forced
 
 
