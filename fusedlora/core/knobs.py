@@ -3,7 +3,7 @@
     FUSEDLORA_BACKEND  auto (default) | triton | torch
         Which implementation serves a call (fusedlora/core/backend.py): auto takes the Triton kernels
         for CUDA tensors and the PyTorch backend elsewhere.
-    FUSEDLORA_PLAN     auto (default) | fused | split
+    FUSEDLORA_PLAN     auto (default) | fused | split | decode
         Forces an execution plan on every call (fusedlora/plans/planner.py says what each means for
         the single- and the multi-adapter op); auto lets the planner choose from the shapes.
     FUSEDLORA_DEBUG    0 (default) | 1
@@ -22,7 +22,7 @@ PLAN = "FUSEDLORA_PLAN"
 DEBUG = "FUSEDLORA_DEBUG"
 
 BACKENDS = ("auto", "triton", "torch")
-PLANS = ("auto", "fused", "split")
+PLANS = ("auto", "fused", "split", "decode")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
