@@ -11,6 +11,10 @@ from fusedlora.ops import single as ops
 Seed = Union[int, torch.Tensor, None]
 
 
+def _scalars(scaling, dropout_p):
+    return require_scalar("scaling", scaling), require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -34,8 +38,7 @@ def lora_linear(
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     """
     check_lora_linear(x, weight, bias, lora_A, lora_B)
-    scaling = require_scalar("scaling", scaling)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    scaling, dropout_p = _scalars(scaling, dropout_p)
     if backend_for(x) == "torch":
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -60,8 +63,7 @@ def lora_add(
     direction; x·Wᵀ is whatever the base layer computes.
     """
     check_lora_add(base, x, lora_A, lora_B)
-    scaling = require_scalar("scaling", scaling)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    scaling, dropout_p = _scalars(scaling, dropout_p)
     if backend_for(x) == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
