@@ -11,10 +11,6 @@ from fusedlora.ops import single as ops
 Seed = Union[int, torch.Tensor, None]
 
 
-def _scalars(scaling, dropout_p):
-    return require_scalar("scaling", scaling), require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -38,7 +34,8 @@ def lora_linear(
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     """
     check_lora_linear(x, weight, bias, lora_A, lora_B)
-    scaling, dropout_p = _scalars(scaling, dropout_p)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     if backend_for(x) == "torch":
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -63,7 +60,8 @@ def lora_add(
     direction; x·Wᵀ is whatever the base layer computes.
     """
     check_lora_add(base, x, lora_A, lora_B)
-    scaling, dropout_p = _scalars(scaling, dropout_p)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     if backend_for(x) == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)

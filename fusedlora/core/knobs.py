@@ -11,8 +11,8 @@
 
 Values are case-insensitive and may carry spaces; empty means the default; anything else is a
 ValueError naming the variable and its values. Each is read from os.environ on every call, so that a
-test or a user can switch it at run time: an unset variable costs one dictionary lookup, a set one a
-strip, a lower and a tuple search, well under a microsecond. Nothing is cached, because torch.compile
+test or a user can switch it at run time; a value spelled as listed is then one lookup in a constant
+table, and only other spellings are stripped and lowered. No cache that fills at run time: torch.compile
 traces these reads (an lru_cache in a traced function draws a dynamo warning).
 """
 import os
@@ -24,6 +24,7 @@ DEBUG = "FUSEDLORA_DEBUG"
 BACKENDS = ("auto", "triton", "torch")
 PLANS = ("auto", "fused", "split", "decode")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_EXACT_BACKEND, _EXACT_PLAN = {v: v for v in BACKENDS}, {v: v for v in PLANS}
 
 
 def _choice(name: str, raw: str, values: tuple) -> str:
@@ -38,13 +39,13 @@ def _choice(name: str, raw: str, values: tuple) -> str:
 def backend() -> str:
     """FUSEDLORA_BACKEND: one of BACKENDS."""
     raw = os.environ.get(BACKEND)
-    return "auto" if raw is None else _choice(BACKEND, raw, BACKENDS)
+    return "auto" if raw is None else _EXACT_BACKEND.get(raw) or _choice(BACKEND, raw, BACKENDS)
 
 
 def plan() -> str:
     """FUSEDLORA_PLAN: one of PLANS."""
     raw = os.environ.get(PLAN)
-    return "auto" if raw is None else _choice(PLAN, raw, PLANS)
+    return "auto" if raw is None else _EXACT_PLAN.get(raw) or _choice(PLAN, raw, PLANS)
 
 
 def debug() -> bool:
