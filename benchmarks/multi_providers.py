@@ -32,7 +32,8 @@ from torch import nn
 
 import fusedlora
 from fusedlora.core import reference
-from fusedlora.multi import multi_lora_linear_unfused
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.kernels.multi_lora import multi_gemm, multi_shrink
 from providers import norm_tolerance, saved_mib
 
 L2_FLUSH_BYTES = 256 << 20
@@ -40,6 +41,20 @@ FWD_PROVIDERS = ("base", "peft", "bmm", "fusedlora_unfused", "fusedlora", "fused
                  "fusedlora_batch", "base_graph", "bmm_graph", "fusedlora_graph")
 FWD_BWD_PROVIDERS = ("base", "loop", "bmm", "fusedlora", "fusedlora[fused]", "fusedlora[split]")
 PROVIDERS = {"multi_fwd": FWD_PROVIDERS, "multi_fwd_bwd": FWD_BWD_PROVIDERS}
+
+
+def multi_lora_linear_unfused(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks=None):
+    """Forward only, the Punica/vLLM structure: y = x·Wᵀ + b by the library GEMM, then fusedlora's segment
+    shrink over tokens grouped by adapter and an expand that adds into y. Shapes as
+    fusedlora.multi_lora_linear; adapter_ids: ids or an AdapterBatch; inputs the benchmark made (the
+    ids' values are checked when the batch is built, shapes are not)."""
+    batch = adapter_ids if isinstance(adapter_ids, AdapterBatch) else AdapterBatch(adapter_ids, lora_A.shape[0])
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    groups = batch.groups()
+    S = multi_shrink(x2, lora_A, scalings, groups, ranks)
+    return multi_gemm(None, None, None, S, lora_B, groups, ranks, y, accumulate=True).reshape(*x.shape[:-1], N)
 
 
 def peft_layer(weight, lora_A, lora_B, scalings):

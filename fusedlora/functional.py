@@ -3,18 +3,12 @@ from typing import Optional, Union
 
 import torch
 
-from fusedlora.ops import single as ops
-from fusedlora.core import reference
+from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
-from fusedlora.core.dropout import dropout_mask, seed_tensor
+from fusedlora.ops import single as ops
 
 Seed = Union[int, torch.Tensor, None]
-
-
-def _keep(seed, x, dropout_p):
-    """The torch backend's keep-mask (None without dropout)."""
-    return dropout_mask(seed_tensor(seed, dropout_p), x.shape, dropout_p, x.device) if dropout_p > 0 else None
 
 
 def lora_linear(
@@ -43,7 +37,7 @@ def lora_linear(
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     if backend_for(x) == "torch":
-        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, _keep(seed, x, dropout_p), dropout_p)
+        return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -69,5 +63,5 @@ def lora_add(
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     if backend_for(x) == "torch":
-        return reference.lora_add(base, x, lora_A, lora_B, scaling, _keep(seed, x, dropout_p), dropout_p)
+        return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)

@@ -1,64 +1,35 @@
 """multi_lora_linear: one batch, many adapters, each token with its own (or none).
 
-The public function validates, picks the backend (fusedlora/core/backend.py) and calls the kernels' op
-(fusedlora/ops/multi.py, over the plans of fusedlora/plans/multi.py) or the PyTorch path below.
-multi_lora_linear_unfused is the benchmark's Punica/vLLM-structured variant.
+The public function validates, makes the AdapterBatch (fusedlora/core/adapter_batch.py) unless given
+one, picks the backend (fusedlora/core/backend.py) and calls the kernels' op (fusedlora/ops/multi.py,
+over the plans of fusedlora/plans/multi.py) or the PyTorch backend (fusedlora/core/torch_backend.py).
 """
 from typing import Optional, Union
 
 import torch
 
-from fusedlora.ops import multi as multi_ops
-from fusedlora.plans import multi as multi_plans
+from fusedlora.core import torch_backend
 from fusedlora.core.adapter_batch import AdapterBatch, values_checked
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_multi, check_ranks_values, describe
-# The custom ops, importable from here as before the split by role.
-from fusedlora.ops.multi import multi_lora_linear_backward_op, multi_lora_linear_op  # noqa: F401
+from fusedlora.ops import multi as ops
 
 
-def _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
-    """(ids tensor, AdapterBatch or None) after the checks. An AdapterBatch's ids were checked when it
-    was built: here only its shape and adapter count are compared with the layer's."""
-    if not isinstance(adapter_ids, AdapterBatch):
-        check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, values=values_checked(adapter_ids))
-        return adapter_ids, None
-    batch = adapter_ids
-    check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
-    if batch.num_adapters != lora_A.shape[0]:
-        raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
-                         f"{describe('lora_A', lora_A)} holds L = {lora_A.shape[0]}")
+def _batch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -> AdapterBatch:
+    """The call's AdapterBatch after the checks: adapter_ids itself when it is one (its ids were checked
+    when it was built; here only its shape and adapter count are compared with the layer's), else one
+    built over the bare ids, which checks their values."""
+    given = isinstance(adapter_ids, AdapterBatch)
+    check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids.ids if given else adapter_ids, ranks,
+                values=False)
+    L, R = lora_A.shape[:2]
+    if given and adapter_ids.num_adapters != L:
+        raise ValueError(f"the AdapterBatch was built for {adapter_ids.num_adapters} adapters, but "
+                         f"{describe('lora_A', lora_A)} holds L = {L}")
+    batch = adapter_ids if given else AdapterBatch(adapter_ids, L)
     if ranks is not None and values_checked(ranks):
-        check_ranks_values(ranks, lora_A.shape[1])
-    return batch.ids, batch
-
-
-def multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks):
-    """The torch backend: the function in PyTorch ops whose shapes never depend on the ids, so that it
-    compiles without graph breaks and captures in CUDA graphs (fusedlora.reference uses boolean
-    indexing instead, the plainer oracle). Each adapter's update is computed for every token and kept
-    where the token chose it: L times the low-rank work of the kernels. Selecting after each adapter's
-    expand, rather than one dense matmul over all adapters, keeps a row from ever touching another
-    adapter's weights, so a NaN in an unused slot cannot leak (0 * NaN is NaN); entries past each rank
-    are zeroed before use for the same reason."""
-    L, R, K = lora_A.shape
-    M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
-    ids = adapter_ids.reshape(M)
-    y = x.reshape(M, K) @ weight.t()
-    if bias is not None:
-        y = y + bias
-    y = y.to(dtype)
-    xa = x.reshape(M, K).to(dtype)
-    if ranks is None:
-        ranks = torch.full((L,), R, device=x.device)
-    in_rank = torch.arange(R, device=x.device) < ranks[:, None]  # (L, R)
-    for i in range(L):
-        A = torch.where(in_rank[i, :, None], lora_A[i], 0)
-        B = torch.where(in_rank[i, None, :], lora_B[i], 0)
-        update = ((xa @ A.t()) @ B.t()) * scalings[i].to(dtype)
-        y = torch.where((ids == i)[:, None], y + update, y)
-    y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        check_ranks_values(ranks, R)
+    return batch
 
 
 def multi_lora_linear(
@@ -86,18 +57,8 @@ def multi_lora_linear(
     and in CUDA graphs: on CUDA, without FUSEDLORA_DEBUG, nothing in it reads a value back to the host.
     The execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     """
-    ids, batch = _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+    batch = _batch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
     if backend_for(x) == "torch":
-        return multi_lora_torch(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
-    return multi_ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings,
-                                       batch if batch is not None else ids, ranks)
+        return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks)
+    return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
 
-
-def multi_lora_linear_unfused(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks=None):
-    """Forward only, the Punica/vLLM structure: the base GEMM (torch), then the segment shrink kernel,
-    then the expand kernel adding into the output. For benchmarks: the layer is multi_lora_linear."""
-    ids, batch = _checked(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-    batch = batch or AdapterBatch.trusted(ids, lora_A.shape[0])
-    K, N = x.shape[-1], weight.shape[0]
-    y = multi_plans.unfused_forward(x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch)
-    return y.reshape(*x.shape[:-1], N)

@@ -30,15 +30,6 @@ from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, interp
 from .lora_gemm import grouped_pid, matmul_tile
 
 
-def group_by_adapter(flat_ids: torch.Tensor, num_adapters: int):
-    """(order (M,) int64, sorted_ids (M,), starts (L + 2,) int32) for flat integer ids (M,), on the ids'
-    device, without a host sync: one sort, one arange, one searchsorted."""
-    ids = flat_ids if flat_ids.dtype in (torch.int32, torch.int64) else flat_ids.to(torch.int32)
-    sorted_ids, order = torch.sort(ids, stable=True)
-    bounds = torch.arange(-1, num_adapters + 1, dtype=ids.dtype, device=ids.device)
-    return order, sorted_ids, torch.searchsorted(sorted_ids, bounds, out_int32=True)
-
-
 @triton.jit
 def adapter_rank(ranks_ptr, adapter, R, HAS_RANKS: tl.constexpr):
     """The adapter's rank clamped to R (R for every adapter without a ranks tensor)."""

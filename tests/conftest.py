@@ -38,9 +38,10 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=("fused", "split"))
+@pytest.fixture(params=("fused", "split", "decode"))
 def plan(request, monkeypatch):
-    """Runs a test under each execution plan (FUSEDLORA_PLAN); without it the planner picks by shape."""
+    """Runs a test under each value of FUSEDLORA_PLAN but auto (fusedlora/plans/planner.py: for the
+    single-adapter op decode is the fused plan); without it the planner picks by shape."""
     monkeypatch.setenv("FUSEDLORA_PLAN", request.param)
     return request.param
 

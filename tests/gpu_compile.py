@@ -20,7 +20,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import fusedlora  # noqa: E402
 import fusedlora.core.backend  # noqa: E402
 from fusedlora.kernels.dropout import keep_mask  # noqa: E402
-from fusedlora.multi import multi_lora_linear_unfused  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from multi_providers import multi_lora_linear_unfused  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int8: "*i8",
@@ -82,9 +84,9 @@ def drive():
             fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed=5).sum().backward()
             fusedlora.lora_add(torch.randn(M, 192, dtype=dt, requires_grad=True), x, A, B, 2.0, p, seed=5).sum().backward()
     os.environ.pop("FUSEDLORA_PLAN")
-    # Multi-adapter: each plan at a prefill size (tokens grouped by adapter) and at decode sizes (the
-    # split plan's decode kernels), with and without ranks, adapters in fp32 and in x's dtype.
-    for plan in ("fused", "split"):
+    # Multi-adapter: each plan at a prefill size and at decode sizes (the decode plan runs its kernels
+    # up to 64 rows, the split plan above), with and without ranks, adapters in fp32 and in x's dtype.
+    for plan in ("fused", "split", "decode"):
         os.environ["FUSEDLORA_PLAN"] = plan
         for M, dt, adapter_dt, with_ranks in ((4096, torch.bfloat16, torch.float32, True),
                                               (64, torch.float16, torch.float32, False),

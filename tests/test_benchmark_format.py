@@ -179,3 +179,15 @@ def test_plans_run_checks_only_the_crossover_providers(tmp_path, monkeypatch, ca
     assert {(row["case"], row["provider"]) for row in rows} == \
         {(case, p) for case in suite.PLANS_CASES for p in suite.PLANS_PROVIDERS}
     assert "--plans needs a GPU" in capsys.readouterr().out
+
+
+def test_unfused_provider_matches_reference():
+    """The benchmark's Punica/vLLM-structured provider (fusedlora's segment kernels around a library
+    GEMM) against the float64 reference, mixed ranks with NaN past each rank."""
+    from oracle import check_multi_lora_linear
+    from test_multi_lora import NAN, ids_for, make_multi
+    inputs = make_multi(37, 70, 45, 4, 16, torch.bfloat16, torch.float32, ranks=[3, 16, 8, 1], device=DEVICE,
+                        past_rank=NAN)
+    ids = ids_for("unsorted", 37, 4, DEVICE)
+    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
+    check_multi_lora_linear(multi_providers.multi_lora_linear_unfused(*args, ids, inputs["ranks"]), None, inputs, ids)

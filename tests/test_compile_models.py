@@ -30,8 +30,8 @@ from torch import nn
 
 import fusedlora
 from fusedlora.modules.inject import lora_layers
-from fusedlora.kernels.multi_lora import group_by_adapter
-from fusedlora.multi import multi_lora_linear_backward_op, multi_lora_linear_op
+from fusedlora.core.adapter_batch import group_by_adapter
+from fusedlora.ops.multi import multi_lora_linear_backward_op, multi_lora_linear_op
 
 pytestmark = [pytest.mark.usefixtures("fresh_dynamo"),
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -43,7 +43,7 @@ MULTI_OP = torch.ops.fusedlora.multi_lora_linear.default
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_multi_opcheck(grouped, plan, device):
-    """Both ops, under both plans (the split plan runs its decode kernels at these 14 rows), with the
+    """Both ops, under each plan (the decode plan runs its kernels at these 14 rows), with the
     grouping made inside the op or passed in (as from an AdapterBatch)."""
     inputs = make_multi((2, 7), 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
     ids = torch.tensor([[0, 1, 2, -1, 0, 1, 2], [2, 2, 1, -1, 0, 0, 1]], device=device)

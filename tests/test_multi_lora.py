@@ -1,6 +1,6 @@
 """multi_lora_linear through the kernels against the float64 reference, gradients included, under
-each execution path: the fused plan, the split plan (decode kernels up to MULTI_DECODE_MAX_M rows) and
-the split plan over grouped tokens at any M."""
+each execution plan (the `plan` fixture: fused, split over grouped tokens at any M, decode up to
+MULTI_DECODE_MAX_M rows)."""
 import pytest
 import torch
 from oracle import assert_oracle, chain_lengths, check_multi_lora_linear
@@ -11,20 +11,9 @@ import fusedlora.plans.multi
 from fusedlora import AdapterBatch
 from fusedlora.plans import planner
 from fusedlora.core import reference
-from fusedlora.multi import multi_lora_linear_unfused
+from fusedlora.core.adapter_batch import group_by_adapter
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-PATHS = ("fused", "split", "split-sorted")
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """FUSEDLORA_PLAN forced to each plan; "split-sorted" also turns the decode kernels off, so the split
-    plan groups tokens by adapter at every M."""
-    monkeypatch.setenv("FUSEDLORA_PLAN", request.param.split("-")[0])
-    if request.param == "split-sorted":
-        monkeypatch.setattr(planner, "MULTI_DECODE_MAX_M", 0)
-    return request.param
 
 
 def make_multi(M, K, N, L, R, dtype, adapter_dtype=None, ranks=None, seed=0, device="cpu", past_rank=0.0):
@@ -102,7 +91,7 @@ def case_inputs(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device):
 
 
 @pytest.mark.parametrize("M,K,N,L,R,ranks,dtype,adapter_dtype,kind", CASES)
-def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, path, device):
+def test_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, plan, device):
     """Every path of the kernels against the float64 reference: output and gradients."""
     inputs, ids = case_inputs(M, K, N, L, R, ranks, dtype, adapter_dtype, kind, device)
     check(inputs, ids, dtype)
@@ -116,13 +105,13 @@ def test_torch_backend_matches_reference(M, K, N, L, R, ranks, dtype, adapter_dt
     check(inputs, ids, dtype, torch_ops=True)
 
 
-def test_base_weight_and_bias_gradients(path, device):
+def test_base_weight_and_bias_gradients(plan, device):
     """A trainable base layer under a multi-adapter batch: dW and db join dx, dA and dB."""
     inputs = make_multi(29, 48, 40, 3, 8, f32, ranks=[8, 3, 5], device=device)
     check(inputs, ids_for("unsorted", 29, 3, device), f32, grad=("x", "weight", "bias", "lora_A", "lora_B"))
 
 
-def test_ranks_mean_work_past_the_rank_is_skipped(path, device):
+def test_ranks_mean_work_past_the_rank_is_skipped(plan, device):
     """With ranks given, entries past an adapter's rank are never read: garbage there changes nothing,
     and their gradients are zero."""
     clean = make_multi(30, 48, 40, 3, 16, f32, ranks=[2, 16, 5], device=device)
@@ -138,7 +127,7 @@ def test_ranks_mean_work_past_the_rank_is_skipped(path, device):
     assert grads["lora_A"][1].abs().max() > 0
 
 
-def test_base_only_rows_equal_the_base_layer(path, device):
+def test_base_only_rows_equal_the_base_layer(plan, device):
     inputs = make_multi(20, 32, 24, 2, 8, f32, device=device)
     ids = torch.tensor([-1, 0, 1, -1] * 5, device=device)
     y = fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
@@ -164,24 +153,17 @@ def test_single_adapter_equals_lora_linear(device):
     torch.testing.assert_close(y, single, rtol=1e-5, atol=1e-5)
 
 
-def test_unfused_path_matches_reference(device):
-    inputs = make_multi(37, 70, 45, 4, 16, bf16, f32, ranks=[3, 16, 8, 1], device=device, past_rank=NAN)
-    ids = ids_for("unsorted", 37, 4, device)
-    args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
-    check_multi_lora_linear(multi_lora_linear_unfused(*args, ids, inputs["ranks"]), None, inputs, ids)
-
-
 @pytest.mark.parametrize("M", [12, 70])
-def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
+def test_invalid_ids_give_nan_rows_in_the_kernels(M, plan, device):
     """What a GPU caller gets without FUSEDLORA_DEBUG (the plans run on ids nobody checked): the bad
     rows poisoned, the others right."""
     inputs = make_multi(M, 32, 16, 2, 8, f32, device=device)
     ids = torch.tensor([0, 1, -1, 5, 0, -3, 1, 1, 2, 0, -1, 1] * (M // 12 + 1), device=device)[:M]
-    batch = AdapterBatch.trusted(ids, 2)
+    chosen = planner.choose_multi("forward", M, 32, 16, 8, 2)
+    groups = None if chosen == "decode" else group_by_adapter(ids, 2)
     y = torch.empty(M, 16, device=device)
-    fusedlora.plans.multi.forward(planner.choose_multi("forward", M, 32, 16, 8, 2), inputs["x"], inputs["weight"],
-                                  inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scalings"],
-                                  inputs["ranks"], batch, False, y)
+    fusedlora.plans.multi.forward(chosen, inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
+                                  inputs["lora_B"], inputs["scalings"], inputs["ranks"], ids, groups, False, y)
     bad = (ids < -1) | (ids >= 2)
     assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
     ref = reference.multi_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"],
@@ -191,12 +173,12 @@ def test_invalid_ids_give_nan_rows_in_the_kernels(M, path, device):
 
 def test_invalid_ids_give_nan_rows_in_the_torch_path(device):
     """The torch backend's answer to unchecked ids (under torch.compile, or on CUDA) is the kernels'."""
-    from fusedlora.multi import multi_lora_torch
+    from fusedlora.core import torch_backend
     inputs = make_multi(6, 32, 16, 2, 8, f32, device=device)
     ids = torch.tensor([0, 2, -1, 1, -2, 0], device=device)
     ranks = torch.full((2,), 8, device=device)
     args = [inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")]
-    y = multi_lora_torch(*args, ids, ranks)
+    y = torch_backend.multi_lora_linear(*args, ids, ranks)
     bad = torch.tensor([False, True, False, False, True, False], device=device)
     assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
     torch.testing.assert_close(y[~bad], reference.multi_lora_linear(*args, ids.clamp(-1, 1))[~bad],
@@ -213,7 +195,7 @@ def test_torch_backend_equals_kernels(monkeypatch, device):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_an_adapter_no_token_uses_is_never_read(backend, path, monkeypatch, device):
+def test_an_adapter_no_token_uses_is_never_read(backend, plan, monkeypatch, device):
     """A slot full of NaN (say, a pool slot not loaded yet) leaves the rows of other adapters alone."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(20, 32, 24, 3, 8, f32, device=device)
@@ -226,7 +208,7 @@ def test_an_adapter_no_token_uses_is_never_read(backend, path, monkeypatch, devi
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_empty_batch(backend, path, monkeypatch, device):
+def test_empty_batch(backend, plan, monkeypatch, device):
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     inputs = make_multi(0, 32, 16, 2, 8, f32, device=device)
     x = inputs["x"].requires_grad_()
@@ -244,7 +226,8 @@ def test_backward_may_take_another_path(M, monkeypatch, device):
     inputs = make_multi(M, 40, 24, 4, 16, f32, ranks=[16, 3, 0, 9], device=device, past_rank=NAN)
     ids = ids_for("unsorted", M, 4, device)
     grads = {}
-    for fwd, bwd in (("fused", "split"), ("split", "fused"), ("fused", "fused")):
+    pairs = (("fused", "split"), ("split", "fused"), ("decode", "fused"), ("fused", "decode"))
+    for fwd, bwd in pairs + (("fused", "fused"),):
         leaves = {n: inputs[n].detach().clone().requires_grad_() for n in GRAD}
         monkeypatch.setenv("FUSEDLORA_PLAN", fwd)
         y = fusedlora.multi_lora_linear(leaves["x"], inputs["weight"], inputs["bias"], leaves["lora_A"],
@@ -252,7 +235,7 @@ def test_backward_may_take_another_path(M, monkeypatch, device):
         monkeypatch.setenv("FUSEDLORA_PLAN", bwd)
         y.sum().backward()
         grads[fwd, bwd] = [leaves[n].grad for n in GRAD]
-    for pair in (("fused", "split"), ("split", "fused")):
+    for pair in pairs:
         for a, b in zip(grads[pair], grads["fused", "fused"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -354,7 +337,7 @@ def test_a_batch_is_grouped_once_for_every_layer(counted, monkeypatch, device):
     assert counted["group"] == 3
 
 
-def test_output_can_be_modified_in_place(path, device):
+def test_output_can_be_modified_in_place(plan, device):
     """The output is not a view (a Function's view output forbids in-place ops): a model may scale it
     in place, 3-D input included, and the gradients follow."""
     inputs = make_multi((3, 11), 40, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)

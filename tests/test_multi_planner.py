@@ -5,31 +5,32 @@ from test_multi_lora import ids_for, make_multi
 
 import fusedlora
 import fusedlora.plans.multi
+from fusedlora.kernels.multi_decode import DECODE_MAX_ROWS
 from fusedlora.plans import planner
 
 ARGS = ("x", "weight", "bias", "lora_A", "lora_B", "scalings")
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-@pytest.mark.parametrize("M", [1, 16, 64, 65, 4096, 16384])
-def test_auto_is_split_everywhere(direction, M, monkeypatch):
-    """No measured shape had the fused plan faster (planner.py), so auto never takes it."""
+@pytest.mark.parametrize("M,want", [(0, "split"), (1, "decode"), (16, "decode"), (64, "decode"), (65, "split"),
+                                    (4096, "split"), (16384, "split")])
+def test_auto_is_decode_where_it_serves_else_split(direction, M, want, monkeypatch):
+    """No measured shape had the fused plan faster (planner.py), so auto never takes it; the decode
+    kernels serve 1 to MULTI_DECODE_MAX_M rows, their own limit."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
+    assert planner.MULTI_DECODE_MAX_M == DECODE_MAX_ROWS == 64
     for K, N, R, L in ((4096, 4096, 16, 64), (4096, 14336, 64, 8), (8192, 8192, 8, 1)):
-        assert planner.choose_multi(direction, M, K, N, R, L) == "split"
+        assert planner.choose_multi(direction, M, K, N, R, L) == want
 
 
-@pytest.mark.parametrize("forced", ["fused", "split", " Fused "])
-def test_forcing(forced, monkeypatch):
+@pytest.mark.parametrize("forced,small,large", [("fused", "fused", "fused"), (" Fused ", "fused", "fused"),
+                                                ("split", "split", "split"), ("decode", "decode", "split")])
+def test_forcing(forced, small, large, monkeypatch):
+    """A forced plan serves every call; decode, where its kernels cannot (M = 0 or above their limit),
+    runs the split plan."""
     monkeypatch.setenv("FUSEDLORA_PLAN", forced)
-    for M in (1, 4096):
-        assert planner.choose_multi("forward", M, 64, 64, 8, 3) == forced.strip().lower()
-
-
-@pytest.mark.parametrize("M,decode", [(0, False), (1, True), (64, True), (65, False), (4096, False)])
-def test_decode_kernels_serve_small_batches_of_the_split_plan(M, decode):
-    assert planner.multi_decode("split", M) is decode
-    assert planner.multi_decode("fused", M) is False
+    for M, want in ((1, small), (64, small), (0, large), (65, large), (4096, large)):
+        assert planner.choose_multi("forward", M, 64, 64, 8, 3) == want
 
 
 def test_unknown_plan_is_refused(monkeypatch, device):
@@ -41,14 +42,13 @@ def test_unknown_plan_is_refused(monkeypatch, device):
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """Records (sequence, plan, decode kernels or not) for each forward and backward sequence run."""
+    """Records (sequence, plan) for each forward and backward sequence run."""
     seen = []
     for name in ("forward", "backward"):
         real = getattr(fusedlora.plans.multi, name)
 
         def record(plan, *a, _real=real, _name=name):
-            rows = a[0].shape[0] if _name == "forward" else a[0].reshape(-1, a[0].shape[-1]).shape[0]
-            seen.append((_name, plan, planner.multi_decode(plan, rows)))
+            seen.append((_name, plan))
             return _real(plan, *a)
 
         monkeypatch.setattr(fusedlora.plans.multi, name, record)
@@ -57,12 +57,12 @@ def chosen(monkeypatch):
 
 @pytest.mark.parametrize("M", [16, 80])
 def test_calls_run_the_chosen_plan(M, chosen, monkeypatch, device):
-    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape: the split
-    plan, through the decode kernels up to MULTI_DECODE_MAX_M rows."""
+    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape: the decode
+    plan up to MULTI_DECODE_MAX_M rows, the split plan above."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_multi(M, 32, 24, 3, 4, torch.float32, device=device)
     A = inputs["lora_A"].requires_grad_()
     fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], inputs["scalings"],
                                 ids_for("unsorted", M, 3, device)).sum().backward()
-    decode = M <= planner.MULTI_DECODE_MAX_M
-    assert chosen == [("forward", "split", decode), ("backward", "split", decode)]
+    want = "decode" if M <= planner.MULTI_DECODE_MAX_M else "split"
+    assert chosen == [("forward", want), ("backward", want)]

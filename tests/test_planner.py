@@ -17,11 +17,14 @@ def test_rule_by_rows(direction, M, expected, monkeypatch):
         assert planner.choose(direction, M, K, N, 16) == expected
 
 
-@pytest.mark.parametrize("forced", ["fused", "split", " Split "])
-def test_forcing(forced, monkeypatch):
+@pytest.mark.parametrize("forced,want", [("fused", "fused"), ("split", "split"), (" Split ", "split"),
+                                         ("decode", "fused")])
+def test_forcing(forced, want, monkeypatch):
+    """decode names a multi-adapter plan; the single-adapter op takes it as the fused plan, at any M."""
     monkeypatch.setenv("FUSEDLORA_PLAN", forced)
     for M in (1, 8192):
-        assert planner.choose("forward", M, 64, 64, 8) == forced.strip().lower()
+        for direction in ("forward", "backward"):
+            assert planner.choose(direction, M, 64, 64, 8) == want
 
 
 def test_unknown_plan_is_refused(monkeypatch, device):

@@ -1,17 +1,28 @@
 """AdapterBatch: the adapter ids of one batch, checked and flattened once, grouped by adapter at most once.
 
 A model serving a mixed batch calls multi_lora_linear in every adapted layer with the same ids. Given
-bare ids, each call would check them, flatten them and (above the decode size) sort the tokens by
+bare ids, each call would check them, flatten them and (for the plans that need it) sort the tokens by
 adapter. An AdapterBatch does that once per batch and every layer reuses it: AdapterPool.use builds
-one per input shape, and a caller can build one and pass it as `adapter_ids`.
+one per input shape, a caller can build one and pass it as `adapter_ids`, and multi_lora_linear builds
+one from bare ids. The same object travels to the ops, eager and under torch.compile alike.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from fusedlora.core import knobs
 from fusedlora.core.checks import INT_DTYPES, check_ids_values, describe, require_tensor
-from fusedlora.kernels.multi_lora import group_by_adapter
+
+
+def group_by_adapter(flat_ids: torch.Tensor, num_adapters: int):
+    """(order (M,) int64, sorted_ids (M,), starts (L + 2,) int32) for flat integer ids (M,), on the ids'
+    device, without a host sync: one stable sort, one arange, one searchsorted. order[i] is the token
+    at sorted position i; starts[v + 1] is the first sorted position whose id is >= v, for v in
+    [-1, L]: the layout the segment kernels of fusedlora/kernels/multi_lora.py read."""
+    ids = flat_ids if flat_ids.dtype in (torch.int32, torch.int64) else flat_ids.to(torch.int32)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    bounds = torch.arange(-1, num_adapters + 1, dtype=ids.dtype, device=ids.device)
+    return order, sorted_ids, torch.searchsorted(sorted_ids, bounds, out_int32=True)
 
 
 def values_checked(t: torch.Tensor) -> bool:
@@ -20,7 +31,7 @@ def values_checked(t: torch.Tensor) -> bool:
     under torch.compile a branch on tensor values would break the graph, so there it never happens."""
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or os.environ.get("FUSEDLORA_DEBUG") == "1"
+    return t.device.type == "cpu" or knobs.debug()
 
 
 class AdapterBatch:
@@ -48,17 +59,8 @@ class AdapterBatch:
         if values_checked(adapter_ids):
             check_ids_values(adapter_ids, num_adapters)
 
-    @classmethod
-    def trusted(cls, adapter_ids: torch.Tensor, num_adapters: int, groups=None) -> "AdapterBatch":
-        """A batch over ids the caller has already checked (inside the ops), with a known grouping."""
-        batch = cls.__new__(cls)
-        batch.ids, batch.num_adapters, batch._groups = adapter_ids, num_adapters, groups
-        flat = adapter_ids.reshape(-1)
-        batch.flat = flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
-        return batch
-
     def groups(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order, sorted_ids, starts) of kernels/multi_lora.py, computed once."""
+        """group_by_adapter's (order, sorted_ids, starts) for these ids, computed on first need and kept."""
         if self._groups is None:
             self._groups = group_by_adapter(self.flat, self.num_adapters)
         return self._groups

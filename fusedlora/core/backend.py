@@ -1,16 +1,13 @@
-"""Which implementation serves a call: FUSEDLORA_BACKEND = auto | triton | torch.
+"""Which implementation serves a call: FUSEDLORA_BACKEND = auto | triton | torch (core/knobs.py).
 
-auto (default): the Triton kernels for CUDA tensors, the PyTorch reference path elsewhere.
-triton: always the kernels; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before
-triton is first imported). torch: the PyTorch path, with the same Philox dropout mask.
+auto (default): the Triton kernels for CUDA tensors, the PyTorch backend (core/torch_backend.py)
+elsewhere. triton: always the kernels; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1
+set before triton is first imported). torch: the PyTorch backend, with the same Philox dropout mask.
 """
-import os
-
 import torch
 
+from fusedlora.core import knobs
 from fusedlora.kernels.common import interpreting
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 @torch.compiler.assume_constant_result
@@ -20,19 +17,10 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _parse(value) -> str:
-    # Not cached: torch.compile traces this (an lru_cache there draws a dynamo warning), and parsing a
-    # short string costs less than a microsecond.
-    choice = (value or "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"FUSEDLORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
-    return choice
-
-
 def backend_for(x: torch.Tensor) -> str:
     """'triton' or 'torch' for a call whose inputs live where x does. Read on every call, so a test or
     a user can switch it at run time."""
-    choice = _parse(os.environ.get("FUSEDLORA_BACKEND"))
+    choice = knobs.backend()
     if choice == "auto":
         return "triton" if x.is_cuda else "torch"
     if choice == "triton" and not x.is_cuda and not _interpreting():

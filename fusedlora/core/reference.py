@@ -36,9 +36,7 @@ def lora_linear(
     y = x @ weight.t()
     if bias is not None:
         y = y + bias
-    xd = dropout(x, keep_mask, dropout_p).to(lora_A.dtype)
-    low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
-    return (y.to(low_rank.dtype) + low_rank).to(x.dtype)
+    return lora_add(y, x, lora_A, lora_B, scaling, keep_mask, dropout_p)
 
 
 def lora_add(

@@ -1,14 +1,14 @@
 """multi_lora_linear over the plans, in two wrappers that share one implementation (as fusedlora/ops/single.py).
 
 - Eager (serving loops, HF generate, training): a plain torch.autograd.Function, or no autograd at all
-  when nothing needs a gradient. The AdapterBatch travels as a Python object, so backward reuses the
-  grouping that forward made (or that an earlier layer made for the same batch).
+  when nothing needs a gradient. The AdapterBatch travels as the Python object it is, so backward
+  reuses the grouping that forward made (or that an earlier layer made for the same batch).
 - Under torch.compile: the custom ops fusedlora::multi_lora_linear -> (y, S) and
   fusedlora::multi_lora_linear_backward, with fake implementations and registered autograd, so that
-  torch.compile(fullgraph=True) traces through them. The grouping (order, sorted_ids, starts) is an
-  optional input: passed on when an AdapterBatch already holds it, else made inside the op where the
-  plan needs it (and again in backward: a compiled training step at more than MULTI_DECODE_MAX_M
-  rows over bare ids sorts twice).
+  torch.compile(fullgraph=True) traces through them. A custom op takes tensors, not objects: the
+  batch's flat ids go in, with its grouping (order, sorted_ids, starts) when the batch already holds
+  one; else the op groups inside where its plan needs it (and again in backward: a compiled training
+  step under a grouping plan over a batch built inside the compiled region sorts twice).
 Each op picks its plan per direction from the shapes, inside the op, so the choice adds no guard to a
 compiled graph.
 """
@@ -17,8 +17,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora.plans import multi as multi_plans
-from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.core.adapter_batch import AdapterBatch, group_by_adapter
+from fusedlora.plans import multi as plans
 from fusedlora.plans.planner import choose_multi
 
 
@@ -27,27 +27,28 @@ def _plan(direction, x, weight, lora_A):
     return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S):
+def _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S):
     # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
     # that returned a view could not have its output modified in place.
     K, N = x.shape[-1], weight.shape[0]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    S = multi_plans.forward(_plan("forward", x, weight, lora_A), x.reshape(-1, K), weight, bias, lora_A, lora_B,
-                            scalings, ranks, batch, need_S, y.view(-1, N))
+    S = plans.forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S,
+                      y.view(-1, N))
     return y, S
-
-
-def _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, needs):
-    return multi_plans.backward(_plan("backward", x, weight, lora_A), dy, x, weight, lora_A, lora_B, scalings,
-                                ranks, S, batch, needs)
 
 
 # ---- eager -------------------------------------------------------------------------------------
 
+def _eager_groups(plan, batch: AdapterBatch):
+    return None if plan == "decode" else batch.groups()
+
+
 class _MultiLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, ranks, batch):
-        y, S = _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=True)
+        plan = _plan("forward", x, weight, lora_A)
+        y, S = _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                        _eager_groups(plan, batch), need_S=True)
         ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, ranks, S)
         ctx.batch = batch
         return y
@@ -55,29 +56,36 @@ class _MultiLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, scalings, ranks, S = ctx.saved_tensors
-        grads = _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, ctx.batch, ctx.needs_input_grad[:5])
+        plan, batch = _plan("backward", x, weight, lora_A), ctx.batch
+        grads = plans.backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat,
+                               _eager_groups(plan, batch), ctx.needs_input_grad[:5])
         return (*grads, None, None, None)
 
 
-def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks) -> torch.Tensor:
-    """The kernels' multi_lora_linear for validated inputs (fusedlora.multi checks them). ids: the
-    adapter ids (x.shape[:-1]) or an AdapterBatch over them."""
-    batch = ids if isinstance(ids, AdapterBatch) else None
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterBatch, ranks) -> torch.Tensor:
+    """The kernels' multi_lora_linear for validated inputs (fusedlora.multi checks them and builds the
+    batch)."""
     if torch.compiler.is_compiling():
-        ids, groups = (batch.ids, batch.cached_groups) if batch is not None else (ids, (None, None, None))
-        return multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, *groups)[0]
-    if batch is None:
-        batch = AdapterBatch.trusted(ids, lora_A.shape[0])
+        return multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings, batch.flat, ranks,
+                                    *batch.cached_groups)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
         return _MultiLoRA.apply(x, weight, bias, lora_A, lora_B, scalings, ranks, batch)
-    return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=False)[0]
+    plan = _plan("forward", x, weight, lora_A)
+    return _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, batch.flat, _eager_groups(plan, batch),
+                    need_S=False)[0]
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------------
 
-def _batch(adapter_ids, lora_A, order, sorted_ids, starts):
-    groups = (order, sorted_ids, starts) if order is not None else None
-    return AdapterBatch.trusted(adapter_ids, lora_A.shape[0], groups)
+def _op_groups(plan, ids, lora_A, order, sorted_ids, starts):
+    """The grouping passed in, else made here when the plan needs one. ids: flat (M,)."""
+    if plan == "decode":
+        return None
+    return (order, sorted_ids, starts) if order is not None else group_by_adapter(ids, lora_A.shape[0])
+
+
+def _flat(adapter_ids):
+    return adapter_ids.reshape(-1).contiguous()  # a no-op for the AdapterBatch's flat ids
 
 
 @torch.library.custom_op("fusedlora::multi_lora_linear", mutates_args=())
@@ -86,11 +94,12 @@ def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                          ranks: Optional[torch.Tensor], order: Optional[torch.Tensor],
                          sorted_ids: Optional[torch.Tensor], starts: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y: (*, N), S: (M, R) fp32 in token order). adapter_ids: x.shape[:-1]; ranks: (L,) or None;
-    order, sorted_ids, starts: group_by_adapter's grouping of the ids, or None. Inputs validated by
-    the caller."""
-    batch = _batch(adapter_ids, lora_A, order, sorted_ids, starts)
-    return _forward(x, weight, bias, lora_A, lora_B, scalings, ranks, batch, need_S=True)
+    """(y: (*, N), S: (M, R) fp32 in token order). adapter_ids: x.shape[:-1] or flat (M,); ranks: (L,) or
+    None; order, sorted_ids, starts: group_by_adapter's grouping of the flat ids, or None. Inputs
+    validated by the caller."""
+    plan, ids = _plan("forward", x, weight, lora_A), _flat(adapter_ids)
+    return _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, ids,
+                    _op_groups(plan, ids, lora_A, order, sorted_ids, starts), need_S=True)
 
 
 @multi_lora_linear_op.register_fake
@@ -107,8 +116,9 @@ def multi_lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: tor
                                   needs: List[bool]) -> List[torch.Tensor]:
     """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order
     (a custom op cannot return None)."""
-    batch = _batch(adapter_ids, lora_A, order, sorted_ids, starts)
-    grads = _backward(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, tuple(needs))
+    plan, ids = _plan("backward", x, weight, lora_A), _flat(adapter_ids)
+    grads = plans.backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids,
+                           _op_groups(plan, ids, lora_A, order, sorted_ids, starts), tuple(needs))
     return [g for g in grads if g is not None]
 
 

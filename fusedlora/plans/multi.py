@@ -7,34 +7,33 @@ With x: (M, K), W: (N, K), adapters A: (L, R, K), B: (L, N, R), s_l, ranks r_l, 
                dX[t] = dY[t]·W + dU[t]·A_l
                dA_l = Σ_{t in l} dU[t]ᵀ·x[t],  dB_l = Σ_{t in l} dY[t]ᵀ·S[t]   (every adapter written)
                dW = dYᵀ·x,  db = Σ_rows dY
-The plans (fusedlora/plans/planner.py: choose_multi, multi_decode) differ in how y and dX are formed:
+The plans (chosen by fusedlora/plans/planner.py: choose_multi) differ in how y and dX are formed:
 - fused   tokens grouped by adapter; the base GEMM runs in Triton with each adapter's expand as
           extra K-steps (kernels/multi_lora.py).
-- split   the low-rank term (+ b) is written first and the library GEMM accumulates x·Wᵀ (dY·W) onto
-          it (addmm_, beta = 1), as the single-adapter split plan does. Up to MULTI_DECODE_MAX_M rows
-          the term comes from the decode kernels (kernels/multi_decode.py: per-row adapter lookup, no
-          sort); above, from the segment kernels over grouped tokens.
-S and dU are in token order in every path, so forward and backward may choose differently. The
-grouping, where a path needs it, comes from the AdapterBatch: made once per batch, not per layer.
+- split   the low-rank term (+ b) is written first by the segment kernels over tokens grouped by
+          adapter, and the library GEMM accumulates x·Wᵀ (dY·W) onto it (addmm_, beta = 1), as the
+          single-adapter split plan does.
+- decode  as split, with the low-rank term from the decode kernels (kernels/multi_decode.py: per-row
+          adapter lookup, no grouping), for 1 to DECODE_MAX_ROWS rows.
+S and dU are in token order in every plan, so forward and backward may choose differently. ids are
+the flat (M,) adapter ids; groups, group_by_adapter's (order, sorted_ids, starts) of them, which
+fused and split need and decode does not (None there): the AdapterBatch makes them once per batch.
 Rows with id -1 get the base alone; ids outside [-1, L) give NaN rows.
 """
 import torch
 
-from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.kernels.multi_decode import decode_expand, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
-from fusedlora.plans.planner import multi_decode
 
 
-def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: AdapterBatch, need_S: bool, out):
-    """y into out: (M, N) in x's dtype; returns S: (M, R) fp32, or None when not need_S and the path does
+def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out):
+    """y into out: (M, N) in x's dtype; returns S: (M, R) fp32, or None when not need_S and the plan does
     without. x2: (M, K); inputs already validated."""
-    if multi_decode(plan, x2.shape[0]):
-        part = decode_shrink(x2, lora_A, scalings, batch.flat, ranks)
-        S = decode_expand(part, lora_B, batch.flat, ranks, out=out, bias=bias, write_s=need_S)
+    if plan == "decode":
+        part = decode_shrink(x2, lora_A, scalings, ids, ranks)
+        S = decode_expand(part, lora_B, ids, ranks, out=out, bias=bias, write_s=need_S)
         out.addmm_(x2, weight.t())
         return S
-    groups = batch.groups()
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
     if plan == "fused":
         multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out)
@@ -43,22 +42,21 @@ def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, batch:
     return S
 
 
-def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch: AdapterBatch, needs):
+def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids, groups, needs):
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere.
     x: (*, K), dy: (*, N)."""
     need_x, need_w, need_b, need_A, need_B = needs
     K, N = x.shape[-1], weight.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-    decode = multi_decode(plan, g.shape[0])
-    groups = None if decode else batch.groups()
-    scan = dict(ids=batch.flat) if decode else dict(groups=groups)
+    decode = plan == "decode"
+    scan = dict(ids=ids) if decode else dict(groups=groups)
     lora_At, lora_Bt = lora_A.transpose(1, 2), lora_B.transpose(1, 2)  # (L, K, R), (L, R, N): strides only
     dw = db = dA = dB = None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
     dx2 = dx.view(-1, K) if need_x else None
     if decode and (need_x or need_A):
-        part = decode_shrink(g, lora_Bt, scalings, batch.flat, ranks)
-        dU = decode_expand(part, lora_At, batch.flat, ranks, out=dx2, write_s=need_A)
+        part = decode_shrink(g, lora_Bt, scalings, ids, ranks)
+        dU = decode_expand(part, lora_At, ids, ranks, out=dx2, write_s=need_A)
         if need_x:
             dx2.addmm_(g, weight)
     elif need_x or need_A:
@@ -80,11 +78,3 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch
         db = g.sum(0, dtype=torch.float32).to(weight.dtype)
     return dx, dw, db, dA, dB
 
-
-def unfused_forward(x2, weight, bias, lora_A, lora_B, scalings, ranks, batch: AdapterBatch):
-    """y = x·Wᵀ + b by the library GEMM, then the segment shrink and an expand that adds into y: the
-    Punica/vLLM structure, for the benchmark (fusedlora_unfused)."""
-    y = torch.nn.functional.linear(x2, weight, bias)
-    groups = batch.groups()
-    S = multi_shrink(x2, lora_A, scalings, groups, ranks)
-    return multi_gemm(None, None, None, S, lora_B, groups, ranks, y, accumulate=True)

@@ -1,13 +1,16 @@
 """Which execution plan serves a call: the one place that decides, from shapes alone.
 
-Plans (fusedlora/plans/single.py):
+Single-adapter plans (lora_linear; fusedlora/plans/single.py):
 - "fused": the low-rank term runs inside a Triton GEMM (y = x·Wᵀ + b + S·Bᵀ in one kernel, and dX
   likewise): fewest launches and no extra pass over the output, but the GEMM is Triton's.
 - "split": the library GEMM (cuBLAS through torch) computes x·Wᵀ and dY·W; Triton kernels compute
   the low-rank term and the library GEMM accumulates onto it (beta = 1), so the output is written
   by the fastest GEMM at the cost of one extra pass over it.
 
-FUSEDLORA_PLAN = auto (default) | fused | split forces one for every call (tests run both).
+- "decode" names the multi-adapter decode plan (below); for the single-adapter op it means "fused",
+  the plan auto takes at decode sizes, at every M. So every value of FUSEDLORA_PLAN
+  (fusedlora/core/knobs.py: auto, fused, split, decode) serves every call, and the tests run each.
+lora_add has one plan of its own (the split plan's expand onto a base someone else computed).
 
 The rules come from an H200 (bf16, K = N = 4096, r = 16; ratios to cuBLAS's x·Wᵀ in the same run):
 - the Triton GEMM under the fused plan ran 1.45x cuBLAS at M = 8192, 1.46x at M = 2048 and 1.19x
@@ -19,73 +22,53 @@ So small row counts take the fused plan and everything else the split plan. The 
 M = 16 and M = 2048 has not been measured (`python benchmarks/run.py --plans` on a GPU measures it);
 SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still bound by reading W.
 """
-import functools
-import os
+from fusedlora.core import knobs
+from fusedlora.kernels.multi_decode import DECODE_MAX_ROWS
 
-PLANS = ("fused", "split")
-CHOICES = ("auto",) + PLANS
+PLANS = ("fused", "split", "decode")
 
 # Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction.
 SPLIT_FROM_M = {"forward": 65, "backward": 65}
-
-
-def forced_plan() -> str:
-    """FUSEDLORA_PLAN, read on every call so that tests and users can switch it at run time."""
-    return _parse(os.environ.get("FUSEDLORA_PLAN"))
-
-
-@functools.lru_cache(maxsize=16)
-def _parse(value) -> str:
-    choice = (value or "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"FUSEDLORA_PLAN must be one of {CHOICES}, got {choice!r}")
-    return choice
-
-
-@functools.lru_cache(maxsize=4096)
-def _rule(direction: str, M: int, K: int, N: int, r: int) -> str:
-    return "split" if M >= SPLIT_FROM_M[direction] else "fused"
 
 
 def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
     """"fused" or "split" for a single-adapter call: direction "forward" or "backward", x: (M, K),
     weight: (N, K), rank r. Depends on shapes only (never on values), so torch.compile and CUDA graphs
     see one choice per shape; dropout and dtype do not change the rule (no measurement says they
-    should)."""
-    forced = _parse(os.environ.get("FUSEDLORA_PLAN"))
-    return _rule(direction, M, K, N, r) if forced == "auto" else forced
+    should). Today's rule reads M alone; the rest of the shape is the interface a measured crossover
+    would need."""
+    forced = knobs.plan()
+    if forced == "auto":
+        return "split" if M >= SPLIT_FROM_M[direction] else "fused"
+    return "fused" if forced == "decode" else forced
+
 
 # ---- multi-adapter (fusedlora.multi_lora_linear) -----------------------------------------------
-# Plans (fusedlora/plans/multi.py), the same two as above:
+# Plans (fusedlora/plans/multi.py):
 # - "fused": tokens grouped by adapter, each adapter's expand inside the Triton GEMM.
 # - "split": the library GEMM computes x·Wᵀ (dY·W) for all rows at once and accumulates onto the
-#   low-rank term that Triton kernels wrote first, each row with its own adapter at its own rank.
-#   Up to MULTI_DECODE_MAX_M rows the split plan runs the decode kernels (kernels/multi_decode.py:
-#   per-row adapter lookup, no sort); above, segment kernels over tokens grouped by adapter.
+#   low-rank term that Triton kernels wrote first over tokens grouped by adapter (segment kernels),
+#   each row with its own adapter at its own rank.
+# - "decode": as split, but the low-rank term comes from the decode kernels (kernels/multi_decode.py:
+#   per-row adapter lookup, no sort), which serve 1 to MULTI_DECODE_MAX_M rows. Forced where they
+#   cannot serve (M = 0 or above the bound), it runs the split plan.
 #
 # What an H200 measured (bf16, 64 adapters, r = 16, K = N = 4096; ratio to cuBLAS's x·Wᵀ): at
 # M = 4096 the fused kernel ran 2.65x and cuBLAS plus the same shrink and expand kernels 2.17x; at
 # M = 64, 34.5x and 33.3x. The fused GEMM alone took 341 µs against cuBLAS's 193 µs at M = 4096, and
 # 62 µs against 8 µs at M = 64, where it walks up to 64 adapter segments per row block. No shape has
-# measured the fused plan faster, so auto takes the split plan everywhere; the fused plan stays for
-# FUSEDLORA_PLAN=fused and the benchmark. The decode bound is the decode kernels' design limit (one
-# program block holds every id of the batch), not a measured crossover.
-MULTI_DECODE_MAX_M = 64
-
-
-@functools.lru_cache(maxsize=4096)
-def _multi_rule(direction: str, M: int, K: int, N: int, R: int, L: int) -> str:
-    return "split"
+# measured the fused plan faster, so auto never takes it; it stays for FUSEDLORA_PLAN=fused and the
+# benchmark. Auto takes decode wherever the decode kernels can serve the call: that bound is their
+# design limit (one program block holds every id of the batch), not a measured crossover.
+MULTI_DECODE_MAX_M = DECODE_MAX_ROWS
 
 
 def choose_multi(direction: str, M: int, K: int, N: int, R: int, L: int) -> str:
-    """"fused" or "split" for a multi-adapter call: direction "forward" or "backward", x: (M, K),
+    """"fused", "split" or "decode" for a multi-adapter call: direction "forward" or "backward", x: (M, K),
     weight: (N, K), L adapters stacked to rank R. Shapes only, never the ids, so torch.compile and CUDA
     graphs see one choice per shape."""
-    forced = _parse(os.environ.get("FUSEDLORA_PLAN"))
-    return _multi_rule(direction, M, K, N, R, L) if forced == "auto" else forced
-
-
-def multi_decode(plan: str, M: int) -> bool:
-    """Whether the split plan runs the decode kernels for M rows (the fused plan never does)."""
-    return plan == "split" and 0 < M <= MULTI_DECODE_MAX_M
+    forced = knobs.plan()
+    decode = 0 < M <= MULTI_DECODE_MAX_M
+    if forced == "auto" or forced == "decode":
+        return "decode" if decode else "split"
+    return forced
