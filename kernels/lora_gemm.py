@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
-from .dropout import keep_mask_tile
+from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
 @triton.jit
@@ -53,14 +53,14 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return first_pid_m + (pid % pids_in_group) % group_size, (pid % pids_in_group) // group_size
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_pm, stride_pr, stride_qn, stride_qr,
     stride_cm, stride_cn, stride_om, stride_on,
-    seed, threshold,
+    seed_lo, seed_hi, threshold,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -91,7 +91,7 @@ def _lora_gemm_kernel(
             low_rank = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr,
                                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                    False, tl.float32, LORA_PRECISION, BLOCK_R)
-            keep = keep_mask_tile(seed, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
+            keep = keep_mask_tile(seed_lo, seed_hi, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
             acc += tl.where(keep, low_rank, 0.0)
         else:
             acc = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr, acc,
@@ -123,7 +123,7 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         addend.stride(0), addend.stride(1), out.stride(0), out.stride(1),
-        seed, threshold,
+        *seed_words(seed), threshold,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
         HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),

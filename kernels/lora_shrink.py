@@ -17,15 +17,15 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, dot_precision, interpreting, rank_block
-from .dropout import keep_mask_tile
+from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_shrink_kernel(
     x_ptr, q_ptr, out_ptr,
     M, C, R,
     stride_xm, stride_xc, stride_qr, stride_qc, stride_om, stride_or,
-    scale, seed, threshold,
+    scale, seed_lo, seed_hi, threshold,
     HAS_DROPOUT: tl.constexpr, MASK_T: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -43,9 +43,9 @@ def _lora_shrink_kernel(
         if HAS_DROPOUT:
             # The mask belongs to x's (row, column); MASK_T says this X is xᵀ.
             if MASK_T:
-                keep = tl.trans(keep_mask_tile(seed, c0 + offs_c, tl.program_id(0) * BLOCK_M, threshold, BLOCK_M))
+                keep = tl.trans(keep_mask_tile(seed_lo, seed_hi, c0 + offs_c, tl.program_id(0) * BLOCK_M, threshold, BLOCK_M))
             else:
-                keep = keep_mask_tile(seed, offs_m, c0, threshold, BLOCK_C)
+                keep = keep_mask_tile(seed_lo, seed_hi, offs_m, c0, threshold, BLOCK_C)
             xt = tl.where(keep, xt, 0.0)
         qt = tl.load(q_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -125,7 +125,7 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     _lora_shrink_kernel[grid](
         x, q, out, M, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        float(scale), seed, threshold,
+        float(scale), *seed_words(seed), threshold,
         HAS_DROPOUT=dropout, MASK_T=mask_transposed,
         DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
         BLOCK_R=block_r, **cfg,
