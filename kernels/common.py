@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-FLOAT_DTYPES = tuple(_TL_DTYPE)
 
 
 def interpreting() -> bool:
@@ -21,7 +20,7 @@ def dot_dtype(*dtypes: torch.dtype):
     """Operand dtype for a tl.dot over tiles of these dtypes.
 
     Mixed half/fp32 operands (a bf16 x against fp32 adapter weights) go up to fp32. The interpreter
-    multiplies bf16 as raw 16-bit integers (TRITON-NOTES.md), so there bf16 goes up to fp32 as
+    multiplies bf16 as raw 16-bit integers (upstream triton #11584), so there bf16 goes up to fp32 as
     well; on the GPU bf16 and fp16 stay as they are for the tensor cores.
     """
     if torch.float32 in dtypes:
@@ -43,19 +42,32 @@ def dot_precision(*dtypes: torch.dtype, low_rank: bool = False) -> str:
     "ieee" for all-fp32 operands when torch itself would not use tf32. These dots are memory-bound
     (rank 16 against K in the thousands), so the extra passes cost little. Plain tf32 (2^-11 per
     product) made the fused path less precise than PEFT's on an H200.
+
+    torch's switch is read only for all-fp32 operands, the one case it decides (a read costs ~2 µs).
     """
-    return _precision(dtypes, low_rank, torch.backends.cuda.matmul.allow_tf32)
-
-
-@functools.lru_cache(maxsize=None)
-def _precision(dtypes, low_rank: bool, allow_tf32: bool) -> str:
     if interpreting():
         return "ieee"
     if torch.float32 not in dtypes:
         return "tf32"  # half-precision operands: the setting is ignored (what the H200 ran with)
-    if all(d == torch.float32 for d in dtypes) and (not low_rank or not allow_tf32):
-        return "tf32" if allow_tf32 else "ieee"
-    return "tf32x3"
+    if not all(d == torch.float32 for d in dtypes):
+        return "tf32x3"
+    if fp32_matmul_allows_tf32():
+        return "tf32x3" if low_rank else "tf32"
+    return "ieee"
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch.matmul may use tf32 for fp32 CUDA operands, through the API the installed torch
+    offers: `torch.backends.cuda.matmul.fp32_precision` from torch 2.9 (where reading the legacy
+    `allow_tf32` raises once a user has set the new one), `allow_tf32` before."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # not set for cuBLAS: the backends-wide setting decides
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 @functools.lru_cache(maxsize=None)

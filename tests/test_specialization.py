@@ -63,3 +63,32 @@ def test_seed_words_are_the_seed():
         lo, hi = dropout.seed_words(seed)
         assert all(-2**31 <= w < 2**31 for w in (lo, hi))
         assert ((hi & 0xFFFFFFFF) << 32 | (lo & 0xFFFFFFFF)) == seed & (2**64 - 1)
+
+
+def test_fp32_matmul_setting_read_through_either_api(monkeypatch):
+    """The new API set (where the legacy getter then raises) and the legacy one both read without
+    raising, and decide the all-fp32 dots' precision."""
+    from fusedlora.kernels import common
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    before = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else None
+    try:
+        if before is not None:
+            matmul.fp32_precision = "tf32"
+            assert common.fp32_matmul_allows_tf32()
+            assert common.dot_precision(torch.float32, torch.float32) == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert not common.fp32_matmul_allows_tf32()
+        else:
+            matmul.allow_tf32 = True
+            assert common.fp32_matmul_allows_tf32()
+            matmul.allow_tf32 = False
+        assert common.dot_precision(torch.float32, torch.float32) == "ieee"
+        assert common.dot_precision(torch.float32, torch.float32, low_rank=True) == "ieee"
+        assert common.dot_precision(torch.bfloat16, torch.float32, low_rank=True) == "tf32x3"
+        assert common.dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"
+    finally:
+        if before is not None:
+            matmul.fp32_precision = before
+        else:
+            matmul.allow_tf32 = False
