@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 
 # Per-call integers a kernel must not be specialized on (triton.jit's do_not_specialize).
 SEED_ARGS = ("seed_lo", "seed_hi", "threshold")
@@ -69,6 +71,7 @@ def keep_mask(seed: int, rows: int, cols: int, threshold: int, device) -> torch.
     the LoRA kernels never build it."""
     out = torch.empty((rows, cols), dtype=torch.int8, device=device)
     if rows and cols:
-        grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
-        _keep_mask_kernel[grid](out, rows, cols, *seed_words(seed), threshold, BLOCK_M=32, BLOCK_K=32)
+        cfg = configs.keep_mask(device)
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"]))
+        _keep_mask_kernel[grid](out, rows, cols, *seed_words(seed), threshold, **cfg)
     return out.bool()

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
+from . import configs
+from .common import dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
@@ -128,7 +129,7 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
         HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
         LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
-        BLOCK_R=rank_block(R), **cfg,
+        BLOCK_R=configs.rank_block(R), **cfg,
     )
     return out
 
@@ -153,7 +154,7 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
         raise ValueError("lora_gemm: out does not chain")
     if M == 0 or N == 0:
         return out
-    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M, N, x.device))
+    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device))
 
 
 def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):
@@ -172,4 +173,4 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
         out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=p.device)
     if M == 0 or N == 0:
         return out
-    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, expand_blocks(M))
+    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, configs.lora_expand(M, p.device))

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, interpreting, rank_block
+from . import configs
+from .common import dot_dtype, dot_precision
 from .lora_gemm import grouped_pid, matmul_tile
 
 
@@ -198,27 +199,15 @@ def multi_shrink(x, q, scalings, groups, ranks):
         return out
     order, _, starts = groups
     ranks, has_ranks = _ranks_arg(ranks, starts)
-    block_m = 16 if interpreting() or M <= 64 else 64
-    block_c = 32 if interpreting() else 128
-    block_r = rank_block(R, cap=128)
-    grid = (triton.cdiv(M, block_m), L, triton.cdiv(R, block_r))
+    cfg = configs.multi_shrink(M, R, x.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
     _multi_shrink_kernel[grid](
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
-        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True), **cfg,
     )
     return out
-
-
-def _blocks(M: int, N: int, has_base: bool, device) -> dict:
-    if interpreting():
-        # 16-row blocks: small test batches still span several blocks and several adapters per block.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    # Without the base product the kernel is a memory-bound pass over the output (the split plan's
-    # low-rank term): the single-adapter expand's tiles.
-    return gemm_blocks(M, N, device) if has_base else expand_blocks(M)
 
 
 def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
@@ -237,7 +226,7 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
-    cfg = _blocks(M, N, has_base, out.device)
+    cfg = configs.multi_gemm(M, N, R, has_base, out.device)
     x = x if has_base else p
     w = weight if has_base else p
     K = x.shape[1] if has_base else 0
@@ -251,7 +240,7 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, ACCUMULATE=accumulate,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
-        LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), BLOCK_R=rank_block(R), **cfg,
+        LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), **cfg,
     )
     return out
 
@@ -272,15 +261,12 @@ def multi_reduce(y, z, ranks, out, groups=None, ids=None):
     scan = groups is None
     order, _, starts = (ids, ids, ids) if scan else groups
     ranks, has_ranks = _ranks_arg(ranks, order)
-    block_a = 32 if interpreting() else 64
-    block_t = 16 if interpreting() else 64
-    block_r = rank_block(R, cap=64)
-    grid = (triton.cdiv(A, block_a), L, triton.cdiv(R, block_r))
+    cfg = configs.multi_reduce(M, R, out.device)
+    grid = (triton.cdiv(A, cfg["BLOCK_A"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
     _multi_reduce_kernel[grid](
         y, z, out, order, ids if scan else order, starts, ranks, M, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
         SCAN=scan, HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(y.dtype, z.dtype),
-        PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True),
-        BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r, num_warps=4,
+        PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True), **cfg,
     )
     return out

@@ -22,11 +22,14 @@ SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still b
 import functools
 import os
 
+from fusedlora.kernels import configs
+
 PLANS = ("fused", "split")
 CHOICES = ("auto",) + PLANS
 
-# Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction.
-SPLIT_FROM_M = {"forward": 65, "backward": 65}
+# Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction: the GPU's
+# tuned table, else the default (fusedlora/kernels/configs.py).
+SPLIT_FROM_M = configs.SplitFromM()
 
 
 def forced_plan() -> str:
@@ -70,7 +73,7 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
 # measured the fused plan faster, so auto takes the split plan everywhere; the fused plan stays for
 # FUSEDLORA_PLAN=fused and the benchmark. The decode bound is the decode kernels' design limit (one
 # program block holds every id of the batch), not a measured crossover.
-MULTI_DECODE_MAX_M = 64
+MULTI_DECODE_MAX_M = configs.planner_value("multi_decode_max_m")
 
 
 @functools.lru_cache(maxsize=4096)
