@@ -21,7 +21,8 @@
 # `kernels` that transformers imports), with fusedlora/kernels linked to ../kernels as in a checkout.
 #
 # Environment: PYTHON (default python3); GPU_SESSION_BUDGET_S (default 540: the work that fits one
-# 600 s device call after the machine's start).
+# 600 s device call after the machine's start); GPU_SESSION_TAR (below). On the device machine:
+#     GPU_SESSION_TAR=$OUT/gpu-session.tgz benchmarks/gpu_session.sh /tmp/gpu-session; cp /tmp/gpu-session/session.log $OUT/
 set -u
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then
@@ -36,7 +37,8 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
-BUDGET=${GPU_SESSION_BUDGET_S:-540}
+# The dry run is not timed against a lease: no caps (a busy CI machine runs the interpreter slowly).
+BUDGET=${GPU_SESSION_BUDGET_S:-$([ "$DRY" = 1 ] && echo 3600 || echo 540)}
 LOG=$OUT/session.log
 : > "$LOG"
 SUMMARY=()
@@ -54,7 +56,9 @@ fi
 [ -e fusedlora/kernels ] || ln -sfn ../kernels fusedlora/kernels
 PATHDIR=$(mktemp -d)
 ln -s "$ROOT/fusedlora" "$PATHDIR/fusedlora"
-trap 'rm -rf "$PATHDIR"' EXIT
+# GPU_SESSION_TAR=FILE: OUTDIR packed into FILE at exit, however the script ends (the device call returns
+# at most 8 files: one archive, plus session.log beside it if wanted).
+trap 'rm -rf "$PATHDIR"; [ -z "${GPU_SESSION_TAR:-}" ] || tar -czf "$GPU_SESSION_TAR" -C "$OUT" .' EXIT
 export PYTHONPATH=$PATHDIR${PYTHONPATH:+:$PYTHONPATH}
 
 # step NAME CAP_S COMMAND...: runs COMMAND under timeout for CAP_S seconds, or for what is left of the
@@ -63,6 +67,7 @@ step() {
     local name=$1 cap=$2 left limit t0 rc
     shift 2
     left=$((BUDGET - SECONDS))
+    [ "$DRY" = 1 ] && cap=$left
     limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 20 ]; then
         SUMMARY+=("$(printf '%-10s skipped: %s s of the %s s budget left' "$name" "$left" "$BUDGET")")

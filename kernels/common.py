@@ -9,6 +9,16 @@ import triton.language as tl
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def check_shapes(ok: bool, launcher: str, **tensors) -> None:
+    """Raise ValueError naming the launcher and every tensor given, with its shape, unless ok.
+
+    The launchers' checks guard memory, not user input (fusedlora/ validates that, with messages for
+    users), and survive `python -O`. The message is built only on failure."""
+    if not ok:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+        raise ValueError(f"{launcher}: shapes do not chain: {shapes}")
+
+
 def interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return bool(triton.knobs.runtime.interpret)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot_dtype, dot_precision
+from .common import check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
@@ -144,14 +144,11 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
     """
     M, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
-        raise ValueError("lora_gemm: x, weight and bias do not chain")
-    if p is not None and (p.shape[0] != M or q.shape != (N, p.shape[1])):
-        raise ValueError("lora_gemm: the low-rank operands do not chain")
+    check_shapes(weight.shape[1] == K and (bias is None or bias.shape == (N,))
+                 and (p is None or (p.shape[0] == M and q.shape == (N, p.shape[1])))
+                 and (out is None or out.shape == (M, N)), "lora_gemm", x=x, weight=weight, bias=bias, p=p, q=q, out=out)
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    elif out.shape != (M, N):
-        raise ValueError("lora_gemm: out does not chain")
     if M == 0 or N == 0:
         return out
     return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device))
@@ -166,9 +163,8 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
     """
     M, R = p.shape
     N = q.shape[0]
-    if q.shape != (N, R) or (bias is not None and bias.shape != (N,)) or \
-            (addend is not None and addend.shape != (M, N)) or (out is not None and out.shape != (M, N)):
-        raise ValueError("lora_expand: p, q, bias, addend and out do not chain")
+    check_shapes(q.shape == (N, R) and (bias is None or bias.shape == (N,))
+                 and (addend is None or addend.shape == (M, N)) and (out is None or out.shape == (M, N)), "lora_expand", p=p, q=q, bias=bias, addend=addend, out=out)
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=p.device)
     if M == 0 or N == 0:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot_dtype, dot_precision
+from .common import check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
@@ -105,10 +105,9 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     """
     M, C = x.shape
     R, C_q = q.shape
-    assert C == C_q, "lora_shrink: shapes do not chain"
+    check_shapes(C == C_q and (out is None or out.shape == (M, R)), "lora_shrink", x=x, q=q, out=out)
     if out is None:
         out = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    assert out.shape == (M, R), "lora_shrink: out has the wrong shape"
     if M == 0 or R == 0:
         return out
     cfg = configs.lora_shrink(M, R, x.device)
@@ -130,7 +129,7 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
     """
     M, N = dy.shape
     R = lora_B.shape[1]
-    assert lora_B.shape == (N, R) and S.shape == (M, R), "lora_dy: shapes do not chain"
+    check_shapes(lora_B.shape[0] == N and S.shape == (M, R), "lora_dy", dy=dy, lora_B=lora_B, S=S)
     ds = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_ds else None
     db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_db else None
     if M == 0 or not (compute_ds or compute_db):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot_dtype, dot_precision
+from .common import check_shapes, dot_dtype, dot_precision
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
@@ -142,10 +142,10 @@ def _decode_expand_kernel(
                              acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & n_ok[None, :])
 
 
-def _check(ok: bool, launcher: str, what: str) -> None:
-    """Guards memory, not user input (fusedlora/ validates that); survives `python -O`."""
-    if not ok:
-        raise ValueError(f"{launcher}: {what} do not chain")
+def _check_ids(ids, launcher: str) -> None:
+    if ids.dim() != 1 or ids.stride(0) != 1:  # the leader test reads ids at unit stride
+        raise ValueError(f"{launcher}: ids must be 1-D and contiguous, got shape {tuple(ids.shape)}, "
+                         f"strides {ids.stride()}")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -185,8 +185,10 @@ def decode_shrink(x, q, scalings, ids, ranks):
     L, R, C_q = q.shape
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"decode_shrink: {M} rows, outside [1, {DECODE_MAX_ROWS}]")
-    _check(C == C_q and scalings.shape == (L,) and ids.shape == (M,) and ids.stride(0) == 1
-           and (ranks is None or ranks.shape == (L,)), "decode_shrink", "x, q, scalings, ids and ranks")
+    _check_ids(ids, "decode_shrink")
+    check_shapes(C == C_q and scalings.shape == (L,) and ids.shape == (M,)
+                 and (ranks is None or ranks.shape == (L,)), "decode_shrink", x=x, q=q, scalings=scalings,
+                 ids=ids, ranks=ranks)
     grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device)
     part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
@@ -212,9 +214,10 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
     then adds x·Wᵀ (dY·W). S is zero past each rank and on rows without an adapter."""
     split, M, R = part.shape
     L, N, R_q = q.shape
-    _check(R == R_q and ids.shape == (M,) and ids.stride(0) == 1 and (ranks is None or ranks.shape == (L,))
-           and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
-           "decode_expand", "part, q, ids, ranks, bias and out")
+    _check_ids(ids, "decode_expand")
+    check_shapes(R == R_q and ids.shape == (M,) and (ranks is None or ranks.shape == (L,))
+                 and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
+                 "decode_expand", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out)
     has_out = out is not None
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):

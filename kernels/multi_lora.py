@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot_dtype, dot_precision
+from .common import check_shapes, dot_dtype, dot_precision
 from .lora_gemm import grouped_pid, matmul_tile
 
 
@@ -174,12 +174,6 @@ def _multi_reduce_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=a_ok[:, None] & (offs_r < R)[None, :])
 
 
-def _check(ok: bool, launcher: str, what: str) -> None:
-    """Guards memory, not user input (fusedlora/ validates that); survives `python -O`."""
-    if not ok:
-        raise ValueError(f"{launcher}: {what} do not chain")
-
-
 def _ranks_arg(ranks, fallback):
     return (ranks, True) if ranks is not None else (fallback, False)
 
@@ -190,8 +184,8 @@ def multi_shrink(x, q, scalings, groups, ranks):
     ranks: (L,) integer or None (all R)."""
     M, C = x.shape
     L, R, C_q = q.shape
-    _check(C == C_q and scalings.shape == (L,) and (ranks is None or ranks.shape == (L,)), "multi_shrink",
-           "x, q, scalings and ranks")
+    check_shapes(C == C_q and scalings.shape == (L,) and (ranks is None or ranks.shape == (L,)), "multi_shrink",
+                 x=x, q=q, scalings=scalings, ranks=ranks)
     # Zeros: rows of base-only tokens and columns past a rank are never written, and S is an output of
     # the forward op (saved for backward), whose values must not be leftover memory.
     out = torch.zeros((M, R), dtype=torch.float32, device=x.device)
@@ -219,10 +213,10 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     M, R = p.shape
     L, N, R_q = q.shape
     has_base = weight is not None
-    _check(R == R_q and (ranks is None or ranks.shape == (L,)), "multi_gemm", "p, q and ranks")
-    _check(not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])), "multi_gemm", "x and weight")
-    _check(bias is None or bias.shape == (N,), "multi_gemm", "q and bias")
-    _check(out.shape == (M, N), "multi_gemm", "p, q and out")
+    check_shapes(R == R_q and (ranks is None or ranks.shape == (L,))
+                 and (not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])))
+                 and (bias is None or bias.shape == (N,)) and out.shape == (M, N), "multi_gemm",
+                 x=x, weight=weight, bias=bias, p=p, q=q, ranks=ranks, out=out)
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
@@ -253,9 +247,10 @@ def multi_reduce(y, z, ranks, out, groups=None, ids=None):
     flat `ids` (M,) (small M: the decode path has no grouping)."""
     M, A = y.shape
     L, A_o, R = out.shape
-    _check(z.shape == (M, R) and A == A_o and (ranks is None or ranks.shape == (L,)), "multi_reduce",
-           "y, z, ranks and out")
-    _check((groups is None) != (ids is None) and (ids is None or ids.shape == (M,)), "multi_reduce", "groups and ids")
+    check_shapes(z.shape == (M, R) and A == A_o and (ranks is None or ranks.shape == (L,))
+                 and (ids is None or ids.shape == (M,)), "multi_reduce", y=y, z=z, ranks=ranks, out=out, ids=ids)
+    if (groups is None) == (ids is None):
+        raise ValueError("multi_reduce: give exactly one of groups and ids")
     if L == 0 or A == 0:
         return out
     scan = groups is None
