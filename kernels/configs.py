@@ -144,31 +144,39 @@ def lora_expand(M: int, device=None) -> dict:
     return _choose("lora_expand", target(device), M, default)
 
 
+# wide: a dot with an fp32 operand (tf32x3 or ieee), whose operand tiles take three times the
+# registers of a half-precision one: compiled for sm_90 at the half-precision tiles, the shrink, dU/dB and
+# decode kernels spilled (8 to 520 bytes of local memory per thread, cuobjdump on the cubin, triton 3.9),
+# so wide dots get half the reduction block or twice the warps.
+
 @functools.lru_cache(maxsize=4096)
-def lora_shrink(M: int, R: int, device=None) -> dict:
+def lora_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
     """S = x·Aᵀ and dAᵀ: one program streams BLOCK_M rows over all of C (at M <= 16 a single program)."""
-    default = dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=128, RANK_CAP=128, num_warps=4, num_stages=3)
+    default = dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=64 if wide else 128, RANK_CAP=128,
+                   num_warps=8 if wide else 4, num_stages=3)
     return _with_rank(_choose("lora_shrink", target(device), M, default), R)
 
 
 @functools.lru_cache(maxsize=4096)
-def lora_dy(M: int, R: int, device=None) -> dict:
+def lora_dy(M: int, R: int, device=None, wide: bool = False) -> dict:
     """dU and dB from one pass over dY."""
-    default = dict(BLOCK_M=64, BLOCK_N=64, RANK_CAP=64, num_warps=4, num_stages=3)
+    default = dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, RANK_CAP=64, num_warps=4, num_stages=3)
     return _with_rank(_choose("lora_dy", target(device), M, default), R)
 
 
 @functools.lru_cache(maxsize=4096)
-def multi_shrink(M: int, R: int, device=None) -> dict:
-    default = dict(BLOCK_M=16 if M <= 64 else 64, BLOCK_C=128, RANK_CAP=128, num_warps=4)
+def multi_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    default = dict(BLOCK_M=16 if M <= 64 else 64, BLOCK_C=64 if wide else 128, RANK_CAP=128,
+                   num_warps=8 if wide or M > 64 else 4)
     return _with_rank(_choose("multi_shrink", target(device), M, default), R)
 
 
 @functools.lru_cache(maxsize=4096)
 def multi_gemm(M: int, N: int, R: int, has_base: bool, device=None) -> dict:
     """With the base product, the LoRA GEMM's tiles; without it (the split plan's low-rank term) a
-    memory-bound pass over the output: the single-adapter expand's."""
-    default = {**(lora_gemm(M, N, device) if has_base else lora_expand(M, device)), "RANK_CAP": 64}
+    memory-bound pass over the output: the single-adapter expand's, with twice the warps (its fp32
+    low-rank dots spilled at 4 warps, tile 64x128)."""
+    default = {**(lora_gemm(M, N, device) if has_base else dict(lora_expand(M, device), num_warps=8)), "RANK_CAP": 64}
     return _with_rank(_choose("multi_gemm", target(device), M, default), R)
 
 
@@ -179,15 +187,16 @@ def multi_reduce(M: int, R: int, device=None) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_shrink(M: int, R: int, device=None) -> dict:
+def decode_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
     """PROGRAMS_PER_SM: how many programs per SM the split over C aims for."""
-    default = dict(BLOCK_C=128, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4)
+    default = dict(BLOCK_C=64 if wide else 128, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4)
     return _with_rank(_choose("decode_shrink", target(device), M, default), R)
 
 
 @functools.lru_cache(maxsize=4096)
 def decode_expand(M: int, R: int, device=None) -> dict:
-    default = dict(BLOCK_M=16, BLOCK_N=256, RANK_CAP=64, num_warps=4)
+    """Its dots are fp32 (the partial sums times the adapter): 8 warps, which did not spill."""
+    default = dict(BLOCK_M=16, BLOCK_N=256, RANK_CAP=64, num_warps=8)
     return _with_rank(_choose("decode_expand", target(device), M, default), R)
 
 

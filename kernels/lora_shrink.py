@@ -110,7 +110,7 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
         out = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or R == 0:
         return out
-    cfg = configs.lora_shrink(M, R, x.device)
+    cfg = configs.lora_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _lora_shrink_kernel[grid](
         x, q, out, M, C, R,
@@ -134,7 +134,7 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
     db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_db else None
     if M == 0 or not (compute_ds or compute_db):
         return ds, db
-    cfg = configs.lora_dy(M, R, dy.device)
+    cfg = configs.lora_dy(M, R, dy.device, True)  # S and dU are fp32
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
     _lora_dy_kernel[grid](

@@ -157,11 +157,11 @@ def _block_ids(M: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _shrink_config(M: int, C: int, R: int, device) -> tuple:
+def _shrink_config(M: int, C: int, R: int, device, wide: bool) -> tuple:
     """(grid, BLOCK_C, columns per slice, EVEN_C, BLOCK_M, BLOCK_R, num_warps): enough slices of C that
     M·SPLIT programs give every SM about PROGRAMS_PER_SM of them (fewer if C runs out of blocks), every
     slice non-empty. Cached: at decode sizes the host time of a call matters as much as its kernels'."""
-    cfg = configs.decode_shrink(M, R, device)
+    cfg = configs.decode_shrink(M, R, device, wide)
     block_c = cfg["BLOCK_C"]
     blocks = _cdiv(max(C, 1), block_c)
     per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(cfg["PROGRAMS_PER_SM"] * configs.sm_count(device), M))))
@@ -189,7 +189,7 @@ def decode_shrink(x, q, scalings, ids, ranks):
     check_shapes(C == C_q and scalings.shape == (L,) and ids.shape == (M,)
                  and (ranks is None or ranks.shape == (L,)), "decode_shrink", x=x, q=q, scalings=scalings,
                  ids=ids, ranks=ranks)
-    grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device)
+    grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device, torch.float32 in (x.dtype, q.dtype))
     part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()

@@ -193,7 +193,7 @@ def multi_shrink(x, q, scalings, groups, ranks):
         return out
     order, _, starts = groups
     ranks, has_ranks = _ranks_arg(ranks, starts)
-    cfg = configs.multi_shrink(M, R, x.device)
+    cfg = configs.multi_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
     _multi_shrink_kernel[grid](
         x, q, scalings, out, order, starts, ranks, C, R,

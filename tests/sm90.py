@@ -29,11 +29,26 @@ def bind(kernel, args, kwargs):
     return jit, bound, specialization, options
 
 
-def record_launches(drive, kernels):
-    """Run drive() with the launches of these kernels recorded instead of executed:
-    [(kernel, args, kwargs)] in launch order. Works for JITFunctions and interpreted kernels alike."""
+def source(kernel, args, kwargs):
+    """(ASTSource, compile options, bound arguments) of one launch, as Triton's JIT builds them for
+    sm_90: what triton.compile(src, target=TARGET, options=options) compiles."""
+    from triton.compiler import ASTSource
+    jit, bound, specialization, _ = bind(kernel, args, kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(make_backend(TARGET), kwargs, bound, specialization, None)
+    return ASTSource(jit, signature, constexprs, attrs), options.__dict__, bound
+
+
+def record_launches(drive, kernels=None):
+    """Run drive() with the launches of these kernels (None: every JITFunction) recorded instead of
+    executed: [(kernel, args, kwargs)] in launch order. Works for JITFunctions and interpreted kernels."""
     launches, originals = [], {}
-    for kernel in kernels:
+    if kernels is None:
+        originals[JITFunction] = JITFunction.run
+
+        def record_all(self, *args, grid, warmup, **kwargs):
+            launches.append((self, args, kwargs))
+        JITFunction.run = record_all
+    for kernel in kernels or ():
         cls = type(kernel)
         if cls not in originals:
             originals[cls] = cls.run
