@@ -15,7 +15,7 @@ Sizes: K = N = 4096 and 4096 -> 14336; M = 1, 16, 64, 65, 2048, 8192; bf16 x wit
 dropout on and off; forward and backward; single-adapter and 64 adapters; every plan.
 
     python tests/gpu_compile.py          every variant (by hand: ~180 variants, 10-25 min on 2 cores)
-    python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192
+    python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192, the fused at 8192
                                          (tests/test_gpu_compile.py runs it); triton 3.6 and 3.9
 """
 import os
@@ -93,12 +93,14 @@ def resource_usage(cubin: bytes) -> dict:
 
 def variants(quick=False):
     """[(kernel name, src, options, bound args, in a default plan)], one per distinct variant, over every
-    plan; quick: the default plans only, at K = N = 4096 and M = 1, 65, 8192."""
+    plan; quick: the default plans at K = N = 4096 and M = 1, 65, 8192, and the fused plan at M = 8192."""
     seen = {}
     fusedlora.core.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through off CUDA
     os.environ["FUSEDLORA_BACKEND"] = "triton"
-    sizes = dict(shapes=SHAPES[:1], rows=QUICK_ROWS) if quick else {}
-    for plan in ("auto",) if quick else ("auto", "fused", "split"):
+    # quick: the default plans, and the fused plan at M = 8192 (a GEMM that must use wgmma).
+    runs = ((("auto", dict(shapes=SHAPES[:1], rows=QUICK_ROWS)), ("fused", dict(shapes=SHAPES[:1], rows=(8192,))))
+            if quick else tuple((plan, {}) for plan in ("auto", "fused", "split")))
+    for plan, sizes in runs:
         launches = record_launches(lambda: drive(plan, **sizes))
         if plan == "auto":
             launches += record_launches(lambda: keep_mask(7, 64, 64, 1 << 20, META))
