@@ -12,6 +12,7 @@ setup(
     packages=["fusedlora", "fusedlora.core", "fusedlora.plans", "fusedlora.ops", "fusedlora.modules",
               "fusedlora.peft", "fusedlora.serving", "fusedlora.kernels"],
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
+    package_data={"fusedlora.kernels": ["configs/*.json"]},  # per-GPU tuned tables
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
         # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs.

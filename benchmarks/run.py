@@ -4,6 +4,7 @@
     python benchmarks/run.py --full     the whole grid of shapes, M and r
     python benchmarks/run.py --plans    the fused/split crossover: fwd and fwd_bwd from M = 16 to 2048
     python benchmarks/run.py --out DIR  write the results there instead
+    python benchmarks/run.py --dry-run  one tiny shape through the interpreter (the session script's CI run)
 
 Providers: base (the base GEMM alone: the floor), peft (a real PEFT LoRA Linear), addmm (matmul then
 in-place addmm of the low-rank term), compile (torch.compile of the reference), fusedlora. Cases: fwd,
@@ -16,6 +17,9 @@ benchmarks/results/<gpu>.json, .md and .png (<gpu>-full.* with --full, <gpu>-pla
 Without a GPU the same code runs on tiny shapes through the Triton interpreter: every provider is
 checked, memory saved for backward is measured, and no timings are made, because interpreter timings
 mean nothing. Files are then written only with --out.
+
+Each row reaches <stem>.jsonl as it finishes, and a SIGTERM (a `timeout`) writes the JSON and markdown
+of the rows so far, marked partial (benchmarks/record.py).
 """
 import argparse
 import os
@@ -34,6 +38,7 @@ if __name__ == "__main__" and not CUDA:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import suite  # noqa: E402
+from record import Record  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +50,8 @@ def main(argv=None):
     sizes.add_argument("--plans", action="store_true",
                        help="fwd and fwd_bwd at M = 16..2048 for base, addmm and fusedlora's plans only: "
                             "where the planner should switch plans")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="without a GPU only: the first tiny shape of the CPU grid, for checking the plumbing")
     parser.add_argument("--out", type=Path, help="directory for <gpu>.json/.md/.png "
                         "(default: benchmarks/results on a GPU, none without one)")
     args = parser.parse_args(argv)
@@ -67,17 +74,27 @@ def main(argv=None):
               f"shapes{f' (--{size} needs a GPU: same tiny shapes)' if size != 'headline' else ''}.", flush=True)
         if args.plans:
             todo = [spec for spec in todo if spec.case in suite.PLANS_CASES]
+        if args.dry_run:
+            # Plumbing only: one shape, one single-adapter and one multi-adapter case (forward and backward
+            # between them), and no torch.compile provider (an Inductor C++ build per case).
+            first = suite.CPU_GRID[0]
+            todo = [spec for spec in todo if (spec.M, spec.K, spec.N, spec.r, spec.dtype) == first
+                    and spec.case in ("fwd_bwd", "multi_fwd")][:1 if args.plans else None]
+            only = [name for name in suite.all_providers() if name != "compile" and (only is None or name in only)]
+    out = args.out or (RESULTS if CUDA else None)
+    record = Record(out, report.stem(gpu or "cpu-check", size), result, markdown=report.markdown)
     rows, failures = suite.run_rows(todo, "cuda" if CUDA else "cpu", timed=CUDA,
-                                    log=lambda line: print(line, flush=True), only=only)
+                                    log=lambda line: print(line, flush=True), only=only, on_row=record.add)
     result["rows"] = rows
     print(f"{len(rows) - len(failures)} of {len(rows)} provider checks agree with the float64 reference "
           f"({time.perf_counter() - start:.0f} s).")
     if not CUDA:
         print("No timings: they need a CUDA GPU (interpreter timings mean nothing). Run this command on one.")
-    out = args.out or (RESULTS if CUDA else None)
+    written = record.finish()
     if out is not None:
-        for line in report.write(result, out, report.stem(gpu or "cpu-check", size)):
-            print(line)
+        for path in written:
+            print(f"wrote {path}")
+        print(report.plot(result, out / f"{report.stem(gpu or 'cpu-check', size)}.png"))
     else:
         print("Nothing written (pass --out DIR to keep the check rows).")
     if CUDA:

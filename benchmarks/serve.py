@@ -18,12 +18,13 @@ Providers, on the same requests in one run:
 
 First the logit check (check_logits): prompts plus the tokens fusedlora generated are fed, teacher-
 forced, to every provider, and each row's logits are compared with a float64 PEFT run of the same
-model and adapters. A provider beyond the bound fails, nothing is timed, and the command exits 1.
-Then tokens/s (median of --repeats runs, CUDA synchronised), and, as information only, how often
-each provider's greedy tokens equal PEFT's: with near-flat logits, rounding alone flips an argmax.
+model and adapters. A provider beyond the bound is reported and not timed, and the command exits 1;
+every provider within it is timed. Then tokens/s (median of --repeats runs, CUDA synchronised), and,
+as information only, how often each provider's greedy tokens equal PEFT's: with near-flat logits, rounding alone flips an argmax.
 Without a GPU it runs a tiny float32 model through the Triton interpreter, makes the logit check and
 the token comparison, and prints no throughput. --out DIR writes the results as
-serve-<gpu>[-large].json there.
+serve-<gpu>[-large].json there, with each provider's row in the .jsonl beside it as soon as it is
+timed; a SIGTERM (a `timeout`) writes the JSON of what is done, marked partial.
 """
 import argparse
 import copy
@@ -54,6 +55,7 @@ import fusedlora  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import suite  # noqa: E402
+from record import Record  # noqa: E402
 
 # transformers 5 warns from inside PEFT's get_peft_model; nothing of ours.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
@@ -61,12 +63,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SCENARIOS = {"default": dict(adapters=8, batch=32, prompt=32, new_tokens=64, repeats=3),
              "large": dict(adapters=64, batch=64, prompt=32, new_tokens=32, repeats=1)}
 TINY = dict(adapters=3, batch=3, prompt=4, new_tokens=2, repeats=1)  # the interpreter runs it in the tests
+DRY = dict(adapters=2, batch=2, prompt=3, new_tokens=2, repeats=1)  # --dry-run: one layer, the plumbing only
 # The forward's cache argument: `cache` in transformers 5.24, `past_key_values` in 5.17 (the GPU machine's).
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-def build_model(tiny: bool, dtype):
-    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+def build_model(tiny: bool, dtype, layers: int = 2):
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128) if tiny else \
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=32000)
@@ -249,7 +252,7 @@ class Setup:
 
     def __init__(self, args):
         self.dtype = torch.bfloat16 if CUDA else torch.float32
-        base = build_model(not CUDA, self.dtype)
+        base = build_model(not CUDA, self.dtype, layers=1 if args.dry_run else 2)
         gen = torch.Generator().manual_seed(1)
         self.prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt), generator=gen).to(base.device)
         self.names = [f"a{(b * 7) % args.adapters}" for b in range(args.batch)]
@@ -291,10 +294,13 @@ def parse(argv):
                         ("new-tokens", "tokens generated per request"), ("repeats", "timed runs per provider")):
         parser.add_argument(f"--{flag}", type=int, help=f"{help_} (default: the scenario's)")
     parser.add_argument("--out", type=Path, help="write serve-<gpu>[-<scenario>].json there")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="without a GPU only: a one-layer tiny model, fewer requests (checks the plumbing)")
     args = parser.parse_args(argv)
-    preset = SCENARIOS[args.scenario] if CUDA else TINY
+    tiny = args.dry_run or not CUDA
+    preset = DRY if args.dry_run else TINY if tiny else SCENARIOS[args.scenario]
     for key, value in preset.items():
-        if getattr(args, key) is None or not CUDA:
+        if getattr(args, key) is None or tiny:
             setattr(args, key, value)
     return args
 
@@ -310,29 +316,21 @@ def graph_decoder(setup, new_tokens):
     return decoder, None
 
 
-def time_providers(runs, repeats, new_tokens):
-    """{name: (tokens (B, T), median seconds)}: a short warm-up run (kernels, autotuning, caches), then
-    `repeats` timed runs per provider."""
-    out = {}
-    for name, run in runs.items():
-        run(2)
-        out[name] = timed(lambda: run(new_tokens), repeats)
-    return out
-
-
 @torch.no_grad()
 def main(argv=None):
     args = parse(argv)
     if not CUDA:
         print("No CUDA GPU: a tiny float32 model through the Triton interpreter, checking fusedlora's logits "
               "against PEFT and float64, and comparing greedy tokens. Throughput needs a GPU.")
+    result = dict(suite.header(torch.cuda.get_device_name() if CUDA else None), transformers=transformers.__version__,
+                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny", ok=None)
+    # On the disk from the start: a run stopped by its timeout leaves the check and the providers timed so far.
+    record = Record(args.out, out_stem(result), result, rows_key="providers")
     setup, T, status = Setup(args), args.new_tokens, 0
     print(f"{args.batch} requests, {args.adapters} adapters (ranks {min(setup.ranks)}..{max(setup.ranks)}), "
           f"{args.prompt} prompt + {T} new tokens, {setup.dtype}", flush=True)
-    result = dict(suite.header(torch.cuda.get_device_name() if CUDA else None), transformers=transformers.__version__,
-                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny",
-                  setup=dict(adapters=args.adapters, batch=args.batch, prompt=args.prompt, new_tokens=T,
-                             repeats=args.repeats, ranks=setup.ranks, dtype=str(setup.dtype)))
+    result["setup"] = dict(adapters=args.adapters, batch=args.batch, prompt=args.prompt, new_tokens=T,
+                           repeats=args.repeats, ranks=setup.ranks, dtype=str(setup.dtype))
     # One block for everything the pool serves: a captured graph reads this block's ids tensor.
     with setup.pool.use(setup.names):
         fused_tokens = setup.generate(setup.served, T)  # the sequence the check feeds every provider
@@ -346,51 +344,79 @@ def main(argv=None):
                 status = 1
         result["logit_check"] = check_logits(setup, torch.cat([setup.prompts, fused_tokens], 1), decoders)
         print_check(result["logit_check"])
-        if not result["logit_check"]["ok"]:
-            print("WRONG: logits beyond the bound (table above); nothing timed.", file=sys.stderr)
-            return finish(result, args, 1)
+        record.write(partial=True)
+        failed = [row["provider"] for row in result["logit_check"]["rows"] if not row["ok"]]
+        if failed:
+            # One new provider beyond its bound must not cost the others their timings.
+            print(f"WRONG: logits beyond the bound for {', '.join(failed)} (table above); "
+                  "those are not timed.", file=sys.stderr)
+            status = 1
         runs = {"peft": lambda n: setup.generate(setup.peft_model, n, adapter_names=setup.names),
                 "fusedlora": lambda n: setup.generate(setup.served, n),
                 **{name: (lambda n, d=decoder: d.run(n)[0]) for name, decoder in decoders.items()}}
-        if CUDA:
-            timings = time_providers(runs, args.repeats, T)
-        else:  # one untimed run each for the tokens; fusedlora's generate has run already
-            timings = {name: (fused_tokens if name == "fusedlora" else run(T), None) for name, run in runs.items()}
-    result["providers"] = report_providers(timings, args.batch * T)
-    return finish(result, args, status)
+        runs = {name: run for name, run in runs.items() if name not in failed}
+        peft_run = None
+        for name, run in runs.items():
+            if CUDA:
+                run(2)  # warm-up: kernels, autotuning, caches
+                tokens, seconds = timed(lambda: run(T), args.repeats)
+            else:  # one untimed run each for the tokens; fusedlora's generate has run already
+                tokens, seconds = (fused_tokens if name == "fusedlora" else run(T)), None
+            if name == "peft":
+                peft_run = (tokens, seconds)
+            record.add(provider_row(name, tokens, seconds, args.batch * T, peft_run))
+    print_agreement_note()
+    return finish(result, args, status, record)
+
+
+def provider_row(name, tokens, seconds, count, peft_run):
+    """A provider's row (tokens/s on CUDA, greedy-token agreement with PEFT), printed and returned.
+    peft_run: PEFT's (tokens, seconds), or None when PEFT was not run (it failed its check)."""
+    peft_tokens, peft_seconds = peft_run if peft_run is not None else (None, None)
+    agree = None if name == "peft" or peft_tokens is None else (tokens == peft_tokens).float().mean().item()
+    speedup = None if seconds is None or peft_seconds is None else peft_seconds / seconds
+    row = dict(provider=name, tokens_equal_to_peft=agree, seconds=seconds,
+               tokens_per_s=None if seconds is None else count / seconds, speedup_over_peft=speedup)
+    line = f"{name:17}"
+    if seconds is not None:
+        line += f" {count / seconds:9.1f} tokens/s, {seconds * 1e3:8.1f} ms for {count} tokens"
+        line += ";" if speedup is None else f", {speedup:5.2f}x PEFT;"
+    if agree is not None:
+        line += f" greedy tokens equal to PEFT's in {agree:.1%} of positions"
+    if seconds is not None or agree is not None:
+        print(line, flush=True)
+    return row
 
 
 def report_providers(timings, count):
-    """Rows of tokens/s (CUDA) and greedy-token agreement with PEFT, printed and returned."""
-    rows, peft_tokens = [], timings["peft"][0]
-    for name, (tokens, seconds) in timings.items():
-        agree = None if name == "peft" else (tokens == peft_tokens).float().mean().item()
-        rows.append(dict(provider=name, tokens_equal_to_peft=agree, seconds=seconds,
-                         tokens_per_s=None if seconds is None else count / seconds,
-                         speedup_over_peft=None if seconds is None else timings["peft"][1] / seconds))
-        if agree is None and seconds is None:
-            continue  # PEFT without timings: nothing to say
-        line = f"{name:17}"
-        if seconds is not None:
-            line += f" {count / seconds:9.1f} tokens/s, {seconds * 1e3:8.1f} ms for {count} tokens, " \
-                    f"{rows[-1]['speedup_over_peft']:5.2f}x PEFT;"
-        print(line + ("" if agree is None else f" greedy tokens equal to PEFT's in {agree:.1%} of positions"))
+    """provider_row for every entry of {name: (tokens, seconds)}, PEFT's first."""
+    rows = [provider_row(name, tokens, seconds, count, timings.get("peft"))
+            for name, (tokens, seconds) in timings.items()]
+    print_agreement_note()
+    return rows
+
+
+def print_agreement_note():
     print("Greedy-token agreement is information, not a check: with near-flat logits (random weights) rounding "
           "alone flips an argmax, and the rest of the sequence follows it. The logit check above is the check.")
     if CUDA:
         print(f"on {torch.cuda.get_device_name()}")
-    return rows
 
 
-def finish(result, args, status):
+def out_stem(result):
+    scenario = "" if result["scenario"] in ("default", "tiny") else "-" + result["scenario"]
+    return f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}"
+
+
+def finish(result, args, status, record=None):
     """Writes the JSON with --out; returns the exit status."""
-    if args.out is not None:
-        scenario = "" if result["scenario"] in ("default", "tiny") else "-" + result["scenario"]
-        path = args.out / f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}.json"
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(result, ok=status == 0), indent=1) + "\n")
+    result["ok"] = status == 0
+    if record is None:
+        record = Record(args.out, out_stem(result), result, rows_key="providers")
+    for path in record.finish():
         print(f"wrote {path}")
     return status
+
 
 if __name__ == "__main__":
     sys.exit(main())

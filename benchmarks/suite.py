@@ -128,6 +128,13 @@ def specs(size):
     return out
 
 
+def all_providers():
+    """Every provider name of every case, in order."""
+    import multi_providers
+    import providers
+    return list(dict.fromkeys(providers.PROVIDERS + sum(multi_providers.PROVIDERS.values(), ())))
+
+
 def make_row(spec, provider, **measured):
     """A result row: the schema's keys in order, then the extras; r and adapters are None for base."""
     lora = provider != "base"
@@ -198,9 +205,10 @@ def host_us(fn, calls=30):
     return statistics.median(samples)
 
 
-def run_rows(todo, device, timed, log=print, only=None):
+def run_rows(todo, device, timed, log=print, only=None, on_row=None):
     """Check every provider of every spec (or those named in `only`) against float64; with timed, time
-    it on CUDA too. Returns (rows, failures): a provider that fails its check is not timed and is listed."""
+    it on CUDA too. Returns (rows, failures): a provider that fails its check is not timed and is listed.
+    on_row(row) is called as each row finishes (record.Record.add puts it on the disk)."""
     rows, failures, done_groups = [], [], set()
     for i, spec in enumerate(todo, 1):
         case = CASES[spec.case]
@@ -222,6 +230,8 @@ def run_rows(todo, device, timed, log=print, only=None):
             rows.append(make_row(spec, name, **measured))
             add_ratios([row for row in rows if base_key(row) == spec.group])
             log(row_line(rows[-1], f"[{i}/{len(todo)}]", ok, tol))
+            if on_row is not None:
+                on_row(rows[-1])
         del bench
         if timed:
             torch.cuda.empty_cache()

@@ -13,10 +13,10 @@ Reports step ms (median), tokens/s and peak CUDA memory per provider, and writes
 benchmarks/run.py's JSON (case "train_step", M = tokens per step). Before timing, PEFT and fusedlora
 must give the same loss and adapter gradients at dropout 0 within the bound below, or it exits 1.
 Without a GPU it runs a tiny model through the Triton interpreter, checks the same, and times nothing.
+Rows reach <gpu>-train.jsonl as they finish; a SIGTERM writes the JSON so far, marked partial.
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import suite  # noqa: E402
+from record import Record  # noqa: E402
 
 PROVIDERS = ("frozen", "peft", "fusedlora")
 R, ALPHA = 16, 32
@@ -131,8 +132,9 @@ def timed_steps(step, steps):
     return statistics.median(samples), (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run(args, log=print):
-    """Rows (run.py's schema, case "train_step") and failures, for dropout 0 and 0.05."""
+def run(args, log=print, on_row=None):
+    """Rows (run.py's schema, case "train_step") and failures, for dropout 0 and 0.05; on_row(row) as
+    each row finishes."""
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     cfg = config(not CUDA, args.layers)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
@@ -163,6 +165,9 @@ def run(args, log=print):
                 log(f"dropout {p}: {provider:9} {ms:8.1f} ms/step {tokens / ms * 1e3:9.0f} tokens/s "
                     f"peak {peak:.0f} MiB")
             rows.append(suite.make_row(spec, "base" if provider == "frozen" else provider, **measured))
+            suite.add_ratios([row for row in rows if row["case"] == spec.case])
+            if on_row is not None:
+                on_row(rows[-1])
         del frozen, peft_model, optimizer
         if CUDA:
             torch.cuda.empty_cache()
@@ -176,12 +181,15 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write <gpu>-train.json there")
+    parser.add_argument("--dry-run", action="store_true", help="without a GPU only: one layer, 8 tokens")
     args = parser.parse_args(argv)
     if not CUDA:
         print("No CUDA GPU: a tiny Llama through the Triton interpreter, checking that patched PEFT trains as "
               "PEFT does. Timings need a GPU.")
-        args.layers, args.batch, args.seq = 2, 2, 16
-    rows, failures = run(args)
+        args.layers, args.batch, args.seq = (1, 1, 8) if args.dry_run else (2, 2, 16)
+    gpu = torch.cuda.get_device_name() if CUDA else None
+    record = Record(args.out, f"{report.stem(gpu or 'cpu-check')}-train", suite.header(gpu))
+    rows, failures = run(args, on_row=record.add)
     if CUDA:
         by = {(row["case"], row["provider"]): row for row in rows}
         for case in dict.fromkeys(row["case"] for row in rows):
@@ -189,11 +197,8 @@ def main(argv=None):
             if peft["ms"] and fused["ms"]:
                 print(f"{case}: fusedlora {peft['ms'] / fused['ms']:.2f}x PEFT's tokens/s, peak memory "
                       f"{fused['peak_mb']:.0f} vs {peft['peak_mb']:.0f} MiB")
-    if args.out is not None:
-        gpu = torch.cuda.get_device_name() if CUDA else None
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{report.stem(gpu or 'cpu-check')}-train.json"
-        path.write_text(json.dumps({**suite.header(gpu), "rows": rows}, indent=1) + "\n")
+    record.result["rows"] = rows
+    for path in record.finish():
         print(f"wrote {path}")
     for failure in failures:
         print(f"WRONG: {failure}", file=sys.stderr)

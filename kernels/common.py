@@ -1,6 +1,5 @@
-"""Choices every launcher makes the same way: interpreter or GPU, dot operand dtype and precision,
-block sizes. Each is cached by its arguments (whether the interpreter runs is fixed when triton is
-first imported): at decode sizes the host time of a call matters as much as its kernels'."""
+"""Choices every launcher makes the same way: interpreter or GPU, dot operand dtype and precision.
+Tile sizes live in kernels/configs.py."""
 import functools
 
 import torch
@@ -8,7 +7,16 @@ import triton
 import triton.language as tl
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-FLOAT_DTYPES = tuple(_TL_DTYPE)
+
+
+def check_shapes(ok: bool, launcher: str, **tensors) -> None:
+    """Raise ValueError naming the launcher and every tensor given, with its shape, unless ok.
+
+    The launchers' checks guard memory, not user input (fusedlora/ validates that, with messages for
+    users), and survive `python -O`. The message is built only on failure."""
+    if not ok:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items() if t is not None)
+        raise ValueError(f"{launcher}: shapes do not chain: {shapes}")
 
 
 def interpreting() -> bool:
@@ -21,7 +29,7 @@ def dot_dtype(*dtypes: torch.dtype):
     """Operand dtype for a tl.dot over tiles of these dtypes.
 
     Mixed half/fp32 operands (a bf16 x against fp32 adapter weights) go up to fp32. The interpreter
-    multiplies bf16 as raw 16-bit integers (TRITON-NOTES.md), so there bf16 goes up to fp32 as
+    multiplies bf16 as raw 16-bit integers (upstream triton #11584), so there bf16 goes up to fp32 as
     well; on the GPU bf16 and fp16 stay as they are for the tensor cores.
     """
     if torch.float32 in dtypes:
@@ -43,66 +51,29 @@ def dot_precision(*dtypes: torch.dtype, low_rank: bool = False) -> str:
     "ieee" for all-fp32 operands when torch itself would not use tf32. These dots are memory-bound
     (rank 16 against K in the thousands), so the extra passes cost little. Plain tf32 (2^-11 per
     product) made the fused path less precise than PEFT's on an H200.
+
+    torch's switch is read only for all-fp32 operands, the one case it decides (a read costs ~2 µs).
     """
-    return _precision(dtypes, low_rank, torch.backends.cuda.matmul.allow_tf32)
-
-
-@functools.lru_cache(maxsize=None)
-def _precision(dtypes, low_rank: bool, allow_tf32: bool) -> str:
     if interpreting():
         return "ieee"
     if torch.float32 not in dtypes:
         return "tf32"  # half-precision operands: the setting is ignored (what the H200 ran with)
-    if all(d == torch.float32 for d in dtypes) and (not low_rank or not allow_tf32):
-        return "tf32" if allow_tf32 else "ieee"
-    return "tf32x3"
+    if not all(d == torch.float32 for d in dtypes):
+        return "tf32x3"
+    if fp32_matmul_allows_tf32():
+        return "tf32x3" if low_rank else "tf32"
+    return "ieee"
 
 
-@functools.lru_cache(maxsize=None)
-def rank_block(r: int, cap: int = 64) -> int:
-    """Block over the LoRA rank: a power of two, at least 16 (the GPU's tl.dot minimum), at most cap;
-    ranks above cap loop over rank blocks."""
-    return min(max(16, triton.next_power_of_2(r)), cap)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device; an H100/H200's 132 for anything else (compiling
-    GPU variants on a machine without one)."""
-    if device is None or torch.device(device).type != "cuda":
-        return 132
-    index = torch.device(device).index
-    return _sm_count(index if index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=4096)
-def gemm_blocks(M: int, N: int = 0, device=None) -> dict:
-    """Tile shape for the LoRA GEMM. Untuned: no GPU has measured other choices yet.
-
-    At decode sizes the GEMM is bound by reading W, and the only lever is to have every SM stream a
-    share of it: 64x64 tiles gave 64 programs for N = 4096 on a 132-SM H200, so small M narrows the
-    column block until there are two programs per SM."""
-    if interpreting():
-        # Small tiles keep masked edges and several programs in play on small test shapes.
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if M <= 64:
-        block_m = max(16, triton.next_power_of_2(M))
-        sms = sm_count(device)
-        block_n = 64
-        while N and block_n > 16 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 2 * sms:
-            block_n //= 2
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-@functools.lru_cache(maxsize=4096)
-def expand_blocks(M: int) -> dict:
-    """Tile shape for the low-rank term alone (out = addend + p·qᵀ): a memory-bound pass over the
-    M×N output whose reduction is the rank, so wide tiles and no deep pipeline. Untuned."""
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch.matmul may use tf32 for fp32 CUDA operands, through the API the installed torch
+    offers: `torch.backends.cuda.matmul.fp32_precision` from torch 2.9 (where reading the legacy
+    `allow_tf32` raises once a user has set the new one), `allow_tf32` before."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # not set for cuBLAS: the backends-wide setting decides
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"

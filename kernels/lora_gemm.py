@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
-from .dropout import keep_mask_tile
+from . import configs
+from .common import check_shapes, dot_dtype, dot_precision
+from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
 @triton.jit
@@ -53,14 +54,14 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return first_pid_m + (pid % pids_in_group) % group_size, (pid % pids_in_group) // group_size
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_pm, stride_pr, stride_qn, stride_qr,
     stride_cm, stride_cn, stride_om, stride_on,
-    seed, threshold,
+    seed_lo, seed_hi, threshold,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -91,7 +92,7 @@ def _lora_gemm_kernel(
             low_rank = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr,
                                    tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                                    False, tl.float32, LORA_PRECISION, BLOCK_R)
-            keep = keep_mask_tile(seed, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
+            keep = keep_mask_tile(seed_lo, seed_hi, offs_m, pid_n * BLOCK_N, threshold, BLOCK_N)
             acc += tl.where(keep, low_rank, 0.0)
         else:
             acc = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr, acc,
@@ -123,12 +124,12 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         addend.stride(0), addend.stride(1), out.stride(0), out.stride(1),
-        seed, threshold,
+        *seed_words(seed), threshold,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
         HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
         LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
-        BLOCK_R=rank_block(R), **cfg,
+        BLOCK_R=configs.rank_block(R), **cfg,
     )
     return out
 
@@ -143,17 +144,14 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
     """
     M, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
-        raise ValueError("lora_gemm: x, weight and bias do not chain")
-    if p is not None and (p.shape[0] != M or q.shape != (N, p.shape[1])):
-        raise ValueError("lora_gemm: the low-rank operands do not chain")
+    check_shapes(weight.shape[1] == K and (bias is None or bias.shape == (N,))
+                 and (p is None or (p.shape[0] == M and q.shape == (N, p.shape[1])))
+                 and (out is None or out.shape == (M, N)), "lora_gemm", x=x, weight=weight, bias=bias, p=p, q=q, out=out)
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    elif out.shape != (M, N):
-        raise ValueError("lora_gemm: out does not chain")
     if M == 0 or N == 0:
         return out
-    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, gemm_blocks(M, N, x.device))
+    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device))
 
 
 def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):
@@ -165,11 +163,10 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
     """
     M, R = p.shape
     N = q.shape[0]
-    if q.shape != (N, R) or (bias is not None and bias.shape != (N,)) or \
-            (addend is not None and addend.shape != (M, N)) or (out is not None and out.shape != (M, N)):
-        raise ValueError("lora_expand: p, q, bias, addend and out do not chain")
+    check_shapes(q.shape == (N, R) and (bias is None or bias.shape == (N,))
+                 and (addend is None or addend.shape == (M, N)) and (out is None or out.shape == (M, N)), "lora_expand", p=p, q=q, bias=bias, addend=addend, out=out)
     if out is None:
         out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=p.device)
     if M == 0 or N == 0:
         return out
-    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, expand_blocks(M))
+    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, configs.lora_expand(M, p.device))

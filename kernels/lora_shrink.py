@@ -10,22 +10,21 @@ The dX GEMM (kernels/lora_gemm.py) takes dU as its extra K-steps.
 _lora_shrink_kernel computes out[a, j] = scale · Σ_c keep ⊙ X[a, c] · Q[j, c] for S (X=x, Q=A) and for
 dAᵀ (X=xᵀ, Q=dUᵀ, mask transposed, reducing over M); strides do the transposes.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, interpreting, rank_block
-from .dropout import keep_mask_tile
+from . import configs
+from .common import check_shapes, dot_dtype, dot_precision
+from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_shrink_kernel(
     x_ptr, q_ptr, out_ptr,
     M, C, R,
     stride_xm, stride_xc, stride_qr, stride_qc, stride_om, stride_or,
-    scale, seed, threshold,
+    scale, seed_lo, seed_hi, threshold,
     HAS_DROPOUT: tl.constexpr, MASK_T: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -43,9 +42,9 @@ def _lora_shrink_kernel(
         if HAS_DROPOUT:
             # The mask belongs to x's (row, column); MASK_T says this X is xᵀ.
             if MASK_T:
-                keep = tl.trans(keep_mask_tile(seed, c0 + offs_c, tl.program_id(0) * BLOCK_M, threshold, BLOCK_M))
+                keep = tl.trans(keep_mask_tile(seed_lo, seed_hi, c0 + offs_c, tl.program_id(0) * BLOCK_M, threshold, BLOCK_M))
             else:
-                keep = keep_mask_tile(seed, offs_m, c0, threshold, BLOCK_C)
+                keep = keep_mask_tile(seed_lo, seed_hi, offs_m, c0, threshold, BLOCK_C)
             xt = tl.where(keep, xt, 0.0)
         qt = tl.load(q_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), qt.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -97,13 +96,6 @@ def _lora_dy_kernel(
         tl.store(ds_ptrs, ds * ds_scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@functools.lru_cache(maxsize=4096)
-def _shrink_blocks(M: int) -> dict:
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=128, num_warps=4, num_stages=3)
-
-
 def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed=False, out=None):
     """out = scale · (keep ⊙ x)·qᵀ -> (M, R), fp32 unless `out` is given.
 
@@ -113,22 +105,19 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     """
     M, C = x.shape
     R, C_q = q.shape
-    assert C == C_q, "lora_shrink: shapes do not chain"
+    check_shapes(C == C_q and (out is None or out.shape == (M, R)), "lora_shrink", x=x, q=q, out=out)
     if out is None:
         out = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    assert out.shape == (M, R), "lora_shrink: out has the wrong shape"
     if M == 0 or R == 0:
         return out
-    cfg = _shrink_blocks(M)
-    block_r = rank_block(R, cap=128)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    cfg = configs.lora_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _lora_shrink_kernel[grid](
         x, q, out, M, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        float(scale), seed, threshold,
+        float(scale), *seed_words(seed), threshold,
         HAS_DROPOUT=dropout, MASK_T=mask_transposed,
-        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_R=block_r, **cfg,
+        DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True), **cfg,
     )
     return out
 
@@ -140,17 +129,13 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
     """
     M, N = dy.shape
     R = lora_B.shape[1]
-    assert lora_B.shape == (N, R) and S.shape == (M, R), "lora_dy: shapes do not chain"
+    check_shapes(lora_B.shape[0] == N and S.shape == (M, R), "lora_dy", dy=dy, lora_B=lora_B, S=S)
     ds = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_ds else None
     db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_db else None
     if M == 0 or not (compute_ds or compute_db):
         return ds, db
-    if interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    block_r = rank_block(R, cap=64)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    cfg = configs.lora_dy(M, R, dy.device, True)  # S and dU are fp32
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
     _lora_dy_kernel[grid](
         dy, lora_B, S, ds_arg, db_arg, M, N, R,
@@ -158,6 +143,6 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
         ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1), float(ds_scale),
         COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
         DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32, low_rank=True),
-        BLOCK_R=block_r, **cfg,
+        **cfg,
     )
     return ds, db

@@ -23,14 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, interpreting, rank_block, sm_count
+from . import configs
+from .common import check_shapes, dot_dtype, dot_precision
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
 # The leader test holds every id of the batch in one block, so the path serves up to this many rows.
-DECODE_MAX_ROWS = 64
-# Programs the shrink aims for, per SM of the device. Not tuned on a GPU.
-_PROGRAMS_PER_SM = 2
+DECODE_MAX_ROWS = configs.DECODE_MAX_ROWS
 
 
 @triton.jit
@@ -143,10 +142,10 @@ def _decode_expand_kernel(
                              acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & n_ok[None, :])
 
 
-def _check(ok: bool, launcher: str, what: str) -> None:
-    """Guards memory, not user input (fusedlora/ validates that); survives `python -O`."""
-    if not ok:
-        raise ValueError(f"{launcher}: {what} do not chain")
+def _check_ids(ids, launcher: str) -> None:
+    if ids.dim() != 1 or ids.stride(0) != 1:  # the leader test reads ids at unit stride
+        raise ValueError(f"{launcher}: ids must be 1-D and contiguous, got shape {tuple(ids.shape)}, "
+                         f"strides {ids.stride()}")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -158,22 +157,23 @@ def _block_ids(M: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _shrink_config(M: int, C: int, R: int, device) -> tuple:
-    """(grid, BLOCK_C, columns per slice, EVEN_C, BLOCK_M, BLOCK_R): enough slices of C that M·SPLIT
-    programs give every SM about _PROGRAMS_PER_SM of them (fewer if C runs out of blocks), every slice
-    non-empty. Cached: at decode sizes the host time of a call matters as much as its kernels'."""
-    block_c = 32 if interpreting() else 128
+def _shrink_config(M: int, C: int, R: int, device, wide: bool) -> tuple:
+    """(grid, BLOCK_C, columns per slice, EVEN_C, BLOCK_M, BLOCK_R, num_warps): enough slices of C that
+    M·SPLIT programs give every SM about PROGRAMS_PER_SM of them (fewer if C runs out of blocks), every
+    slice non-empty. Cached: at decode sizes the host time of a call matters as much as its kernels'."""
+    cfg = configs.decode_shrink(M, R, device, wide)
+    block_c = cfg["BLOCK_C"]
     blocks = _cdiv(max(C, 1), block_c)
-    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(_PROGRAMS_PER_SM * sm_count(device), M))))
+    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(cfg["PROGRAMS_PER_SM"] * configs.sm_count(device), M))))
     grid = (M, _cdiv(blocks, per_split))
-    return grid, block_c, per_split * block_c, C % block_c == 0, _block_ids(M), rank_block(R)
+    return grid, block_c, per_split * block_c, C % block_c == 0, _block_ids(M), cfg["BLOCK_R"], cfg["num_warps"]
 
 
 @functools.lru_cache(maxsize=1024)
-def _expand_config(M: int, N: int, R: int, has_out: bool) -> tuple:
-    """(grid, BLOCK_IDS, BLOCK_N, BLOCK_R)."""
-    block_n = 32 if interpreting() else 256
-    return (M, max(1, _cdiv(N, block_n)) if has_out else 1), _block_ids(M), block_n, rank_block(R)
+def _expand_config(M: int, N: int, R: int, has_out: bool, device) -> tuple:
+    """(grid, BLOCK_IDS, config)."""
+    cfg = configs.decode_expand(M, R, device)
+    return (M, max(1, _cdiv(N, cfg["BLOCK_N"])) if has_out else 1), _block_ids(M), cfg
 
 
 def decode_shrink(x, q, scalings, ids, ranks):
@@ -185,9 +185,11 @@ def decode_shrink(x, q, scalings, ids, ranks):
     L, R, C_q = q.shape
     if not 0 < M <= DECODE_MAX_ROWS:
         raise ValueError(f"decode_shrink: {M} rows, outside [1, {DECODE_MAX_ROWS}]")
-    _check(C == C_q and scalings.shape == (L,) and ids.shape == (M,) and ids.stride(0) == 1
-           and (ranks is None or ranks.shape == (L,)), "decode_shrink", "x, q, scalings, ids and ranks")
-    grid, block_c, c_per_split, even_c, block_m, block_r = _shrink_config(M, C, R, x.device)
+    _check_ids(ids, "decode_shrink")
+    check_shapes(C == C_q and scalings.shape == (L,) and ids.shape == (M,)
+                 and (ranks is None or ranks.shape == (L,)), "decode_shrink", x=x, q=q, scalings=scalings,
+                 ids=ids, ranks=ranks)
+    grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device, torch.float32 in (x.dtype, q.dtype))
     part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()
@@ -197,7 +199,7 @@ def decode_shrink(x, q, scalings, ids, ranks):
         *x.stride(), *q.stride(), *part.stride(),
         HAS_RANKS=ranks is not None, EVEN_C=even_c, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
         PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
     )
     return part
 
@@ -212,14 +214,15 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
     then adds x·Wᵀ (dY·W). S is zero past each rank and on rows without an adapter."""
     split, M, R = part.shape
     L, N, R_q = q.shape
-    _check(R == R_q and ids.shape == (M,) and ids.stride(0) == 1 and (ranks is None or ranks.shape == (L,))
-           and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
-           "decode_expand", "part, q, ids, ranks, bias and out")
+    _check_ids(ids, "decode_expand")
+    check_shapes(R == R_q and ids.shape == (M,) and (ranks is None or ranks.shape == (L,))
+                 and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
+                 "decode_expand", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out)
     has_out = out is not None
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return S
-    grid, block_ids, block_n, block_r = _expand_config(M, N, R, has_out)
+    grid, block_ids, cfg = _expand_config(M, N, R, has_out, part.device)
     o, s = (t if t is not None else part for t in (out, S))
     _decode_expand_kernel[grid](
         part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids,
@@ -227,6 +230,6 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
         *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
         HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
         WRITE_S=write_s, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
-        BLOCK_IDS=block_ids, BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+        BLOCK_IDS=block_ids, **cfg,
     )
     return S

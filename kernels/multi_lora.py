@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, interpreting, rank_block
+from . import configs
+from .common import check_shapes, dot_dtype, dot_precision
 from .lora_gemm import grouped_pid, matmul_tile
 
 
@@ -164,12 +165,6 @@ def _multi_reduce_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=a_ok[:, None] & (offs_r < R)[None, :])
 
 
-def _check(ok: bool, launcher: str, what: str) -> None:
-    """Guards memory, not user input (fusedlora/ validates that); survives `python -O`."""
-    if not ok:
-        raise ValueError(f"{launcher}: {what} do not chain")
-
-
 def _ranks_arg(ranks, fallback):
     return (ranks, True) if ranks is not None else (fallback, False)
 
@@ -180,8 +175,8 @@ def multi_shrink(x, q, scalings, groups, ranks):
     ranks: (L,) integer or None (all R)."""
     M, C = x.shape
     L, R, C_q = q.shape
-    _check(C == C_q and scalings.shape == (L,) and (ranks is None or ranks.shape == (L,)), "multi_shrink",
-           "x, q, scalings and ranks")
+    check_shapes(C == C_q and scalings.shape == (L,) and (ranks is None or ranks.shape == (L,)), "multi_shrink",
+                 x=x, q=q, scalings=scalings, ranks=ranks)
     # Zeros: rows of base-only tokens and columns past a rank are never written, and S is an output of
     # the forward op (saved for backward), whose values must not be leftover memory.
     out = torch.zeros((M, R), dtype=torch.float32, device=x.device)
@@ -189,27 +184,15 @@ def multi_shrink(x, q, scalings, groups, ranks):
         return out
     order, _, starts = groups
     ranks, has_ranks = _ranks_arg(ranks, starts)
-    block_m = 16 if interpreting() or M <= 64 else 64
-    block_c = 32 if interpreting() else 128
-    block_r = rank_block(R, cap=128)
-    grid = (triton.cdiv(M, block_m), L, triton.cdiv(R, block_r))
+    cfg = configs.multi_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
     _multi_shrink_kernel[grid](
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
-        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True), **cfg,
     )
     return out
-
-
-def _blocks(M: int, N: int, has_base: bool, device) -> dict:
-    if interpreting():
-        # 16-row blocks: small test batches still span several blocks and several adapters per block.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    # Without the base product the kernel is a memory-bound pass over the output (the split plan's
-    # low-rank term): the single-adapter expand's tiles.
-    return gemm_blocks(M, N, device) if has_base else expand_blocks(M)
 
 
 def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
@@ -221,14 +204,14 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     M, R = p.shape
     L, N, R_q = q.shape
     has_base = weight is not None
-    _check(R == R_q and (ranks is None or ranks.shape == (L,)), "multi_gemm", "p, q and ranks")
-    _check(not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])), "multi_gemm", "x and weight")
-    _check(bias is None or bias.shape == (N,), "multi_gemm", "q and bias")
-    _check(out.shape == (M, N), "multi_gemm", "p, q and out")
+    check_shapes(R == R_q and (ranks is None or ranks.shape == (L,))
+                 and (not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])))
+                 and (bias is None or bias.shape == (N,)) and out.shape == (M, N), "multi_gemm",
+                 x=x, weight=weight, bias=bias, p=p, q=q, ranks=ranks, out=out)
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
-    cfg = _blocks(M, N, has_base, out.device)
+    cfg = configs.multi_gemm(M, N, R, has_base, out.device)
     x = x if has_base else p
     w = weight if has_base else p
     K = x.shape[1] if has_base else 0
@@ -242,7 +225,7 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, ACCUMULATE=accumulate,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
-        LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), BLOCK_R=rank_block(R), **cfg,
+        LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), **cfg,
     )
     return out
 
@@ -255,23 +238,21 @@ def multi_reduce(y, z, ranks, out, groups=None, ids=None):
     flat `ids` (M,) (small M: the decode path has no grouping)."""
     M, A = y.shape
     L, A_o, R = out.shape
-    _check(z.shape == (M, R) and A == A_o and (ranks is None or ranks.shape == (L,)), "multi_reduce",
-           "y, z, ranks and out")
-    _check((groups is None) != (ids is None) and (ids is None or ids.shape == (M,)), "multi_reduce", "groups and ids")
+    check_shapes(z.shape == (M, R) and A == A_o and (ranks is None or ranks.shape == (L,))
+                 and (ids is None or ids.shape == (M,)), "multi_reduce", y=y, z=z, ranks=ranks, out=out, ids=ids)
+    if (groups is None) == (ids is None):
+        raise ValueError("multi_reduce: give exactly one of groups and ids")
     if L == 0 or A == 0:
         return out
     scan = groups is None
     order, _, starts = (ids, ids, ids) if scan else groups
     ranks, has_ranks = _ranks_arg(ranks, order)
-    block_a = 32 if interpreting() else 64
-    block_t = 16 if interpreting() else 64
-    block_r = rank_block(R, cap=64)
-    grid = (triton.cdiv(A, block_a), L, triton.cdiv(R, block_r))
+    cfg = configs.multi_reduce(M, R, out.device)
+    grid = (triton.cdiv(A, cfg["BLOCK_A"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
     _multi_reduce_kernel[grid](
         y, z, out, order, ids if scan else order, starts, ranks, M, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
         SCAN=scan, HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(y.dtype, z.dtype),
-        PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True),
-        BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r, num_warps=4,
+        PRECISION=dot_precision(y.dtype, z.dtype, low_rank=True), **cfg,
     )
     return out

@@ -1,129 +1,149 @@
-"""Compile every kernel variant the launchers ask for, for an H100 (sm_90), without a GPU.
+"""Compile every kernel variant the launchers pick at real sizes, for an H100/H200 (sm_90), without a GPU.
 
-The interpreter hides what only the GPU compiler refuses (dot shapes, types, control flow, shared
-memory). Triton ships ptxas, so the real compile runs on CPU: this script drives the public API with
-the GPU's block configurations, records each launch instead of running it, and compiles every distinct
-variant. Run as `python tests/gpu_compile.py` (tests/test_gpu_compile.py does, in a subprocess,
-because the test session runs the interpreter). Prints one line per variant; exits 1 on any failure.
+The interpreter hides what only the GPU compiler refuses or does badly (dot shapes, types, shared
+memory, register spills, no tensor-core instructions). Triton ships ptxas, so the real compile runs on
+CPU. This script calls the public API at real sizes on the meta device (shapes only: nothing is
+computed), records each launch instead of running it, binds its arguments with Triton's own binder
+for an sm_90 target (pointer alignment, divisibility by 16, integers equal to 1, i32/i64: the
+variant the GPU would build, tests/sm90.py), and compiles every distinct variant. Per variant it
+prints shared memory, registers, spilled bytes and whether the PTX uses wgmma. It fails on a compile
+error, on shared memory over the H100/H200 limit, on a spill in a kernel the default plans run, and on
+a GEMM with the base product at M >= 2048 that does not use wgmma. Spills are read as the local memory
+(stack frame) cuobjdump reports for the cubin.
+
+Sizes: K = N = 4096 and 4096 -> 14336; M = 1, 16, 64, 65, 2048, 8192; bf16 x with bf16 and fp32 adapters;
+dropout on and off; forward and backward; single-adapter and 64 adapters; every plan.
+
+    python tests/gpu_compile.py          every variant (by hand: ~180 variants, 10-25 min on 2 cores)
+    python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192, the fused at 8192
+                                         (tests/test_gpu_compile.py runs it); triton 3.6 and 3.9
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for the GPU"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fusedlora  # noqa: E402
 import fusedlora.core.backend  # noqa: E402
 from fusedlora.kernels.dropout import keep_mask  # noqa: E402
+from sm90 import TARGET, record_launches, source  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from multi_providers import multi_lora_linear_unfused  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int8: "*i8",
-        torch.int32: "*i32", torch.int64: "*i64"}
-_OPTIONS = ("num_warps", "num_stages")
-
-
-def _type_of(value):
-    if isinstance(value, torch.Tensor):
-        return _PTR[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
+SHARED_LIMIT = 232448  # bytes of shared memory a block may use on an H100/H200 (227 KB)
+GEMMS = ("_lora_gemm_kernel", "_multi_gemm_kernel")
+META = torch.device("meta")
+SHAPES = ((4096, 4096), (4096, 14336))
+ROWS = (1, 16, 64, 65, 2048, 8192)
+QUICK_ROWS = (1, 65, 8192)  # --quick (the test suite's run): decode, small and large buckets
 
 
-def record_launches(drive):
-    """Run drive() with kernel launches recorded instead of executed: [(kernel, signature, constexprs, options)]."""
-    seen = {}
+def single(plan, M, K, N, adapter_dtype, p):
+    x = torch.empty(M, K, dtype=torch.bfloat16, device=META, requires_grad=True)
+    W = torch.empty(N, K, dtype=torch.bfloat16, device=META)
+    A = torch.empty(16, K, dtype=adapter_dtype, device=META, requires_grad=True)
+    B = torch.empty(N, 16, dtype=adapter_dtype, device=META, requires_grad=True)
+    fusedlora.lora_linear(x, W, None, A, B, 2.0, p, seed=5).sum().backward()
 
-    def run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
-        bound = dict(zip(self.arg_names, args))
-        sig, consts = {}, {}
-        for name in self.arg_names:
-            if name in kwargs:
-                sig[name], consts[name] = "constexpr", kwargs[name]
-            else:
-                sig[name] = _type_of(bound[name])
-        key = (self.fn.__name__, tuple(sig.items()), repr(sorted(consts.items(), key=str)), tuple(options.items()))
-        seen.setdefault(key, (self, sig, consts, options))
 
-    original = JITFunction.run
-    JITFunction.run = run
-    fusedlora.core.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through on CPU tensors
+def multi(M, K, N, adapter_dtype):
+    x = torch.empty(M, K, dtype=torch.bfloat16, device=META, requires_grad=True)
+    W = torch.empty(N, K, dtype=torch.bfloat16, device=META)
+    A = torch.empty(64, 16, K, dtype=adapter_dtype, device=META, requires_grad=True)
+    B = torch.empty(64, N, 16, dtype=adapter_dtype, device=META, requires_grad=True)
+    ids = torch.zeros(M, dtype=torch.int64, device=META)
+    ranks = torch.full((64,), 16, dtype=torch.int32, device=META)
+    fusedlora.multi_lora_linear(x, W, None, A, B, torch.ones(64, device=META), ids, ranks).sum().backward()
+    with torch.no_grad():
+        fusedlora.multi_lora_linear(x, W, None, A, B, torch.ones(64, device=META), ids, ranks)
+
+
+def drive(plan, shapes=SHAPES, rows=ROWS):
+    """Every call of the public API at the real sizes, under FUSEDLORA_PLAN=plan."""
+    os.environ["FUSEDLORA_PLAN"] = plan
     try:
-        drive()
+        for K, N in shapes:
+            for M in rows:
+                for adapter_dtype in (torch.bfloat16, torch.float32):
+                    for p in (0.0, 0.1):
+                        single(plan, M, K, N, adapter_dtype, p)
+                    if (K, N) == SHAPES[0]:
+                        multi(M, K, N, adapter_dtype)
     finally:
-        JITFunction.run = original
+        del os.environ["FUSEDLORA_PLAN"]
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and local memory per thread (spilled registers: ptxas's stack frame) of a compiled
+    kernel, from cuobjdump -res-usage on its cubin (Triton ships cuobjdump with ptxas)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", str(path)],
+                              capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return dict(registers=int(usage.get("REG", -1)), spills=max(int(usage.get("STACK", 0)), int(usage.get("LOCAL", 0))))
+
+
+def variants(quick=False):
+    """[(kernel name, src, options, bound args, in a default plan)], one per distinct variant, over every
+    plan; quick: the default plans at K = N = 4096 and M = 1, 65, 8192, and the fused plan at M = 8192."""
+    seen = {}
+    fusedlora.core.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through off CUDA
+    os.environ["FUSEDLORA_BACKEND"] = "triton"
+    # quick: the default plans, and the fused plan at M = 8192 (a GEMM that must use wgmma).
+    runs = ((("auto", dict(shapes=SHAPES[:1], rows=QUICK_ROWS)), ("fused", dict(shapes=SHAPES[:1], rows=(8192,))))
+            if quick else tuple((plan, {}) for plan in ("auto", "fused", "split", "decode")))
+    for plan, sizes in runs:
+        launches = record_launches(lambda: drive(plan, **sizes))
+        if plan == "auto":
+            launches += record_launches(lambda: keep_mask(7, 64, 64, 1 << 20, META))
+        for kernel, args, kwargs in launches:
+            src, options, bound = source(kernel, args, kwargs)
+            key = (kernel.fn.__name__, src.hash(), repr(sorted(options.items())))
+            if key not in seen:
+                seen[key] = (kernel.fn.__name__, src, options, bound, plan == "auto")
     return list(seen.values())
 
 
-def drive():
-    """Call the public API the ways a user does, so every launcher picks its GPU configuration."""
-    os.environ["FUSEDLORA_BACKEND"] = "triton"
-    for plan in ("fused", "split"):
-        os.environ["FUSEDLORA_PLAN"] = plan
-        for M, dt, adapter_dt, p in ((8192, torch.bfloat16, torch.float32, 0.1),
-                                     (16, torch.float16, torch.float16, 0.0), (40, torch.bfloat16, torch.float32, 0.1),
-                                     (300, torch.float32, torch.float32, 0.0)):
-            x = torch.randn(M, 256, dtype=dt, requires_grad=True)
-            W = torch.randn(192, 256, dtype=dt, requires_grad=True)
-            b = torch.randn(192, dtype=dt)
-            A = torch.randn(16, 256, dtype=adapter_dt, requires_grad=True)
-            B = torch.randn(192, 16, dtype=adapter_dt, requires_grad=True)
-            fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed=5).sum().backward()
-            fusedlora.lora_add(torch.randn(M, 192, dtype=dt, requires_grad=True), x, A, B, 2.0, p, seed=5).sum().backward()
-    os.environ.pop("FUSEDLORA_PLAN")
-    # Multi-adapter: each plan at a prefill size and at decode sizes (the decode plan runs its kernels
-    # up to 64 rows, the split plan above), with and without ranks, adapters in fp32 and in x's dtype.
-    for plan in ("fused", "split", "decode"):
-        os.environ["FUSEDLORA_PLAN"] = plan
-        for M, dt, adapter_dt, with_ranks in ((4096, torch.bfloat16, torch.float32, True),
-                                              (64, torch.float16, torch.float32, False),
-                                              (16, torch.bfloat16, torch.bfloat16, True),
-                                              (1, torch.float32, torch.float32, True)):
-            x = torch.randn(M, 256, dtype=dt, requires_grad=True)
-            W = torch.randn(192, 256, dtype=dt)
-            b = torch.randn(192, dtype=dt)
-            A = torch.randn(8, 16, 256, dtype=adapter_dt, requires_grad=True)
-            B = torch.randn(8, 192, 16, dtype=adapter_dt, requires_grad=True)
-            s = torch.ones(8)
-            ranks = torch.randint(0, 17, (8,), dtype=torch.int32) if with_ranks else None
-            ids = torch.randint(-1, 8, (M,))
-            fusedlora.multi_lora_linear(x, W, b, A, B, s, ids, ranks).sum().backward()
-            if M == 16:  # adapters trained, x without a gradient: dU without dX
-                fusedlora.multi_lora_linear(x.detach(), W, b, A, B, s, ids, ranks).sum().backward()
-            with torch.no_grad():
-                fusedlora.multi_lora_linear(x, W, None, A, B, s, ids, ranks)
-            multi_lora_linear_unfused(x, W, None, A, B, s, ids, ranks)
-    del os.environ["FUSEDLORA_PLAN"]
-    keep_mask(7, 64, 64, 1 << 20, "cpu")
-
-
-def main():
-    variants = record_launches(drive)
-    failed = 0
-    for kernel, sig, consts, options in variants:
-        label = f"{kernel.fn.__name__} {options} " + " ".join(f"{k}={v}" for k, v in consts.items())
+def main(argv):
+    failed = []
+    found = list(variants(quick="--quick" in argv))
+    print(f"{len(found)} distinct kernel variants at real sizes; compiling each for sm_90", flush=True)
+    for name, src, options, bound, default in found:
+        flags = " ".join(f"{k}={v}" for k, v in bound.items() if k.isupper() and len(k) > 1 and k != "DOT_DTYPE")
+        label = f"{name} M={bound.get('M')} {flags} warps={options['num_warps']} stages={options['num_stages']}"
         try:
-            compiled = triton.compile(ASTSource(kernel, sig, consts), target=TARGET, options=options)
-            print(f"ok    {label}  shared={compiled.metadata.shared}", flush=True)
+            compiled = triton.compile(src, target=TARGET, options=options)
         except Exception as exc:  # report every failing variant, not only the first
-            failed += 1
+            failed.append(label)
             print(f"FAIL  {label}\n      {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
-    print(f"{len(variants) - failed} of {len(variants)} kernel variants compile for sm_90")
-    return 1 if failed or not variants else 0
+            continue
+        report = resource_usage(compiled.asm["cubin"])
+        wgmma = "wgmma" in compiled.asm["ptx"]
+        problems = []
+        if compiled.metadata.shared > SHARED_LIMIT:
+            problems.append(f"shared memory {compiled.metadata.shared} > {SHARED_LIMIT}")
+        if report["spills"] and default:
+            problems.append(f"spills {report['spills']} B in a default plan's kernel")
+        M = bound.get("M")
+        if name in GEMMS and bound.get("HAS_BASE") and isinstance(M, int) and M >= 2048 and not wgmma:
+            problems.append("GEMM at M >= 2048 without wgmma")
+        status = "FAIL" if problems else "ok  "
+        if problems:
+            failed.append(label)
+        print(f"{status}  {label}  shared={compiled.metadata.shared} regs={report['registers']} "
+              f"spills={report['spills']} wgmma={'yes' if wgmma else 'no'}"
+              f"{'' if default else ' (forced plan only)'}{'  ' + '; '.join(problems) if problems else ''}", flush=True)
+    print(f"{len(found) - len(failed)} of {len(found)} kernel variants compile for sm_90 within limits")
+    return 1 if failed or not found else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

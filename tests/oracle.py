@@ -49,6 +49,7 @@ import torch
 import fusedlora
 from fusedlora.core import reference
 from fusedlora.core.dropout import draw_seed
+from fusedlora.kernels.common import fp32_matmul_allows_tf32
 
 CUDA = torch.cuda.is_available()
 # Set by tests/conftest.py before triton loads; kernels then run in the Triton interpreter.
@@ -108,7 +109,7 @@ def gamma(n, dtype):
     """γ_n for a result of a computation on x of `dtype`: its worst product error plus n additions."""
     if CUDA:
         rule = TABLE[dtype]
-        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        tf32 = dtype == torch.float32 and fp32_matmul_allows_tf32()
         e = (TF32 if tf32 else rule.product) + rule.passes * n * ACCUMULATE
     else:
         e = TABLE[torch.float32].u + n * ACCUMULATE

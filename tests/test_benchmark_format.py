@@ -81,7 +81,7 @@ def test_command_on_cpu(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "No timings: they need a CUDA GPU" in out
     assert f"{len(providers.PROVIDERS)} of {len(providers.PROVIDERS)} provider checks agree" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-check.json", "cpu-check.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-check.json", "cpu-check.jsonl", "cpu-check.md"]
 
 
 def test_a_wrong_provider_fails_its_check_and_is_not_timed(monkeypatch):

@@ -23,12 +23,13 @@ M = 16 and M = 2048 has not been measured (`python benchmarks/run.py --plans` on
 SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still bound by reading W.
 """
 from fusedlora.core import knobs
-from fusedlora.kernels.multi_decode import DECODE_MAX_ROWS
+from fusedlora.kernels import configs
 
 PLANS = ("fused", "split", "decode")
 
-# Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction.
-SPLIT_FROM_M = {"forward": 65, "backward": 65}
+# Rows (M = prod(x.shape[:-1])) from which the split plan serves a call, per direction: the GPU's
+# tuned table, else the default (fusedlora/kernels/configs.py).
+SPLIT_FROM_M = configs.SplitFromM()
 
 
 def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
@@ -60,7 +61,9 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
 # measured the fused plan faster, so auto never takes it; it stays for FUSEDLORA_PLAN=fused and the
 # benchmark. Auto takes decode wherever the decode kernels can serve the call: that bound is their
 # design limit (one program block holds every id of the batch), not a measured crossover.
-MULTI_DECODE_MAX_M = DECODE_MAX_ROWS
+# The value comes from the GPU's table or the default (fusedlora/kernels/configs.py), which never
+# exceeds the decode kernels' own row limit.
+MULTI_DECODE_MAX_M = configs.planner_value("multi_decode_max_m")
 
 
 def choose_multi(direction: str, M: int, K: int, N: int, R: int, L: int) -> str:

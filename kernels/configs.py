@@ -1,0 +1,245 @@
+"""Every tile choice of the kernels and the planner's thresholds, in one place.
+
+One function per kernel returns its launch configuration (block sizes, warps, pipeline stages) for a
+shape. Each answer comes from, in order:
+1. the table of the GPU the tensors are on: configs/<GPU name>.json beside this file (spaces as
+   underscores, e.g. configs/NVIDIA_H200.json), written by `python benchmarks/tune.py` on that GPU.
+   Entries are keyed by kernel, then by shape bucket (the row count M rounded up to a power of two);
+   an entry overrides the keys it names.
+2. the defaults below, per target: "interpreter" (small tiles, so that test shapes keep masked edges
+   and several programs) or any GPU. The GPU defaults are what an H200 ran at commit 8bd3736; none of
+   them has been tuned by measurement yet.
+A GPU without a table, and a compile check on a machine without one, get the defaults. Answers are
+cached per shape: at decode sizes the host time of a call matters as much as its kernels'.
+
+The planner's thresholds (fusedlora/plans/planner.py) come from the same table ("planner").
+"""
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import triton
+
+TABLES = Path(__file__).resolve().parent / "configs"
+INTERPRETER = "interpreter"
+
+# The interpreter's choices: small tiles keep masked edges and several programs in play on small test
+# shapes (and 16-row blocks let small multi-adapter batches span several blocks and adapters).
+_INTERPRETER = {
+    "lora_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "lora_expand": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1),
+    "lora_shrink": dict(BLOCK_M=32, BLOCK_C=32, RANK_CAP=128, num_warps=4, num_stages=1),
+    "lora_dy": dict(BLOCK_M=32, BLOCK_N=32, RANK_CAP=64, num_warps=4, num_stages=1),
+    "multi_shrink": dict(BLOCK_M=16, BLOCK_C=32, RANK_CAP=128, num_warps=4),
+    "multi_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, RANK_CAP=64, num_warps=4, num_stages=1),
+    "multi_reduce": dict(BLOCK_A=32, BLOCK_T=16, RANK_CAP=64, num_warps=4),
+    "decode_shrink": dict(BLOCK_C=32, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4),
+    "decode_expand": dict(BLOCK_M=16, BLOCK_N=32, RANK_CAP=64, num_warps=4),
+    "keep_mask": dict(BLOCK_M=32, BLOCK_K=32),
+}
+
+# Planner thresholds, for every target without its own.
+# split_from_m: rows from which the single-adapter split plan serves a call, per direction. An H200 ran
+# the fused plan at 1.2-1.3x cuBLAS at M = 16 and the split plan at 1.13x at M = 2048 and 8192; the
+# crossover in between is unmeasured (benchmarks/tune.py measures it), so it sits at the top of the
+# decode range, where the base GEMM is still bound by reading W.
+# multi_decode_max_m: rows up to which the multi-adapter split plan runs the decode kernels; the decode
+# kernels hold every id of the batch in one block, so it is also their limit (decode_max_rows).
+PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64}
+DECODE_MAX_ROWS = 64
+
+
+def bucket(M: int) -> int:
+    """The shape bucket of M rows: M rounded up to a power of two."""
+    return 1 << max(M - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def target(device=None) -> str:
+    """"interpreter", the CUDA device's name, or "" (a GPU compile without one: the defaults)."""
+    if triton.knobs.runtime.interpret:
+        return INTERPRETER
+    if device is None or torch.device(device).type != "cuda":
+        return ""
+    index = torch.device(device).index
+    return _device_name(index if index is not None else torch.cuda.current_device())
+
+
+def table_path(name: str) -> Path:
+    return TABLES / (name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+@functools.lru_cache(maxsize=16)
+def table(name: str) -> dict:
+    """The tuned table of a target ({} when it has none)."""
+    path = table_path(name) if name and name != INTERPRETER else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def _choose(kernel: str, name: str, M: int, default: dict) -> dict:
+    base = _INTERPRETER[kernel] if name == INTERPRETER else default
+    tuned = table(name).get("kernels", {}).get(kernel, {}).get(str(bucket(M)), {})
+    return {**base, **tuned}
+
+
+def _with_rank(cfg: dict, R: int) -> dict:
+    """cfg with BLOCK_R for rank R (from its RANK_CAP) in place of the cap."""
+    cfg = dict(cfg)
+    cfg["BLOCK_R"] = rank_block(R, cfg.pop("RANK_CAP"))
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def rank_block(r: int, cap: int = 64) -> int:
+    """Block over the LoRA rank: a power of two, at least 16 (the GPU's tl.dot minimum), at most cap;
+    ranks above cap loop over rank blocks."""
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100/H200's 132 for anything else (compiling
+    GPU variants on a machine without one)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 132
+    index = torch.device(device).index
+    return _sm_count(index if index is not None else torch.cuda.current_device())
+
+
+# ---- one function per kernel -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def lora_gemm(M: int, N: int = 0, device=None) -> dict:
+    """The LoRA GEMM (kernels/lora_gemm.py, base product included).
+
+    At decode sizes the GEMM is bound by reading W, and the only lever is to have every SM stream a
+    share of it: 64x64 tiles gave 64 programs for N = 4096 on a 132-SM H200, so small M narrows the
+    column block until there are two programs per SM."""
+    if M <= 64:
+        block_m = max(16, triton.next_power_of_2(M))
+        block_n = 64
+        while N and block_n > 16 and -(-M // block_m) * -(-N // block_n) < 2 * sm_count(device):
+            block_n //= 2
+        default = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return _choose("lora_gemm", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def lora_expand(M: int, device=None) -> dict:
+    """The low-rank term alone (out = addend + p·qᵀ): a memory-bound pass over the M×N output whose
+    reduction is the rank, so wide tiles and no deep pipeline."""
+    default = dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+    return _choose("lora_expand", target(device), M, default)
+
+
+# wide: a dot with an fp32 operand (tf32x3 or ieee), whose operand tiles take three times the
+# registers of a half-precision one: compiled for sm_90 at the half-precision tiles, the shrink, dU/dB and
+# decode kernels spilled (8 to 520 bytes of local memory per thread, cuobjdump on the cubin, triton 3.9),
+# so wide dots get half the reduction block or twice the warps.
+
+@functools.lru_cache(maxsize=4096)
+def lora_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    """S = x·Aᵀ and dAᵀ: one program streams BLOCK_M rows over all of C (at M <= 16 a single program)."""
+    default = dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=64 if wide else 128, RANK_CAP=128,
+                   num_warps=8 if wide else 4, num_stages=3)
+    return _with_rank(_choose("lora_shrink", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def lora_dy(M: int, R: int, device=None, wide: bool = False) -> dict:
+    """dU and dB from one pass over dY."""
+    default = dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, RANK_CAP=64, num_warps=4, num_stages=3)
+    return _with_rank(_choose("lora_dy", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def multi_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    default = dict(BLOCK_M=16 if M <= 64 else 64, BLOCK_C=64 if wide else 128, RANK_CAP=128,
+                   num_warps=8 if wide or M > 64 else 4)
+    return _with_rank(_choose("multi_shrink", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def multi_gemm(M: int, N: int, R: int, has_base: bool, device=None) -> dict:
+    """With the base product, the LoRA GEMM's tiles; without it (the split plan's low-rank term) a
+    memory-bound pass over the output: the single-adapter expand's, with twice the warps (its fp32
+    low-rank dots spilled at 4 warps, tile 64x128)."""
+    default = {**(lora_gemm(M, N, device) if has_base else dict(lora_expand(M, device), num_warps=8)), "RANK_CAP": 64}
+    return _with_rank(_choose("multi_gemm", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def multi_reduce(M: int, R: int, device=None) -> dict:
+    default = dict(BLOCK_A=64, BLOCK_T=64, RANK_CAP=64, num_warps=4)
+    return _with_rank(_choose("multi_reduce", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    """PROGRAMS_PER_SM: how many programs per SM the split over C aims for."""
+    default = dict(BLOCK_C=64 if wide else 128, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4)
+    return _with_rank(_choose("decode_shrink", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_expand(M: int, R: int, device=None) -> dict:
+    """Its dots are fp32 (the partial sums times the adapter): 8 warps, which did not spill."""
+    default = dict(BLOCK_M=16, BLOCK_N=256, RANK_CAP=64, num_warps=8)
+    return _with_rank(_choose("decode_expand", target(device), M, default), R)
+
+
+def keep_mask(device=None) -> dict:
+    """The materialized dropout mask (tests and debugging only)."""
+    return _choose("keep_mask", target(device), 1, dict(BLOCK_M=32, BLOCK_K=32))
+
+
+# ---- the planner's thresholds ------------------------------------------------------------------
+
+def _current_target() -> str:
+    # Only a CUDA context already made is asked its device: importing fusedlora must not create one.
+    if triton.knobs.runtime.interpret or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return ""
+    return target(torch.device("cuda", torch.cuda.current_device()))
+
+
+def planner_value(key: str):
+    """A planner threshold: the current GPU's table, else the default."""
+    return table(_current_target()).get("planner", {}).get(key, PLANNER[key])
+
+
+class SplitFromM(Mapping):
+    """{direction: rows from which the split plan serves}, read when first asked (after the GPU is
+    known), then fixed."""
+
+    @functools.cached_property
+    def _values(self):
+        return dict(planner_value("split_from_m"))
+
+    def __getitem__(self, direction):
+        return self._values[direction]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+def clear_caches(tables: bool = True):
+    """Forget every cached answer: after a table file is written (tables=True), or after an entry of a
+    loaded table is changed in memory (tables=False, as benchmarks/tune.py does for each candidate)."""
+    for fn in (lora_gemm, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm, multi_reduce,
+               decode_shrink, decode_expand) + ((table,) if tables else ()):
+        fn.cache_clear()
