@@ -47,17 +47,23 @@ class Row(NamedTuple):
 # ---- a GPU's host path on a CPU ------------------------------------------------------------------
 
 class _Skipped:
-    """Stands in Triton's kernel cache for a compiled kernel: everything Triton's run() reads from it,
-    and a launch that only counts."""
+    """Stands in Triton's kernel cache for a compiled kernel, one per specialization: everything
+    Triton's run() reads from it, and a launch that only counts (and, for tests, records)."""
     function = None
     packed_metadata = None
     launches = 0
+    record = None  # a list to append (stand-in, launch arguments) to
+
+    def __init__(self, key):
+        self.key = key
 
     def launch_metadata(self, *args):
         return None  # what CompiledKernel.launch_metadata returns when no launch hook is set
 
     def run(self, *args):
         _Skipped.launches += 1
+        if _Skipped.record is not None:
+            _Skipped.record.append((self, args))
 
 
 class _Sm90Driver:
@@ -91,10 +97,9 @@ def install_sm90_host_path() -> None:
     import fusedlora.multi
 
     driver.set_active(_Sm90Driver())
-    stand_in = _Skipped()
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        self.device_caches[device][0][key] = stand_in
+        stand_in = self.device_caches[device][0][key] = _Skipped(key)
         return stand_in
 
     JITFunction._do_compile = do_compile

@@ -11,6 +11,12 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 FLOAT_DTYPES = tuple(_TL_DTYPE)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for grids: plain Python (triton.cdiv is a constexpr function on recent Triton,
+    ~1.75 µs a host call)."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return bool(triton.knobs.runtime.interpret)
@@ -44,7 +50,9 @@ def dot_precision(*dtypes: torch.dtype, low_rank: bool = False) -> str:
     (rank 16 against K in the thousands), so the extra passes cost little. Plain tf32 (2^-11 per
     product) made the fused path less precise than PEFT's on an H200.
     """
-    return _precision(dtypes, low_rank, torch.backends.cuda.matmul.allow_tf32)
+    # torch's flag matters only for all-fp32 operands; reading it costs more than the rest of this.
+    allow_tf32 = dtypes.count(torch.float32) == len(dtypes) and torch.backends.cuda.matmul.allow_tf32
+    return _precision(dtypes, low_rank, allow_tf32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +101,7 @@ def gemm_blocks(M: int, N: int = 0, device=None) -> dict:
         block_m = max(16, triton.next_power_of_2(M))
         sms = sm_count(device)
         block_n = 64
-        while N and block_n > 16 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 2 * sms:
+        while N and block_n > 16 and cdiv(M, block_m) * cdiv(N, block_n) < 2 * sms:
             block_n //= 2
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
+from .common import cdiv, dot_dtype, dot_precision, expand_blocks, gemm_blocks, rank_block
 from .dropout import keep_mask_tile
+from .launch import launch
 
 
 @triton.jit
@@ -116,13 +117,12 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
     # Pointers a variant does not use still need a tensor; its flag compiles them away.
     x = x if has_base else out
     weight, p, q, addend = (t if t is not None else x for t in (weight, p, q, addend))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    launch(
+        _lora_gemm_kernel, grid,
         x, weight, bias if bias is not None else x, p, q, addend, out,
         M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        addend.stride(0), addend.stride(1), out.stride(0), out.stride(1),
+        *x.stride(), *weight.stride(), *p.stride(), *q.stride(), *addend.stride(), *out.stride(),
         seed, threshold,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
         HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,

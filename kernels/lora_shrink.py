@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, dot_precision, interpreting, rank_block
+from .common import cdiv, dot_dtype, dot_precision, interpreting, rank_block
 from .dropout import keep_mask_tile
+from .launch import launch
 
 
 @triton.jit
@@ -121,10 +122,11 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
         return out
     cfg = _shrink_blocks(M)
     block_r = rank_block(R, cap=128)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
-    _lora_shrink_kernel[grid](
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, block_r))
+    launch(
+        _lora_shrink_kernel, grid,
         x, q, out, M, C, R,
-        x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *x.stride(), *q.stride(), *out.stride(),
         float(scale), seed, threshold,
         HAS_DROPOUT=dropout, MASK_T=mask_transposed,
         DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
@@ -150,12 +152,12 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     block_r = rank_block(R, cap=64)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, block_r))
     ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
-    _lora_dy_kernel[grid](
+    launch(
+        _lora_dy_kernel, grid,
         dy, lora_B, S, ds_arg, db_arg, M, N, R,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1), float(ds_scale),
+        *dy.stride(), *lora_B.stride(), *S.stride(), *ds_arg.stride(), *db_arg.stride(), float(ds_scale),
         COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
         DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32, low_rank=True),
         BLOCK_R=block_r, **cfg,
