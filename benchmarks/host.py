@@ -133,14 +133,18 @@ def count_launches(fn: Callable) -> (int, int):
     if CUDA:
         import triton
         counted = []
-        previous = triton.knobs.runtime.launch_enter_hook
-        triton.knobs.runtime.launch_enter_hook = lambda metadata: counted.append(1)
+        hooks = triton.knobs.runtime.launch_enter_hook  # a HookChain on triton 3.6 and 3.9
+
+        def hook(metadata):
+            counted.append(1)
+
+        hooks.add(hook)
         try:
             with Count():
                 fn()
             torch.cuda.synchronize()
         finally:
-            triton.knobs.runtime.launch_enter_hook = previous
+            hooks.remove(hook)
         return len(counted), len(library)
     before = _Skipped.launches
     with Count():
