@@ -67,7 +67,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if not _fast or _INTERPRETING:
         kernel[grid](*args, **kwargs)
         return
-    device = driver.active.get_current_device()
+    try:
+        device = driver.active.get_current_device()
+    except RuntimeError:  # no GPU driver (a launch recorded instead of run, say): Triton's path decides
+        kernel[grid](*args, **kwargs)
+        return
     # Small ints (shapes, strides) by value: finer than Triton's key, cheaper than _spec, and bounded
     # by the shapes a process sees; other ints (seeds, large strides) by Triton's classes. The kernel
     # by id: JITFunction's own hash recomputes its cache key.
