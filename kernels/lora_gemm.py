@@ -10,14 +10,23 @@ HAS_ADDEND for C), serves the products of the LoRA layer (x: (M, K), W: (N, K), 
                  y = S·Bᵀ + b, then y += x·Wᵀ;  dX = keep ⊙ (dU·A), then dX += dY·W
 - any base       out = base(x) + S·Bᵀ               C = the base layer's output
 Transposes are strides, never copies. S and dU = s/(1-p)·dY·B come from kernels/lora_shrink.py in fp32.
+
+At decode sizes the forward runs as one launch (HAS_SHRINK): the shrink S = c·(keep ⊙ x)·Aᵀ is computed
+inside the GEMM's K loop from the x tiles the base product loads, then added as y += S·Bᵀ after the
+loop. Every column block recomputes S for its rows (A is r×K, small next to W at decode), and the
+programs of the first column block write it out for the backward.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
+from .launch import launch
+
+# The largest rank the one-launch forward holds in one block (configs.rank_block's cap).
+SHRINK_MAX_R = 64
 
 
 @triton.jit
@@ -56,18 +65,21 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 @triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr, a_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_pm, stride_pr, stride_qn, stride_qr,
-    stride_cm, stride_cn, stride_om, stride_on,
-    seed_lo, seed_hi, threshold,
+    stride_cm, stride_cn, stride_om, stride_on, stride_ar, stride_ak,
+    seed_lo, seed_hi, threshold, shrink_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_SHRINK: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # HAS_SHRINK (with HAS_BASE and HAS_LORA): P is S's output, written here, A (r, K) at a_ptr, R <=
+    # BLOCK_R, and HAS_DROPOUT masks x in the shrink (keep on (m, k)) instead of the low-rank term.
     pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,13 +88,41 @@ def _lora_gemm_kernel(
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_BASE:
+    if HAS_SHRINK:
+        # x·Wᵀ and S = c·(keep ⊙ x)·Aᵀ from the same x tiles: one pass over x, one launch.
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
+        a_ptrs = a_ptr + offs_k[:, None].to(tl.int64) * stride_ak + offs_r[None, :].to(tl.int64) * stride_ar
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            if HAS_DROPOUT:
+                xt = tl.where(keep_mask_tile(seed_lo, seed_hi, offs_m, k0, threshold, BLOCK_K), xt, 0.0)
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            s = tl.dot(xt.to(SHRINK_DTYPE), at.to(SHRINK_DTYPE), s, input_precision=SHRINK_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+            a_ptrs += BLOCK_K * stride_ak
+        s = s * shrink_scale
+        if pid_n == 0:
+            tl.store(p_ptr + rows[:, None] * stride_pm + offs_r[None, :].to(tl.int64) * stride_pr, s,
+                     mask=m_ok[:, None] & r_ok[None, :])
+        qt = tl.load(q_ptr + offs_r[:, None].to(tl.int64) * stride_qr + cols[None, :] * stride_qn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(s, qt.to(tl.float32), acc, input_precision=LORA_PRECISION)
+    elif HAS_BASE:
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = matmul_tile(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                           w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
                           m_ok, n_ok, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk, acc,
                           EVEN_K, DOT_DTYPE, PRECISION, BLOCK_K)
-    if HAS_LORA:
+    if HAS_LORA and not HAS_SHRINK:
         # The low-rank term as extra K-steps over r. Unmasked, it adds into the base accumulator (no
         # second BLOCK_M x BLOCK_N accumulator held in registers); masked, it needs its own.
         offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
@@ -109,26 +149,27 @@ def _lora_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg):
+def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a=None, shrink_scale=1.0):
     M, N = out.shape
-    has_base, has_lora, has_addend = weight is not None, p is not None, addend is not None
+    has_base, has_lora, has_addend, has_shrink = weight is not None, p is not None, addend is not None, a is not None
     K = x.shape[1] if has_base else 0
     R = p.shape[1] if has_lora else 0
     # Pointers a variant does not use still need a tensor; its flag compiles them away.
     x = x if has_base else out
-    weight, p, q, addend = (t if t is not None else x for t in (weight, p, q, addend))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
-        x, weight, bias if bias is not None else x, p, q, addend, out,
+    weight, p, q, addend, a = (t if t is not None else x for t in (weight, p, q, addend, a))
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    launch(
+        _lora_gemm_kernel, grid,
+        x, weight, bias if bias is not None else x, p, q, addend, out, a,
         M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        addend.stride(0), addend.stride(1), out.stride(0), out.stride(1),
-        *seed_words(seed), threshold,
+        *x.stride(), *weight.stride(), *p.stride(), *q.stride(), *addend.stride(), *out.stride(), *a.stride(),
+        *seed_words(seed), threshold, float(shrink_scale),
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
-        HAS_ADDEND=has_addend, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        HAS_ADDEND=has_addend, HAS_SHRINK=has_shrink, EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
         LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
+        SHRINK_DTYPE=dot_dtype(x.dtype, a.dtype) if has_shrink else tl.float32,
+        SHRINK_PRECISION=dot_precision(x.dtype, a.dtype, low_rank=True) if has_shrink else "ieee",
         BLOCK_R=configs.rank_block(R), **cfg,
     )
     return out
@@ -152,6 +193,32 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
     if M == 0 or N == 0:
         return out
     return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device))
+
+
+def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0, dropout=False, out=None):
+    """(out, S): S = scale · (keep ⊙ x)·lora_Aᵀ -> (M, R) fp32 and out = x·weightᵀ + bias + S·lora_Bᵀ -> (M, N),
+    in one launch (the decode forward).
+
+    x: (M, K), weight: (N, K), bias: (N,) or None, lora_A: (R, K) with R <= SHRINK_MAX_R, lora_B: (N, R),
+    out: (M, N) or None (a new tensor in x's dtype); any strides. dropout=True masks x with the keep-mask
+    of (seed, threshold) on (m, k), as lora_shrink does. Every column block recomputes S, so this is for
+    small M (the plans choose it).
+    """
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    check_shapes(weight.shape[1] == K and lora_A.shape == (R, K) and lora_B.shape == (N, R)
+                 and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
+                 "lora_gemm_shrink", x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, out=out)
+    if R > SHRINK_MAX_R:
+        raise ValueError(f"lora_gemm_shrink: rank {R} over {SHRINK_MAX_R}")
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    S = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return out, S
+    _launch(x, weight, bias, S, lora_B, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device),
+            a=lora_A, shrink_scale=scale)
+    return out, S
 
 
 def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):

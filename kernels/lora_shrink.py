@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
+from .launch import launch
 
 
 @triton.jit(do_not_specialize=SEED_ARGS)
@@ -111,10 +112,11 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     if M == 0 or R == 0:
         return out
     cfg = configs.lora_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
-    _lora_shrink_kernel[grid](
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
+    launch(
+        _lora_shrink_kernel, grid,
         x, q, out, M, C, R,
-        x.stride(0), x.stride(1), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *x.stride(), *q.stride(), *out.stride(),
         float(scale), *seed_words(seed), threshold,
         HAS_DROPOUT=dropout, MASK_T=mask_transposed,
         DOT_DTYPE=dot_dtype(x.dtype, q.dtype), PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True), **cfg,
@@ -135,12 +137,12 @@ def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
     if M == 0 or not (compute_ds or compute_db):
         return ds, db
     cfg = configs.lora_dy(M, R, dy.device, True)  # S and dU are fp32
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
     ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
-    _lora_dy_kernel[grid](
+    launch(
+        _lora_dy_kernel, grid,
         dy, lora_B, S, ds_arg, db_arg, M, N, R,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        ds_arg.stride(0), ds_arg.stride(1), db_arg.stride(0), db_arg.stride(1), float(ds_scale),
+        *dy.stride(), *lora_B.stride(), *S.stride(), *ds_arg.stride(), *db_arg.stride(), float(ds_scale),
         COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
         DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32, low_rank=True),
         **cfg,

@@ -137,3 +137,14 @@ def test_output_can_be_modified_in_place(device, plan):
     (3.0 * fusedlora.reference.lora_linear(*(ref[n] for n in NAMES), 2.0, keep, 0.2)).sum().backward()
     for name in NAMES:
         torch.testing.assert_close(leaves[name].grad, ref[name].grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_two_launch_fused_forward(p, device, monkeypatch):
+    """The fused plan's forward as two launches (lora_shrink, then the GEMM), which it takes above the
+    one-launch row count; the other tests' shapes take the one-launch forward."""
+    from fusedlora.plans import single
+    monkeypatch.setenv("FUSEDLORA_PLAN", "fused")
+    monkeypatch.setattr(single, "ONE_LAUNCH_MAX_M", 0)
+    inputs = make_inputs(37, 70, 45, 3, f32, f32, True, device)
+    check_against_reference(inputs, 2.0, p, seed=99, dtype=f32, device=device)

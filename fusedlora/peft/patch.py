@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
-from fusedlora.peft.forward import (Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
-                                    own_weights, served_forward)
+from fusedlora.modules.lora_linear import fused_call, is_plain_linear
+from fusedlora.peft.forward import (Stacks, active_adapters, dropout_p, has_hooks, mixed_batch_adapters,
+                                    mixed_batch_forward, own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +180,103 @@ class _Reporter:
             logger.info(message)
 
 
+class _Decision:
+    """What patch_peft decided about a layer for a plain call (x alone), remembered with the state it
+    was decided from: the adapter set and its switches (disabled, merged, active), each active
+    adapter's dtypes, devices, lora_bias, scaling, dropout module and variant, the base layer and its
+    hooks, the casting switch, train/eval, and x's dtype and device under the autocast state. A call
+    whose state differs decides again, so set_adapter, merge/unmerge, enable/disable, adding or deleting
+    an adapter, a hook, train/eval, a parameter replaced or re-dtyped all take effect on the next call.
+    Only the decision is kept: every call reads the weights from the layer."""
+
+    __slots__ = ("state", "why", "single")
+
+    def __init__(self):
+        self.state, self.why, self.single = None, None, None
+
+    def __call__(self, layer, x, conv1d, variant_keys):
+        """(fallback reason or None, (adapter, scaling, dropout p) when one adapter is fused into a plain
+        base layer's GEMM, else None)."""
+        state = _state(layer, x)
+        if state is None:  # a layer whose state this cannot read: decide on every call
+            return fallback_reason(layer, x, (), {}, conv1d, variant_keys), None
+        if state != self.state:
+            self.why = fallback_reason(layer, x, (), {}, conv1d, variant_keys)
+            self.single = None if self.why is not None else _single_fused(layer, x, conv1d)
+            self.state = state
+        return self.why, self.single
+
+
+def _state(layer, x):
+    """The layer and call state the decision depends on, read from the modules' dicts (a PEFT property
+    or nn.Module attribute costs a microsecond each); None where the layer lacks PEFT's usual fields."""
+    d = layer.__dict__
+    try:
+        active, mods = d["_active_adapter"], d["_modules"]
+        lora_A, lora_B, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+        base = mods["base_layer"]
+        flags = (d["_disable_adapters"], len(d["merged_adapters"]), d["training"], d.get("cast_input_dtype_enabled"))
+    except (KeyError, AttributeError, TypeError):
+        return None
+    if not isinstance(x, torch.Tensor):
+        return None
+    active = (active,) if isinstance(active, str) else tuple(active)
+    hooks = nn.modules.module
+    b = base.__dict__
+    base_state = (base, b["_parameters"].get("weight"), b["_parameters"].get("bias"),
+                  len(b["_forward_hooks"]), len(b["_forward_pre_hooks"]), len(b["_backward_hooks"]),
+                  len(b["_backward_pre_hooks"]), "forward" in b, len(hooks._global_forward_hooks),
+                  len(hooks._global_forward_pre_hooks), len(hooks._global_backward_hooks),
+                  len(hooks._global_backward_pre_hooks))
+    weights = tuple((t.dtype, t.device, t.requires_grad) if t is not None else None for t in base_state[1:3])
+    variants, dora, scaling = d.get("lora_variant", {}), d.get("use_dora", {}), d.get("scaling", {})
+    adapters = []
+    for a in active:
+        if a not in lora_A:
+            adapters.append(None)
+            continue
+        A, B = lora_A[a]._parameters, lora_B[a]._parameters
+        drop = drops.get(a)
+        adapters.append((a, A["weight"].dtype, A["weight"].device, B["weight"].dtype, B["weight"].device,
+                         B.get("bias") is None, scaling.get(a), drop, getattr(drop, "training", None),
+                         getattr(drop, "p", None), a in variants, dora.get(a)))
+    return (flags, active, tuple(adapters), base_state[0], base_state[3:], weights, x.dtype, x.device,
+            torch.is_autocast_enabled(x.device.type))
+
+
+def _single_fused(layer, x, conv1d):
+    """(adapter, scaling, dropout p) when the served call is one lora_linear over a plain nn.Linear base
+    with one adapter and no lora_bias, as served_forward would run it; else None."""
+    adapters = active_adapters(layer)
+    if len(adapters) != 1:
+        return None
+    (a,) = adapters
+    base = layer.base_layer
+    if not is_plain_linear(base) or has_hooks(base) or layer.lora_B[a].bias is not None:
+        return None
+    A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+    if torch.is_autocast_enabled(x.device.type) or base.weight.dtype != x.dtype or base.weight.device != x.device \
+            or (base.bias is not None and (base.bias.dtype != x.dtype or base.bias.device != x.device)) \
+            or A.dtype not in (x.dtype, torch.float32):
+        return None
+    return a, float(layer.scaling[a]), dropout_p(layer.lora_dropout[a])
+
+
 def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys):
     stacks = Stacks()
+    decide = _Decision()
 
     def forward(self, x, *args, **kwargs):
-        why = fallback_reason(self, x, args, kwargs, conv1d, variant_keys)
+        if not args and not kwargs:
+            why, single = decide(self, x, conv1d, variant_keys)
+            if single is not None:  # the common call, served without deciding again
+                a, scaling, p = single
+                mods = self._modules
+                base = mods["base_layer"]._parameters
+                return fused_call(x, base["weight"], base["bias"], mods["lora_A"][a]._parameters["weight"],
+                                  mods["lora_B"][a]._parameters["weight"], scaling, p)
+        else:
+            why = fallback_reason(self, x, args, kwargs, conv1d, variant_keys)
         if why is not None:
             report(layer_name, *why)
             return peft_forward(self, x, *args, **kwargs)

@@ -18,7 +18,7 @@ lora_add (any base layer) is the split plan with the base product computed by so
 import torch
 
 from fusedlora.core.dropout import keep_threshold
-from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm
+from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, lora_expand, lora_gemm, lora_gemm_shrink
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
 
@@ -28,8 +28,18 @@ def shrink(x2, lora_A, scaling: float, dropout_p: float, seed: int) -> torch.Ten
                        dropout=dropout_p > 0)
 
 
+# Rows up to which the fused plan's forward is one launch, the shrink inside the GEMM's K loop: there
+# every column block recomputing S (reading A, r×K, and its rows of x once more from L2) costs less
+# than a second launch, whose host time alone (~20 µs measured by benchmarks/host.py on CPU) exceeds
+# the GEMM's ~8 µs at K = N = 4096 on an H200. Untimed on a GPU; the decode range of the planner.
+ONE_LAUNCH_MAX_M = 64
+
+
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
     """y into out: (M, N) in x's dtype, and S: (M, r) fp32, for x2: (M, K); inputs already validated."""
+    if plan == "fused" and x2.shape[0] <= ONE_LAUNCH_MAX_M and lora_A.shape[0] <= SHRINK_MAX_R:
+        return lora_gemm_shrink(x2, weight, bias, lora_A, lora_B, scaling / (1.0 - dropout_p), seed,
+                                keep_threshold(dropout_p), dropout=dropout_p > 0, out=out)[1]
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
     if plan == "fused":
         lora_gemm(x2, weight, bias, p=S, q=lora_B, out=out)

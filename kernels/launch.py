@@ -1,0 +1,95 @@
+"""Kernel launches without Triton's per-call binding work, once a kernel is compiled.
+
+`kernel[grid](*args, **constexprs)` binds the arguments, works out the specialization and looks the
+compiled kernel up on every call: at decode sizes that host work (~18 µs a launch on a 2-core CPU,
+measured with benchmarks/host.py) costs more than the GPU work it launches. `launch` does the plain
+launch the first time it sees a specialization and keeps the compiled kernel it returns; later calls
+with the same specialization go straight to the compiled kernel's launcher, exactly as Triton's own
+`JITFunction.run` calls it (and as `CompiledKernel.__getitem__` does), with the current stream.
+
+The specialization is what Triton specializes a compiled kernel on, computed here with Triton's rules
+(the same in triton 3.6 and 3.9): for a tensor, its dtype and whether its address is a multiple of 16;
+for an int, whether it is 1, whether it is a multiple of 16 and its integer type (i32, i64, u64); bools
+and floats by type; the keyword arguments (constexprs and options such as num_warps) by value; and
+the current device. Anything else Triton puts in its key (TRITON_DEBUG and the other compilation knobs)
+is read when a specialization is first seen: set FUSEDLORA_FAST_LAUNCH=0 (read at import; or call
+set_fast_launch) to have every launch take the plain path, for instance to debug with those knobs.
+Under the Triton interpreter every launch takes the plain path.
+"""
+import os
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+
+from .common import interpreting
+
+# Whether the interpreter runs is fixed when triton is first imported, before this module.
+_INTERPRETING = interpreting()
+_fast = os.environ.get("FUSEDLORA_FAST_LAUNCH", "1").strip() != "0"
+# (kernel, device, argument specializations, keyword arguments) -> (compiled kernel, constexpr values
+# in parameter order). Bounded by the specializations the launchers ask for, like Triton's own cache.
+_COMPILED = {}
+_Tensor = torch.Tensor
+
+
+def set_fast_launch(enabled: bool) -> bool:
+    """Turn the fast path on or off for this process; returns the previous setting."""
+    global _fast
+    previous, _fast = _fast, bool(enabled)
+    return previous
+
+
+def fast_launch() -> bool:
+    """Whether launches take the fast path."""
+    return _fast and not _INTERPRETING
+
+
+def _spec(arg):
+    """What Triton's binder specializes a kernel argument on (a finer key is harmless, a coarser one
+    would launch a kernel compiled for other arguments)."""
+    kind = type(arg)
+    if kind is int:
+        if arg == 1:
+            return 1
+        width = 32 if -2**31 <= arg < 2**31 else 64 if -2**63 <= arg < 2**63 else 65
+        return (width, arg % 16 == 0)
+    if isinstance(arg, _Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if kind is bool or kind is float:
+        return kind
+    return (kind, arg)  # anything else (None): by value, as Triton does
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs): positional arguments are the kernel's runtime arguments (tensors,
+    ints, floats), keyword arguments its constexprs and launch options."""
+    if not _fast or _INTERPRETING:
+        kernel[grid](*args, **kwargs)
+        return
+    try:
+        device = driver.active.get_current_device()
+    except RuntimeError:  # no GPU driver (a launch recorded instead of run, say): Triton's path decides
+        kernel[grid](*args, **kwargs)
+        return
+    # Small ints (shapes, strides) by value: finer than Triton's key, cheaper than _spec, and bounded
+    # by the shapes a process sees; other ints (seeds, large strides) by Triton's classes. The kernel
+    # by id: JITFunction's own hash recomputes its cache key.
+    key = (id(kernel), device, tuple([
+        a if type(a) is int and -65536 < a < 65536 else
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, _Tensor) else _spec(a) for a in args]),
+        tuple(kwargs.items()))
+    entry = _COMPILED.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "packed_metadata"):  # a compiled kernel, not a pending asynchronous compile
+            _COMPILED[key] = (compiled, tuple(kwargs[name] for name in kernel.arg_names[len(args):]))
+        return
+    compiled, constexprs = entry
+    every = args + constexprs
+    stream = driver.active.get_current_stream(device)
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    metadata = compiled.launch_metadata(grid, stream, *every)
+    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, metadata,
+                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *every)

@@ -1,0 +1,56 @@
+"""benchmarks/host.py runs, and each eager call launches the kernels its plan launches.
+
+The benchmark measures Triton's GPU launch path on the CPU, so it runs in a subprocess without the
+interpreter (the test session has it on). One repeat of one call: this checks counts, not speed."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import CUDA
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "host.py"
+
+# Triton launches per call at these shapes (M = 16 single-adapter rows: the fused plan; M = 64 multi:
+# the split plan's decode kernels, x·Wᵀ by the library GEMM):
+#   forward    one LoRA GEMM with the shrink in its K loop (S, and x·Wᵀ + b + S·Bᵀ)
+#   backward   lora_dy (dU, dB), lora_shrink (dA), the LoRA GEMM (dX = dY·W + keep ⊙ dU·A)
+#   lora_add   lora_shrink, lora_expand onto the base output
+#   multi      the decode shrink and the decode expand, plus addmm_ (a library op)
+EXPECTED = {
+    "lora_linear, no grad": 1,
+    "lora_linear, forward+backward, p=0.0": 4,
+    "lora_linear, forward+backward, p=0.1": 4,
+    "lora_add, no grad": 2,
+    "multi_lora_linear, bare ids": 2,
+    "multi_lora_linear, AdapterBatch": 2,
+    "PEFT LoRA Linear, unpatched": 0,
+    "PEFT LoRA Linear, patch_peft": 1,
+    "nn.Linear + unfused LoRA (PEFT-style)": 0,
+    "LoRALinear": 1,
+}
+
+
+def _run(tmp_path, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_BACKEND", "FUSEDLORA_PLAN")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.update(extra_env or {})
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--repeats", "1", "--calls", "1", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "| lora_linear, no grad |" in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU, run benchmarks/host.py itself")
+def test_host_bench_counts_the_planned_launches(tmp_path):
+    result = _run(tmp_path)
+    assert "cuLaunchKernel" in result["skipped"]
+    launches = {row["name"]: row["launches"] for row in result["rows"]}
+    assert launches == EXPECTED
+    library = {row["name"]: row["library_ops"] for row in result["rows"]}
+    assert library["lora_linear, no grad"] == 0 and library["multi_lora_linear, AdapterBatch"] == 1
+    assert all(row["host_us"] > 0 for row in result["rows"]) and result["unit"]["host_us"] > 0
