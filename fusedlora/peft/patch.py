@@ -15,7 +15,7 @@ would have been faster, with logging (INFO) where there is nothing to fuse (adap
 merged, no active adapter).
 
 adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
-layer's adapters stacked (cached until a weight or the adapter set changes), when the direct base
+layer's adapters stacked (on every call, so that no write to a weight goes unseen), when the direct base
 layer is a plain nn.Linear or Conv1D, without dropout, autocast or lora_bias.
 
 PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
