@@ -206,54 +206,96 @@ def mixed_batch_adapters(layer, names) -> List[str]:
     return sorted({n for n in names if n in layer.lora_A})
 
 
-# AdapterBatches of recent adapter_names= calls, keyed by (names, the layer's adapters among them,
-# input shape, device). Every adapted layer of a forward sees the same names and, mostly, the same
-# adapters, so the ids go to the device (a host-to-device copy) and get grouped by adapter once per
-# forward instead of once per layer, and a generate loop reuses them from step to step. The entries
-# are small integer tensors; the oldest go first, except those a CUDA graph captured: the graph reads
-# their memory on every replay, so they are kept for the life of the process.
-_BATCHES: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
-_BATCHES_MAX = 16
-_CAPTURED: dict = {}
-_LOCK = threading.Lock()  # serving threads share the cache
-
-
-def _adapter_batch(names, adapters: List[str], shape: torch.Size, device: torch.device):
-    """Row b of the batch uses adapters.index(names[b]), or -1 (the base alone) for a name not among them."""
-    slot = {a: i for i, a in enumerate(adapters)}
-
-    def build():
-        rows = torch.tensor([slot.get(n, -1) for n in names], device=device)
-        return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
-
-    if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
-        return build()
-    key = (tuple(names), tuple(adapters), tuple(shape), device)
-    with _LOCK:
-        batch = _BATCHES.get(key)
-        if batch is None:
-            batch = _CAPTURED.get(key)
-        if batch is None:
-            batch = _BATCHES[key] = AdapterBatch(build(), len(adapters))
-            if len(_BATCHES) > _BATCHES_MAX:
-                _BATCHES.popitem(last=False)
-        elif key in _BATCHES:
-            _BATCHES.move_to_end(key)
-        if _capturing(device):
-            _CAPTURED[key] = batch
-    return batch
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):
+class MixedBatchCache:
+    """The AdapterBatches of a patched model's recent adapter_names= calls, keyed by (names, the layer's
+    adapters among them, input shape, device). Every adapted layer of a forward sees the same names
+    and, mostly, the same adapters, so the ids go to the device (a host-to-device copy) and get grouped
+    by adapter once per forward instead of once per layer, and a generate loop reuses them from step
+    to step. The entries hold small integer tensors made from the names alone, never weights.
+
+    patch_peft makes one per model (its `fusedlora_batch_cache` attribute; patching again keeps it,
+    and unpatch_peft leaves it, for the reason below). The `max_entries` most recently used entries are
+    kept, the oldest go first, except those made or used while a CUDA graph was being captured: the
+    graph reads their ids on every replay, so they stay for the life of the cache unless
+    clear(captured=True) is told no such graph will replay. Thread-safe: serving threads share it.
+    A copy (copy.deepcopy of the model) starts empty. `capturing(device)` says whether a graph is
+    being captured on device (default: the current CUDA stream's state)."""
+
+    def __init__(self, max_entries: int = 16, capturing=_capturing):
+        self.max_entries = max_entries
+        self._capturing = capturing
+        self._recent: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
+        self._captured: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, names, adapters: List[str], shape: torch.Size, device: torch.device):
+        """The batch for a layer holding `adapters` (sorted): row b uses adapters.index(names[b]), or -1
+        (the base alone) for a name not among them. Inside a traced graph: a plain ids tensor, uncached."""
+        slot = {a: i for i, a in enumerate(adapters)}
+
+        def build():
+            rows = torch.tensor([slot.get(n, -1) for n in names], device=device)
+            return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+        if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
+            return build()
+        key = (tuple(names), tuple(adapters), tuple(shape), device)
+        with self._lock:
+            batch = self._recent.get(key)
+            if batch is None:
+                batch = self._captured.get(key)
+            if batch is None:
+                batch = self._recent[key] = AdapterBatch(build(), len(adapters))
+                if len(self._recent) > self.max_entries:
+                    self._recent.popitem(last=False)
+            elif key in self._recent:
+                self._recent.move_to_end(key)
+            if self._capturing(device):
+                self._captured[key] = batch
+        return batch
+
+    def keys(self) -> List[tuple]:
+        """The keys held: the recent ones, oldest first, then those only a captured graph keeps."""
+        with self._lock:
+            return list(self._recent) + [k for k in self._captured if k not in self._recent]
+
+    def captured_keys(self) -> List[tuple]:
+        with self._lock:
+            return list(self._captured)
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def clear(self, captured: bool = False) -> None:
+        """Drop the entries; with captured=True also those a CUDA graph captured (no such graph may
+        replay afterwards)."""
+        with self._lock:
+            self._recent.clear()
+            if captured:
+                self._captured.clear()
+
+    def __deepcopy__(self, memo):
+        return MixedBatchCache(self.max_entries, self._capturing)
+
+    def __reduce__(self):
+        return MixedBatchCache, (self.max_entries,)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return (f"MixedBatchCache({len(self._recent)} recent of at most {self.max_entries}, "
+                    f"{len(self._captured)} kept for captured CUDA graphs)")
+
+
+def mixed_batch_forward(layer, x, names, stacks: Stacks, batches: MixedBatchCache, weight, bias):
     """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
     names[b]; "__base__", and adapters this layer does not hold, add nothing. weight (N, K) and bias
     are the direct base layer's (own_weights)."""
     layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
     adapters = mixed_batch_adapters(layer, names)
-    ids = _adapter_batch(names, adapters, x.shape[:-1], x.device)
+    ids = batches.get(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)

@@ -32,10 +32,13 @@ import torch
 from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
-from fusedlora.peft.forward import (Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
+from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dropout_p, mixed_batch_adapters, mixed_batch_forward,
                                     own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
+# The model attribute holding its MixedBatchCache. It outlives unpatch_peft: a CUDA graph captured over
+# the patched model may still replay, reading the ids of the batches it captured.
+CACHE_ATTR = "fusedlora_batch_cache"
 
 
 def _peft_classes() -> Dict[type, object]:
@@ -179,7 +182,8 @@ class _Reporter:
             logger.info(message)
 
 
-def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys):
+def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys,
+                     batches: MixedBatchCache):
     stacks = Stacks()
 
     def forward(self, x, *args, **kwargs):
@@ -191,7 +195,7 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
         for key in variant_keys:  # PEFT drops these before calling the base layer
             kwargs.pop(key, None)
         if names is not None:
-            return mixed_batch_forward(self, x, names, stacks, *own_weights(self.base_layer, conv1d))
+            return mixed_batch_forward(self, x, names, stacks, batches, *own_weights(self.base_layer, conv1d))
         return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True
@@ -206,18 +210,26 @@ def patch_peft(peft_model: nn.Module) -> int:
     """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel, a PeftMixedModel or any module
     holding peft.tuners.lora.Linear layers) through fusedlora's kernels. Returns how many layers it
     patched. Layer subclasses with a forward of their own are left alone. Patching again re-patches;
-    unpatch_peft undoes it."""
+    unpatch_peft undoes it.
+
+    The patched layers share the model's `fusedlora_batch_cache` (a fusedlora.peft.forward.MixedBatchCache
+    of the adapter ids of recent adapter_names= batches: len(), keys(), clear()), made by the first
+    patch_peft and kept with the model."""
     classes = _peft_classes()
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"patch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
     conv1d, variant_keys = _conv1d(), _variant_keys()
     report = _Reporter()
+    batches = vars(peft_model).get(CACHE_ATTR)
+    if batches is None:
+        batches = MixedBatchCache()
+        setattr(peft_model, CACHE_ATTR, batches)
     count = 0
     for name, module in peft_model.named_modules():
         peft_forward = next((f for cls, f in classes.items() if isinstance(module, cls) and type(module).forward is f),
                             None)
         if peft_forward is not None:
-            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys)
+            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys, batches)
             module.forward = types.MethodType(forward, module)
             count += 1
     return count
