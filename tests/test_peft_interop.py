@@ -271,11 +271,13 @@ def test_fallbacks_equal_peft_and_are_reported_once(options, prepare, reason, mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("options,prepare", [({"lora_bias": True}, None), ({}, hook_on_first_base_layer)],
-                         ids=["lora_bias", "hooked-base"])
+@pytest.mark.parametrize("options,prepare", [({"lora_bias": True}, None), ({}, hook_on_first_base_layer),
+                                             ({"lora_bias": True}, hook_on_first_base_layer)],
+                         ids=["lora_bias", "hooked-base", "lora_bias-hooked-base"])
 def test_served_beyond_one_plain_adapter_equal_peft(backend, options, prepare):
     """lora_bias through the fused GEMM's bias, and a hooked base layer through its own forward (the
-    hook runs once per forward, as in PEFT) plus lora_add: logits and gradients equal PEFT's."""
+    hook runs once per forward, as in PEFT) plus lora_add, the two together (lora_bias added to the
+    base layer's output): logits and gradients equal PEFT's."""
     model = peft_llama(**options)
     calls = prepare(model) if prepare else None
     ids = tokens()
