@@ -16,7 +16,7 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
         # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs.
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "matplotlib",
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis", "peft", "transformers", "matplotlib",
                  "parameterized"],
         "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
     },

@@ -5,6 +5,7 @@ first imported. The interpreter is then made to refuse tl.dot shapes the GPU ref
 so a kernel that only works on CPU fails here, not on the H100.
 """
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -50,6 +51,14 @@ def plan(request, monkeypatch):
 def triton_backend(monkeypatch):
     """Every test goes through the kernels unless it sets FUSEDLORA_BACKEND itself."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+
+
+@pytest.fixture(autouse=True)
+def seeded_rngs():
+    """Every test starts from the same global RNG state, whatever ran before it: inputs a test draws
+    without its own generator do not depend on the order the tests run in."""
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 # Lines a test wants shown after the run whatever its outcome (tests/test_peft_suite.py's counts).

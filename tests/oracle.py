@@ -24,19 +24,21 @@ itself achieves on that element.
 
 Norm-wise, for whole models (a Llama's logits and gradients, compiled against eager, a fallback
 against PEFT). No componentwise bound survives softmax and normalisation layers, whose conditioning
-no rule of thumb knows; the same-dtype PyTorch run measures it. One tensor's error against another's
-is still luck: measured here, two correct fp32 paths differ by 2.6x on one gradient, since a few
-rounding errors upstream dominate it. So the rule is per run: every tensor of it (logits and each
-gradient) shares one noise scale, the worst relative error PyTorch's same-dtype run reaches on any
-of them, and
+no rule of thumb knows; the same-dtype PyTorch run measures it, tensor by tensor: each tensor T
+(logits, each gradient) gets its own noise scale, PyTorch's relative error on it, and
 
-    ‖got − exact‖ ≤ (F·max_T ‖low_T − exact_T‖/‖exact_T‖ + u_s)·‖exact‖
+    ‖got_T − exact_T‖ ≤ (F·‖low_T − exact_T‖/‖exact_T‖ + u_s)·‖exact_T‖
 
-(u_s: one rounding of the output is always allowed). benchmarks/providers.py checks providers by
-the same rule.
-
-Bugs that whole-model tests are for (a wrong adapter, scaling, bias or mask) move results by 1e-2
-or more, against noise scales of about 1e-6 (fp32) and 4e-2 (bf16).
+(u_s: one rounding of the output is always allowed; the tensor's noise scale is never taken below
+RUN_SHARE of the run's worst). Two correct paths are different samples of rounding noise: over the
+PEFT interop models, per tensor, measured up to 3.05x apart in fp32 and 2.1x in bf16, hence F = 4.
+A bf16 tensor's noise is 5e-3 to 5e-2 of it, which would hide a one-percent scaling error; but such
+an error lies along the tensor, where rounding errors put only a small share (about 1/sqrt(numel) of
+their norm, when their signs are independent). So the error's component along exact_T, relative to
+it, must also stay within SLANT_FACTOR times PyTorch's plus SIGMAS times that share (+ u_s), in
+runs with half-precision tensors.
+Measured by hand (one layer's scaling multiplied in the patched PEFT model): x1.001 fails the fp32
+tests, x1.01 the bf16 one. benchmarks/providers.py checks providers by the older run-wide rule.
 """
 import contextlib
 import os
@@ -89,7 +91,18 @@ TF32 = 2.0**-10  # a product of two operands rounded to tf32's 10-bit mantissa
 # F of the norm-wise rule: another implementation's rounding errors are other samples than PyTorch's
 # (measured over every whole-model test here, with AVX2 and with scalar CPU kernels: a tensor's error
 # reaches at most 1.17 times the run's scale), and the split plan rounds twice.
-MODEL_FACTOR = 2.0
+MODEL_FACTOR = 4.0
+# A tensor's noise scale is never taken below this share of the run's worst: in fp32 a gradient's
+# error can come from a few roundings upstream, so one correct run's error on it is luck (measured:
+# 5.7x PEFT's on one adapter gradient of a mixed batch, 1.7e-6 against 2.9e-7, 0.72 of the run's
+# worst; the bound is 4 x 0.25 of it).
+RUN_SHARE = 0.25
+# The second test, along the tensor, for runs in half precision: the same-dtype run's component times
+# SLANT_FACTOR (measured up to 1.9x apart over the bf16 PEFT models), plus SIGMAS standard deviations
+# of rounding noise. Not for fp32 runs, whose few dominant roundings upstream can lie along a tensor
+# (measured: 8.1e-6 of an 9.1e-6 error) and whose norm-wise bound already catches a 1e-3 scaling.
+SLANT_FACTOR = 3.0
+SIGMAS = 4.0
 # fp32 accumulation; tensor cores truncate instead of rounding in their sums (Fasi, Higham, Mikaitis,
 # Pranesh, "Numerical behavior of NVIDIA tensor cores", 2021): twice the unit roundoff there.
 ACCUMULATE = TABLE[torch.float32].u * (2 if CUDA else 1)
@@ -149,7 +162,7 @@ def assert_oracle(name, got, low, exact, magnitude, n, dtype, torch_ops=False):
 
 
 def assert_normwise(got, low, exact, torch_ops=False, where=""):
-    """The norm-wise rule over one run. got, low (the same-dtype PyTorch run) and exact (float64):
+    """The norm-wise rule, per tensor. got, low (the same-dtype PyTorch run) and exact (float64):
     {name: tensor} with the same names, e.g. the logits and every gradient."""
     assert sorted(got) == sorted(low) == sorted(exact), (sorted(got), sorted(low), sorted(exact))
 
@@ -157,29 +170,52 @@ def assert_normwise(got, low, exact, torch_ops=False, where=""):
         return (a.double() - b.double()).norm().item()
 
     norms = {n: exact[n].double().norm().item() for n in exact}
-    scale = max((dist(low[n], exact[n]) / norms[n] for n in exact if norms[n] > 0), default=0.0)
-    worst = max((n for n in exact if norms[n] > 0), key=lambda n: dist(low[n], exact[n]) / norms[n], default=None)
-    # Rounding noise stays far below this even in bf16 (4e-2 measured); above it, the float64 run
-    # computes something else (another dropout mask, other inputs) and would excuse anything.
-    assert scale < 0.1, f"{where}: the same-dtype run is {scale:.2g} off float64 on {worst}: not the same computation"
+    owns = {n: dist(low[n], exact[n]) / norms[n] if norms[n] > 0 else 0.0 for n in exact}
+    floor = RUN_SHARE * max(owns.values(), default=0.0)
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in low.values())
     for n in exact:
         assert got[n].shape == exact[n].shape, f"{n}: shape {tuple(got[n].shape)} != {tuple(exact[n].shape)}"
+        norm, own = norms[n], owns[n]
+        # Rounding noise stays far below this even in bf16 (4e-2 measured); above it, the float64 run
+        # computes something else (another dropout mask, other inputs) and would excuse anything.
+        assert own < 0.1, f"{n} {where}: the same-dtype run is {own:.2g} off float64: not the same computation"
         us = _storage(got[n].dtype, torch_ops)[0]
-        err, bound = dist(got[n], exact[n]), (MODEL_FACTOR * scale + us) * norms[n]
+        err = dist(got[n], exact[n]) / norm if norm > 0 else dist(got[n], exact[n])
+        bound = MODEL_FACTOR * max(own, floor) + us
         assert err <= bound, (
-            f"{n} {where}: relative error {err / max(norms[n], 1e-300):.3e} exceeds {MODEL_FACTOR:g} × "
-            f"{scale:.3e} (the same-dtype run's worst, on {worst}) + {us:.3g}; its own same-dtype "
-            f"error {dist(low[n], exact[n]) / max(norms[n], 1e-300):.3e}; worst element "
+            f"{n} {where}: relative error {err:.3e} exceeds {MODEL_FACTOR:g} × max({own:.3e}, the same-dtype run's "
+            f"error on this tensor, {floor:.3e}, {RUN_SHARE:g} of its worst on any) + {us:.3g}; worst element "
             f"{(got[n].double() - exact[n].double()).abs().max().item():.3e}")
+        if norm == 0 or not half:
+            continue
+        # The error's component along the tensor itself: a wrong scaling puts its whole relative error
+        # there, rounding noise about 1/sqrt(numel) of its norm (errors of independent signs).
+        e = exact[n].double().reshape(-1)
+
+        def along(t):
+            return abs(torch.dot(t.double().reshape(-1) - e, e).item()) / norm ** 2
+
+        noise = own / exact[n].numel() ** 0.5
+        slant, allowed = along(got[n]), SLANT_FACTOR * (along(low[n]) + SIGMAS * noise) + us
+        if os.environ.get("ORACLE_DEBUG"):
+            print(f"NORMWISE {where} {n} own {own:.3e} got {err:.3e} ratio {err / max(own, 1e-300):.2f} "
+                  f"slant {slant:.3e} allowed {allowed:.3e} sratio {slant / allowed:.2f}")
+        assert slant <= allowed, (
+            f"{n} {where}: the error along the tensor is {slant:.3e} of it (a scaling off by that much), above "
+            f"{SLANT_FACTOR:g} × ({along(low[n]):.3e}, the same-dtype run's, + {SIGMAS:g} × {noise:.3e}, its "
+            f"rounding noise's share) + {us:.3g}")
 
 
-def assert_same(got, want, exact=None, where=""):
-    """got and want ({name: tensor} of two runs over the same inputs) equal bitwise; or, given exact
-    (the float64 run, where not BITWISE), both held against it by the norm-wise rule, want as the
-    same-dtype run."""
+def assert_same(got, want, exact=None, low=None, where=""):
+    """got and want ({name: tensor} of two runs over the same inputs, e.g. compiled and eager) equal
+    bitwise; or, given exact (the float64 run, where not BITWISE) and low (the same-dtype PyTorch run,
+    e.g. under float64_fusedlora in the tested dtypes), each held against exact by the norm-wise rule:
+    neither is the other's reference."""
     assert sorted(got) == sorted(want), (sorted(got), sorted(want))
     if exact is not None:
-        assert_normwise(got, want, exact, where=where)
+        assert low is not None, "a float64 comparison needs the same-dtype PyTorch run as its noise scale"
+        assert_normwise(got, low, exact, where=f"{where} (first run)")
+        assert_normwise(want, low, exact, where=f"{where} (second run)")
         return
     for n in want:
         assert got[n].shape == want[n].shape, f"{n} {where}: shape {tuple(got[n].shape)} != {tuple(want[n].shape)}"

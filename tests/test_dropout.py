@@ -32,6 +32,22 @@ def test_kernel_mask_equals_torch_mask(seed, p, device):
     assert mismatch.numel() == 0, f"first mismatch at {tuple(mismatch[0].tolist())}"
 
 
+@pytest.mark.parametrize("seed,row,col", [(977, 1, 6), (2**40 + 7, 2, 3)])
+def test_an_element_at_the_threshold_is_kept(seed, row, col, device):
+    """keep is v >= threshold, v the element's top 24 Philox bits: at p = v / 2^24 the threshold is v
+    and the element stays, in the kernel's mask and in PyTorch's; one step above, it goes."""
+    quad = torch.tensor([col // 4], dtype=torch.int64)
+    words = philox4x32(quad, torch.tensor([row], dtype=torch.int64), torch.zeros_like(quad), torch.zeros_like(quad),
+                       seed & 0xFFFFFFFF, seed >> 32)
+    v = int(words[col % 4]) >> 8
+    assert 0 < v < 2**24 - 1
+    assert keep_threshold(v / 2**24) == v
+    for p, kept in ((v / 2**24, True), ((v + 1) / 2**24, False)):
+        kernel = keep_mask(seed, row + 1, col + 1, keep_threshold(p), device)
+        torch_mask = fusedlora.dropout_mask(seed, (row + 1, col + 1), p, device)
+        assert bool(kernel[row, col]) is kept and bool(torch_mask[row, col]) is kept, (p, v)
+
+
 @pytest.mark.parametrize("seed", [977, 2**40 + 7, -5])
 def test_tensor_seed_is_the_int_seed(seed, device):
     """A 0-d int64 seed tensor draws the mask of its value in the kernels and in PyTorch alike; a

@@ -7,6 +7,7 @@ from compiling import fresh_dynamo, graphs_compiled  # noqa: F401 (a fixture)
 from oracle import BITWISE, assert_normwise, assert_same, check_lora_add, make_inputs
 
 import fusedlora
+from fusedlora.core.backend import backend_for
 from fusedlora.core import reference
 from fusedlora.ops.single import lora_add_backward_op, lora_add_op
 
@@ -47,6 +48,18 @@ def test_matches_reference(lead, K, N, r, dtype, adapter_dtype, p, device):
     assert torch.equal(inputs["base"], base_before), "lora_add modified its base argument"
     assert y.dtype == dtype and y.shape == inputs["base"].shape
     check_lora_add(y, grads, inputs, 1.5, keep, p, dy)
+
+
+@pytest.mark.parametrize("lead,K,N,r,dtype,adapter_dtype,p", CASES)
+def test_default_backend_matches_reference(lead, K, N, r, dtype, adapter_dtype, p, device, monkeypatch):
+    """What a user gets without setting FUSEDLORA_BACKEND (the kernels on CUDA, the PyTorch path on
+    CPU), against the float64 reference of fusedlora.core.reference."""
+    monkeypatch.delenv("FUSEDLORA_BACKEND")
+    inputs = add_inputs(lead, K, N, r, dtype, adapter_dtype, device)
+    dy = torch.randn(inputs["base"].shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+    keep = fusedlora.dropout_mask(9, inputs["x"].shape, p, device) if p > 0 else None
+    y, grads = run(fusedlora.lora_add, inputs, dy, scaling=1.5, dropout_p=p, seed=9)
+    check_lora_add(y, grads, inputs, 1.5, keep, p, dy, torch_ops=backend_for(inputs["x"]) == "torch")
 
 
 def test_strided_base_and_x(device):

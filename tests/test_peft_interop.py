@@ -16,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import fusedlora
 from fusedlora.core.dropout import draw_seed
+from fusedlora.peft.forward import MixedBatchCache
 from fusedlora.kernels.common import interpreting
 
 BACKENDS = ["triton", "torch"]
@@ -169,53 +170,54 @@ def test_mixed_batch_is_served_by_the_multi_adapter_kernels(backend):
 
 def test_mixed_batch_sends_its_ids_to_the_device_once(monkeypatch):
     """The layers of a mixed-batch forward share one AdapterBatch per set of adapters they hold (here
-    two: q/v hold "default" and "other", the rest "default" alone), and the next forward with the same
-    names and shape reuses them: no per-layer host-to-device copy or sort. Same code twice: bitwise."""
-    import fusedlora.peft.forward as peft_forward
-    built = []
-
-    class Counted(peft_forward.AdapterBatch):
-        __slots__ = ()
-
-        def __init__(self, ids, num_adapters):
-            built.append(num_adapters)
-            super().__init__(ids, num_adapters)
-
-    monkeypatch.setattr(peft_forward, "AdapterBatch", Counted)
-    monkeypatch.setattr(peft_forward, "_BATCHES", type(peft_forward._BATCHES)())
+    two: q/v hold "default" and "other", the rest "default" alone), kept in the model's cache, and the
+    next forward with the same names and shape reuses them: no per-layer host-to-device copy or sort.
+    Same code twice: bitwise. The cache sits above the backend: the torch one keeps this quick."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = two_adapter_model()
     fusedlora.patch_peft(model)
+    cache = model.fusedlora_batch_cache
     ids, names = tokens(batch=3), ["other", "__base__", "default"]
     with torch.no_grad():
         first = model(input_ids=ids, adapter_names=names).logits
+        held = {key: cache.get(*key) for key in cache.keys()}
         second = model(input_ids=ids, adapter_names=names).logits
-    assert sorted(built) == [1, 2]
+    assert sorted(key[1] for key in held) == [("default",), ("default", "other")]
+    assert cache.keys() == list(held) and all(cache.get(*key) is batch for key, batch in held.items())
     assert_same(dict(logits=second), dict(logits=first))
     model(input_ids=ids[:, :-1], adapter_names=names)  # another shape: new batches
-    assert len(built) == 4
+    assert len(cache) == 4
+    fusedlora.patch_peft(model)  # the cache belongs to the model: patching again keeps it
+    assert model.fusedlora_batch_cache is cache and len(cache) == 4
+    assert len(copy.deepcopy(model).fusedlora_batch_cache) == 0
+    cache.clear()
+    assert len(cache) == 0
 
 
-def test_mixed_batch_cache_keeps_what_a_cuda_graph_captured(monkeypatch):
+def test_mixed_batch_cache_keeps_what_a_cuda_graph_captured():
     """The cache of mixed-batch AdapterBatches drops its oldest entries, except those made or used while
     a CUDA graph was being captured: the graph reads their ids on every replay."""
-    import fusedlora.peft.forward as peft_forward
-    monkeypatch.setattr(peft_forward, "_BATCHES", type(peft_forward._BATCHES)())
-    monkeypatch.setattr(peft_forward, "_CAPTURED", {})
+    capturing = [False]
+    cache = MixedBatchCache(max_entries=4, capturing=lambda device: capturing[0])
     cpu = torch.device("cpu")
 
     def batch(length, names=("a", "__base__")):
-        return peft_forward._adapter_batch(list(names), ["a"], torch.Size([2, length]), cpu)
+        return cache.get(list(names), ["a"], torch.Size([2, length]), cpu)
 
-    monkeypatch.setattr(peft_forward, "_capturing", lambda device: True)
+    capturing[0] = True
     captured = batch(3)
-    monkeypatch.setattr(peft_forward, "_capturing", lambda device: False)
+    capturing[0] = False
     plain = batch(3, names=("__base__", "a"))
     assert plain.ids.tolist() == [[-1] * 3, [0] * 3] and captured.ids.tolist() == [[0] * 3, [-1] * 3]
     assert batch(3) is captured and batch(3, names=("__base__", "a")) is plain
-    for length in range(4, 5 + peft_forward._BATCHES_MAX):  # more new keys than the cache holds
+    for length in range(4, 5 + cache.max_entries):  # more new keys than the cache holds
         batch(length)
     assert batch(3) is captured
     assert batch(3, names=("__base__", "a")) is not plain
+    cache.clear()
+    assert cache.keys() == cache.captured_keys() and batch(3) is captured
+    cache.clear(captured=True)
+    assert len(cache) == 0 and batch(3) is not captured
 
 
 def test_mixed_batch_falls_back_with_dropout(monkeypatch):
@@ -269,11 +271,13 @@ def test_fallbacks_equal_peft_and_are_reported_once(options, prepare, reason, mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("options,prepare", [({"lora_bias": True}, None), ({}, hook_on_first_base_layer)],
-                         ids=["lora_bias", "hooked-base"])
+@pytest.mark.parametrize("options,prepare", [({"lora_bias": True}, None), ({}, hook_on_first_base_layer),
+                                             ({"lora_bias": True}, hook_on_first_base_layer)],
+                         ids=["lora_bias", "hooked-base", "lora_bias-hooked-base"])
 def test_served_beyond_one_plain_adapter_equal_peft(backend, options, prepare):
     """lora_bias through the fused GEMM's bias, and a hooked base layer through its own forward (the
-    hook runs once per forward, as in PEFT) plus lora_add: logits and gradients equal PEFT's."""
+    hook runs once per forward, as in PEFT) plus lora_add, the two together (lora_bias added to the
+    base layer's output): logits and gradients equal PEFT's."""
     model = peft_llama(**options)
     calls = prepare(model) if prepare else None
     ids = tokens()

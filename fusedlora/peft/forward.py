@@ -164,30 +164,41 @@ def served_forward(layer, x, args, kwargs, conv1d: Optional[type], report) -> to
 
 class Stacks:
     """A layer's adapters stacked for multi_lora_linear: (lora_A (L, R, K), lora_B (L, N, R), scalings,
-    ranks), rebuilt only when the adapter set or a weight changes (tensor version counters), except
-    when gradients flow to the adapters, where the stack must be part of the graph."""
+    ranks). The weight stacks are copies, so they are made on every call, from the weights as they are
+    now: no write to a weight can go unseen, whatever path it takes (a write through `.data` bumps no
+    version counter a cache could check). Each half is one op: torch.stack when the ranks are equal,
+    else one torch.cat of the weights with zero blocks between them (lora_B as a strided (L, N, R) view
+    of the (N, L·R) result, which the kernels read in place), measured 3x cheaper on the host than
+    padding each adapter. Kept between calls, keyed by the values they depend on (adapter names,
+    scalings, ranks, shapes, dtype, device; every call reads them anew, so a hit cannot be stale): the
+    (L,) scalings and ranks tensors, which saves two host-to-device copies per layer, and the zero
+    blocks, which hold no weights."""
 
     def __init__(self):
         self.key, self.value = None, None
 
     def __call__(self, layer, adapters):
-        weights = [(layer.lora_A[a].weight, layer.lora_B[a].weight) for a in adapters]
-        track = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B in weights)
-        key = tuple((a, A.data_ptr(), A._version, B.data_ptr(), B._version, float(layer.scaling[a]))
-                    for a, (A, B) in zip(adapters, weights))
-        if track or key != self.key:
-            R = max(A.shape[0] for A, _ in weights)
-            with torch.set_grad_enabled(track):
-                stack_A = torch.stack([nn.functional.pad(A, (0, 0, 0, R - A.shape[0])) for A, _ in weights])
-                stack_B = torch.stack([nn.functional.pad(B, (0, R - B.shape[1])) for _, B in weights])
-            device = stack_A.device
-            scalings = torch.tensor([float(layer.scaling[a]) for a in adapters], device=device)
-            ranks = torch.tensor([A.shape[0] for A, _ in weights], dtype=torch.int32, device=device)
-            value = (stack_A, stack_B, scalings, ranks)
-            if track:
-                return value
-            self.key, self.value = key, value
-        return self.value
+        As = [layer.lora_A[a].weight for a in adapters]
+        Bs = [layer.lora_B[a].weight for a in adapters]
+        scalings = [float(layer.scaling[a]) for a in adapters]
+        ranks = [A.shape[0] for A in As]
+        L, R, (N, K), dtype, device = len(As), max(ranks), (Bs[0].shape[0], As[0].shape[1]), As[0].dtype, As[0].device
+        key = (tuple(adapters), tuple(scalings), tuple(ranks), N, K, dtype, device)
+        if torch.compiler.is_compiling() or key != self.key:
+            value = (torch.tensor(scalings, device=device), torch.tensor(ranks, dtype=torch.int32, device=device),
+                     [torch.zeros(R - r, K, dtype=dtype, device=device) for r in ranks],
+                     [torch.zeros(N, R - r, dtype=dtype, device=device) for r in ranks])
+            if not torch.compiler.is_compiling():
+                self.key, self.value = key, value
+        else:
+            value = self.value
+        scalings_t, ranks_t, zeros_A, zeros_B = value
+        if min(ranks) == R:
+            stack_A, stack_B = torch.stack(As), torch.stack(Bs)
+        else:
+            stack_A = torch.cat([t for A, Z in zip(As, zeros_A) for t in (A, Z)]).view(L, R, K)
+            stack_B = torch.cat([t for B, Z in zip(Bs, zeros_B) for t in (B, Z)], dim=1).view(N, L, R).transpose(0, 1)
+        return stack_A, stack_B, scalings_t, ranks_t
 
 
 def mixed_batch_adapters(layer, names) -> List[str]:
@@ -195,54 +206,96 @@ def mixed_batch_adapters(layer, names) -> List[str]:
     return sorted({n for n in names if n in layer.lora_A})
 
 
-# AdapterBatches of recent adapter_names= calls, keyed by (names, the layer's adapters among them,
-# input shape, device). Every adapted layer of a forward sees the same names and, mostly, the same
-# adapters, so the ids go to the device (a host-to-device copy) and get grouped by adapter once per
-# forward instead of once per layer, and a generate loop reuses them from step to step. The entries
-# are small integer tensors; the oldest go first, except those a CUDA graph captured: the graph reads
-# their memory on every replay, so they are kept for the life of the process.
-_BATCHES: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
-_BATCHES_MAX = 16
-_CAPTURED: dict = {}
-_LOCK = threading.Lock()  # serving threads share the cache
-
-
-def _adapter_batch(names, adapters: List[str], shape: torch.Size, device: torch.device):
-    """Row b of the batch uses adapters.index(names[b]), or -1 (the base alone) for a name not among them."""
-    slot = {a: i for i, a in enumerate(adapters)}
-
-    def build():
-        rows = torch.tensor([slot.get(n, -1) for n in names], device=device)
-        return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
-
-    if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
-        return build()
-    key = (tuple(names), tuple(adapters), tuple(shape), device)
-    with _LOCK:
-        batch = _BATCHES.get(key)
-        if batch is None:
-            batch = _CAPTURED.get(key)
-        if batch is None:
-            batch = _BATCHES[key] = AdapterBatch(build(), len(adapters))
-            if len(_BATCHES) > _BATCHES_MAX:
-                _BATCHES.popitem(last=False)
-        elif key in _BATCHES:
-            _BATCHES.move_to_end(key)
-        if _capturing(device):
-            _CAPTURED[key] = batch
-    return batch
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):
+class MixedBatchCache:
+    """The AdapterBatches of a patched model's recent adapter_names= calls, keyed by (names, the layer's
+    adapters among them, input shape, device). Every adapted layer of a forward sees the same names
+    and, mostly, the same adapters, so the ids go to the device (a host-to-device copy) and get grouped
+    by adapter once per forward instead of once per layer, and a generate loop reuses them from step
+    to step. The entries hold small integer tensors made from the names alone, never weights.
+
+    patch_peft makes one per model (its `fusedlora_batch_cache` attribute; patching again keeps it,
+    and unpatch_peft leaves it, for the reason below). The `max_entries` most recently used entries are
+    kept, the oldest go first, except those made or used while a CUDA graph was being captured: the
+    graph reads their ids on every replay, so they stay for the life of the cache unless
+    clear(captured=True) is told no such graph will replay. Thread-safe: serving threads share it.
+    A copy (copy.deepcopy of the model) starts empty. `capturing(device)` says whether a graph is
+    being captured on device (default: the current CUDA stream's state)."""
+
+    def __init__(self, max_entries: int = 16, capturing=_capturing):
+        self.max_entries = max_entries
+        self._capturing = capturing
+        self._recent: "OrderedDict[tuple, AdapterBatch]" = OrderedDict()
+        self._captured: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, names, adapters: List[str], shape: torch.Size, device: torch.device):
+        """The batch for a layer holding `adapters` (sorted): row b uses adapters.index(names[b]), or -1
+        (the base alone) for a name not among them. Inside a traced graph: a plain ids tensor, uncached."""
+        slot = {a: i for i, a in enumerate(adapters)}
+
+        def build():
+            rows = torch.tensor([slot.get(n, -1) for n in names], device=device)
+            return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+        if torch.compiler.is_compiling():  # no Python-side cache inside a traced graph
+            return build()
+        key = (tuple(names), tuple(adapters), tuple(shape), device)
+        with self._lock:
+            batch = self._recent.get(key)
+            if batch is None:
+                batch = self._captured.get(key)
+            if batch is None:
+                batch = self._recent[key] = AdapterBatch(build(), len(adapters))
+                if len(self._recent) > self.max_entries:
+                    self._recent.popitem(last=False)
+            elif key in self._recent:
+                self._recent.move_to_end(key)
+            if self._capturing(device):
+                self._captured[key] = batch
+        return batch
+
+    def keys(self) -> List[tuple]:
+        """The keys held: the recent ones, oldest first, then those only a captured graph keeps."""
+        with self._lock:
+            return list(self._recent) + [k for k in self._captured if k not in self._recent]
+
+    def captured_keys(self) -> List[tuple]:
+        with self._lock:
+            return list(self._captured)
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def clear(self, captured: bool = False) -> None:
+        """Drop the entries; with captured=True also those a CUDA graph captured (no such graph may
+        replay afterwards)."""
+        with self._lock:
+            self._recent.clear()
+            if captured:
+                self._captured.clear()
+
+    def __deepcopy__(self, memo):
+        return MixedBatchCache(self.max_entries, self._capturing)
+
+    def __reduce__(self):
+        return MixedBatchCache, (self.max_entries,)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            return (f"MixedBatchCache({len(self._recent)} recent of at most {self.max_entries}, "
+                    f"{len(self._captured)} kept for captured CUDA graphs)")
+
+
+def mixed_batch_forward(layer, x, names, stacks: Stacks, batches: MixedBatchCache, weight, bias):
     """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
     names[b]; "__base__", and adapters this layer does not hold, add nothing. weight (N, K) and bias
     are the direct base layer's (own_weights)."""
     layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
     adapters = mixed_batch_adapters(layer, names)
-    ids = _adapter_batch(names, adapters, x.shape[:-1], x.device)
+    ids = batches.get(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)

@@ -15,7 +15,7 @@ would have been faster, with logging (INFO) where there is nothing to fuse (adap
 merged, no active adapter).
 
 adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
-layer's adapters stacked (cached until a weight or the adapter set changes), when the direct base
+layer's adapters stacked (on every call, so that no write to a weight goes unseen), when the direct base
 layer is a plain nn.Linear or Conv1D, without dropout, autocast or lora_bias.
 
 PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
@@ -33,10 +33,13 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.lora_linear import fused_call, is_plain_linear
-from fusedlora.peft.forward import (Stacks, active_adapters, dropout_p, has_hooks, mixed_batch_adapters,
-                                    mixed_batch_forward, own_weights, served_forward)
+from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dropout_p, has_hooks,
+                                    mixed_batch_adapters, mixed_batch_forward, own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
+# The model attribute holding its MixedBatchCache. It outlives unpatch_peft: a CUDA graph captured over
+# the patched model may still replay, reading the ids of the batches it captured.
+CACHE_ATTR = "fusedlora_batch_cache"
 
 
 def _peft_classes() -> Dict[type, object]:
@@ -262,7 +265,8 @@ def _single_fused(layer, x, conv1d):
     return a, float(layer.scaling[a]), dropout_p(layer.lora_dropout[a])
 
 
-def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys):
+def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, variant_keys,
+                     batches: MixedBatchCache):
     stacks = Stacks()
     decide = _Decision()
 
@@ -284,7 +288,7 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
         for key in variant_keys:  # PEFT drops these before calling the base layer
             kwargs.pop(key, None)
         if names is not None:
-            return mixed_batch_forward(self, x, names, stacks, *own_weights(self.base_layer, conv1d))
+            return mixed_batch_forward(self, x, names, stacks, batches, *own_weights(self.base_layer, conv1d))
         return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True
@@ -299,18 +303,26 @@ def patch_peft(peft_model: nn.Module) -> int:
     """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel, a PeftMixedModel or any module
     holding peft.tuners.lora.Linear layers) through fusedlora's kernels. Returns how many layers it
     patched. Layer subclasses with a forward of their own are left alone. Patching again re-patches;
-    unpatch_peft undoes it."""
+    unpatch_peft undoes it.
+
+    The patched layers share the model's `fusedlora_batch_cache` (a fusedlora.peft.forward.MixedBatchCache
+    of the adapter ids of recent adapter_names= batches: len(), keys(), clear()), made by the first
+    patch_peft and kept with the model."""
     classes = _peft_classes()
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"patch_peft: expected a torch.nn.Module, got {type(peft_model).__name__}")
     conv1d, variant_keys = _conv1d(), _variant_keys()
     report = _Reporter()
+    batches = vars(peft_model).get(CACHE_ATTR)
+    if batches is None:
+        batches = MixedBatchCache()
+        setattr(peft_model, CACHE_ATTR, batches)
     count = 0
     for name, module in peft_model.named_modules():
         peft_forward = next((f for cls, f in classes.items() if isinstance(module, cls) and type(module).forward is f),
                             None)
         if peft_forward is not None:
-            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys)
+            forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys, batches)
             module.forward = types.MethodType(forward, module)
             count += 1
     return count

@@ -7,8 +7,9 @@ tests/test_peft_suite.py). It
   would after building a model;
 - keeps the LoRA tests whose models have LoRA Linear layers (selected()), deselecting the rest;
 - runs every test patched, and a test that fails patched once more unpatched, in the same process:
-  a failure on both is PEFT's (or the environment's: no Hub here), one on the patched run alone is a
-  regression of ours;
+  the same failure on both (exception type and message, numbers and addresses aside) is PEFT's (or the
+  environment's: no Hub here); a failure on the patched run alone, or another failure than the
+  unpatched run's, is a regression of ours (verdict.py);
 - records per test whether any patched layer served a call through the kernels, and the fallback
   reasons of the calls that did not, and writes everything as JSON to $FUSEDLORA_PEFT_REPORT.
 Works under pytest-xdist: the per-test record travels with the test's reports.
@@ -41,6 +42,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 import fusedlora  # noqa: E402
 from fusedlora.peft import patch as peft_patch  # noqa: E402
+from verdict import failure, judge  # noqa: E402
 
 if not torch.cuda.is_available():  # refuse tl.dot shapes the GPU refuses, as tests/conftest.py does
     interpreter.interpreter_builder.codegen_fns["min_dot_size"] = (
@@ -202,8 +204,8 @@ def pytest_runtest_protocol(item, nextitem):
         finally:
             _state["patching"] = True
         record["failed_unpatched"] = _failed(plain)
-        if not record["failed_unpatched"]:
-            record["error"] = next(str(r.longrepr)[-2000:] for r in reports if r.failed)
+        record["failure"], record["failure_unpatched"] = failure(reports), failure(plain)
+        record["error"] = next(str(r.longrepr)[-2000:] for r in reports if r.failed)
     for report in reports:
         report.user_properties.append(("fusedlora", record))
         item.ihook.pytest_runtest_logreport(report=report)
@@ -221,17 +223,18 @@ def pytest_runtest_logreport(report):
 
 
 def summary(records) -> dict:
-    """Counts over the tests: outcomes patched, regressions (failed patched, passed unpatched), how
+    """Counts over the tests: outcomes patched, regressions (verdict.judge), how
     many tests had a call served by the kernels, and per fallback reason how many of the others hit it."""
     out = {"tests": len(records), "passed": 0, "skipped": 0, "failed_both": 0, "regressions": {},
            "fused": 0, "not_fused": {}, "no_patched_call": 0}
     for nodeid, r in sorted(records.items()):
+        why = judge(r)
         if not r["failed"]:
             out["skipped" if r["skipped"] else "passed"] += 1
-        elif r["failed_unpatched"]:
+        elif why is None:
             out["failed_both"] += 1
         else:
-            out["regressions"][nodeid] = r.get("error", "")
+            out["regressions"][nodeid] = why
         if r["hits"]:
             out["fused"] += 1
         elif r["reasons"]:
