@@ -29,6 +29,7 @@ from torch import nn
 
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.core.checks import FLOAT_DTYPES
+from fusedlora.functional import dora_linear
 from fusedlora.modules.lora_linear import added_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
 
@@ -246,3 +247,51 @@ def mixed_batch_forward(layer, x, names, stacks: Stacks, weight, bias):
     ids = _adapter_batch(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
+
+
+# ---- DoRA (PEFT's use_dora=True) -------------------------------------------------------------------
+
+def is_dora(layer, adapter: str) -> bool:
+    """Whether the adapter is PEFT's DoRA on a Linear layer (exactly that variant, not a subclass)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return False
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:
+        return False
+    return variant is DoraLinearVariant or type(variant) is DoraLinearVariant
+
+
+def dora_reason(layer, x, adapters: List[str], rest, conv1d) -> Optional[str]:
+    """Why a call with a DoRA adapter among the active ones must run PEFT's forward, or None: the fused
+    DoRA computes the base GEMM itself, so it needs the base weight, and it serves one adapter."""
+    if len(adapters) > 1:
+        return "DoRA with other active adapters on the same layer"
+    (adapter,) = adapters
+    own = None if rest else own_weights(layer.base_layer, conv1d)
+    if own is None:
+        return (f"DoRA over a {type(layer.base_layer).__name__} base layer (hooked, with extra arguments, or not "
+                "an nn.Linear or Conv1D)")
+    if layer.lora_B[adapter].bias is not None:
+        return "DoRA with lora_bias"
+    if torch.is_autocast_enabled(x.device.type):
+        return "DoRA under autocast"
+    weight, bias = own
+    A, m = layer.lora_A[adapter].weight, layer.lora_magnitude_vector[adapter].weight
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device != x.device:
+        return f"DoRA with x in {x.dtype} and the base weight in {weight.dtype} on {weight.device}"
+    if m.dtype != A.dtype or m.device != A.device:
+        return f"a DoRA magnitude in {m.dtype} with adapters in {A.dtype}"
+    return None
+
+
+def dora_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
+    """PEFT's DoRA layer (one active adapter, dora_reason None) through fusedlora.dora_linear: the same
+    function, including PEFT's dropout form (the base product on the dropped input) in training."""
+    (adapter,) = active_adapters(layer)
+    weight, bias = own_weights(layer.base_layer, conv1d)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    return dora_linear(x, weight, bias, A, B, magnitude, float(layer.scaling[adapter]),
+                       dropout_p(layer.lora_dropout[adapter]))
