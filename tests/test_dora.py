@@ -192,3 +192,21 @@ def test_no_tensor_of_weight_size(p, plan):
         out = layer(x, lora_A=A, lora_B=B, scaling=2.0, base_layer=base, base_result=base(x))
         out.backward(dy)
     assert sum(numel >= N * K for numel, _ in rec.sizes) >= 2, rec.sizes
+
+
+def test_compiled_call_runs_whole_and_agrees():
+    """Under torch.compile(fullgraph=True) dora_linear traces (through the reference path) and gives the
+    eager kernels' output and gradients to fp32 rounding."""
+    torch._dynamo.reset()
+    inputs = dora_inputs(6, 20, 12, 2, f32, f32, True, 1.5)
+
+    def grads(fn):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+        y = fn(*(leaves[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")))
+        y.sum().backward()
+        return [y.detach()] + [leaves[k].grad for k in ("x", "lora_A", "lora_B", "magnitude")]
+
+    def layer(*args):
+        return fusedlora.dora_linear(*args, 1.5)
+    for got, want in zip(grads(torch.compile(layer, fullgraph=True, backend="aot_eager")), grads(layer)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,11 +1,14 @@
 """dora_linear over the plans (fusedlora/plans/dora.py): an autograd Function for eager use, or no
 autograd at all when nothing needs a gradient.
 
-Not registered as a torch.compile custom op yet: under torch.compile the Function's raw kernel
-launches break the graph (it still runs, in pieces).
+Not a torch.compile custom op yet: a raw Triton launch inside a compiled region breaks it, so under
+torch.compile the call runs the plain-torch reference instead (the same function, traced whole, but
+with PEFT's N×K temporaries for the row norms).
 """
 import torch
 
+from fusedlora.core import reference
+from fusedlora.core.dropout import dropout_mask, seed_tensor
 from fusedlora.ops.single import _int_seed, _needs_grad, _rows
 from fusedlora.plans import dora as plans
 from fusedlora.plans.planner import choose
@@ -42,6 +45,9 @@ class _DoRALinear(torch.autograd.Function):
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed) -> torch.Tensor:
     """The kernels' dora_linear for validated inputs (fusedlora.functional checks them)."""
+    if torch.compiler.is_compiling():
+        keep = dropout_mask(seed_tensor(seed, dropout_p), x.shape, dropout_p, x.device) if dropout_p > 0 else None
+        return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep, dropout_p)
     seed = _int_seed(seed, dropout_p)
     if _needs_grad(x, weight, bias, lora_A, lora_B, magnitude):
         return _DoRALinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
