@@ -14,9 +14,10 @@ setup(
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
-        # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs.
+        # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs. bitsandbytes: the
+        # QLoRA/QDoRA tests (its 4-bit Linear layers run on CPU; the wheel is on PyPI for x86-64 Linux).
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "matplotlib",
-                 "parameterized"],
+                 "parameterized", "bitsandbytes"],
         "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
     },
 )
