@@ -15,9 +15,11 @@ setup(
     package_data={"fusedlora.kernels": ["configs/*.json"]},  # per-GPU tuned tables
     install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
     extras_require={
-        # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs.
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis", "peft", "transformers", "matplotlib",
-                 "parameterized"],
+        # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs. bitsandbytes: the
+        # QLoRA/QDoRA tests (its 4-bit Linear layers run on CPU; the wheel is on PyPI for x86-64 Linux).
+        # pytest-random-order: the suite is checked in random order too.
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis", "peft",
+                 "transformers", "matplotlib", "parameterized", "bitsandbytes"],
         "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
     },
 )

@@ -22,6 +22,7 @@ import triton.testing  # noqa: F401  (do_bench; not every triton imports it with
 
 from fusedlora.plans import planner
 
+from dora_providers import dora_bench
 from multi_providers import multi_batch
 from providers import layer_stack
 from report import fmt, mib
@@ -102,6 +103,13 @@ CASES = {
                           grids={"headline": dict(shapes=[(4096, 4096)], ms=[4096], adapters=[4]),
                                  "full": dict(ms=[1024, 4096], ranks=[16, 64], adapters=[4, 16]),
                                  "cpu": dict(adapters=[3])}),
+    # DoRA (one projection): PEFT's DoRA layer, fusedlora.dora_linear, and fusedlora's plain LoRA on the
+    # same shape as the cost DoRA is held to (forward+backward within 1.15x of it).
+    "dora_fwd": Case(build=dora_bench, grids={"headline": dict(shapes=[(4096, 4096)], ms=[16, 4096]),
+                                              "full": dict(ms=[1, 16, 256, 2048, 8192], ranks=[16, 64])}),
+    "dora_fwd_bwd": Case(build=dora_bench, backward=True,
+                         grids={"headline": dict(shapes=[(4096, 4096)], ms=[4096]),
+                                "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
 }
 
 

@@ -7,6 +7,7 @@ ratios to the base GEMM; this is the same work for people who track runs with py
 import pytest
 import torch
 
+import dora_providers
 import multi_providers
 import suite
 from providers import PROVIDERS
@@ -15,7 +16,8 @@ NO_GPU = "timings need a CUDA GPU (on CPU, python benchmarks/run.py checks the k
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 
 PARAMS = [pytest.param(s, provider, id=f"{s.case}-M{s.M}-K{s.K}-N{s.N}-r{s.r}-{s.dtype}-{provider}")
-          for s in suite.specs("headline") for provider in multi_providers.PROVIDERS.get(s.case, PROVIDERS)]
+          for s in suite.specs("headline")
+          for provider in {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS}.get(s.case, PROVIDERS)]
 _built = {}
 
 

@@ -56,8 +56,8 @@ def config(tiny: bool, layers: int) -> LlamaConfig:
     return LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, **size)
 
 
-def build(cfg, dtype, device, lora_dropout):
-    """(frozen base model, PEFT model over a second copy of the same weights)."""
+def build(cfg, dtype, device, lora_dropout, use_dora=False):
+    """(frozen base model, PEFT model over a second copy of the same weights); use_dora: DoRA adapters."""
     torch.manual_seed(0)
     frozen = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     frozen.requires_grad_(False)
@@ -65,7 +65,8 @@ def build(cfg, dtype, device, lora_dropout):
     torch.manual_seed(0)
     lora = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     lora_config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=lora_dropout, target_modules="all-linear",
-                             init_lora_weights=False)  # random B as well: a zero B hides half the gradients
+                             init_lora_weights=False,  # random B as well: a zero B hides half the gradients
+                             use_dora=use_dora)
     return frozen, get_peft_model(lora, lora_config)
 
 
@@ -142,14 +143,14 @@ def run(args, log=print, on_row=None):
     tokens = args.batch * args.seq
     rows, failures = [], []
     for p in (0.0, 0.05) if CUDA else (0.0,):
-        frozen, peft_model = build(cfg, dtype, device, p)
+        frozen, peft_model = build(cfg, dtype, device, p, args.dora)
         if p == 0.0:  # the check runs in eval mode, dropout off: once is enough
             err, bound = check_same(peft_model, ids, dtype)
             log(f"patched PEFT vs PEFT, loss and adapter gradients against {'float32' if CUDA else 'float64'}: "
                 f"relative error {err:.1e} (bound {bound:.1e}) {'ok' if err <= bound else 'WRONG'}")
             if not err <= bound:
                 failures.append(f"train_step: relative error {err:.2e} over {bound:.2e}")
-        spec = suite.Spec(f"train_step_p{p:g}", tokens, cfg.hidden_size, cfg.intermediate_size, R,
+        spec = suite.Spec(f"train_step{'_dora' if args.dora else ''}_p{p:g}", tokens, cfg.hidden_size, cfg.intermediate_size, R,
                           "bf16" if CUDA else "fp32")
         optimizer = torch.optim.AdamW([q for q in peft_model.parameters() if q.requires_grad], lr=1e-4)
         for provider in PROVIDERS:
@@ -182,6 +183,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write <gpu>-train.json there")
     parser.add_argument("--dry-run", action="store_true", help="without a GPU only: one layer, 8 tokens")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (LoraConfig(use_dora=True))")
     args = parser.parse_args(argv)
     if not CUDA:
         print("No CUDA GPU: a tiny Llama through the Triton interpreter, checking that patched PEFT trains as "

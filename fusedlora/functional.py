@@ -5,7 +5,8 @@ import torch
 
 from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
+from fusedlora.core.checks import check_dora_magnitude, check_lora_add, check_lora_linear, require_scalar
+from fusedlora.ops import dora as dora_ops
 from fusedlora.ops import single as ops
 
 Seed = Union[int, torch.Tensor, None]
@@ -65,3 +66,33 @@ def lora_add(
     if backend_for(x) == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    seed: Seed = None,
+) -> torch.Tensor:
+    """DoRA: the layer m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row applied to x, fused (PEFT's use_dora=True).
+
+    With g = magnitude / ‖W + s·B·A‖_row (a constant for autograd, as DoRA prescribes):
+        out = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b                          without dropout
+        out = x·Wᵀ + b + (g - 1) ⊙ (D(x)·Wᵀ) + g ⊙ s·(D(x)·Aᵀ)·Bᵀ   with dropout (PEFT's semantics)
+    x: (*, K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); magnitude: (N,) in
+    the adapters' dtype -> (*, N) in x's dtype. Dtypes, dropout and seed as in lora_linear.
+    Differentiable in x, weight, bias, lora_A, lora_B and magnitude. The row norms come from W·Aᵀ and
+    A·Aᵀ, never from an N×K matrix (fusedlora/plans/dora.py). Not a torch.compile custom op yet.
+    """
+    check_lora_linear(x, weight, bias, lora_A, lora_B)
+    check_dora_magnitude(magnitude, weight, lora_A)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if backend_for(x) == "torch":
+        return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
+    return dora_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)

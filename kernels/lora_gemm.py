@@ -9,6 +9,7 @@ HAS_ADDEND for C), serves the products of the LoRA layer (x: (M, K), W: (N, K), 
 - split plan     the same without the base product (lora_expand), which the library GEMM adds:
                  y = S·Bᵀ + b, then y += x·Wᵀ;  dX = keep ⊙ (dU·A), then dX += dY·W
 - any base       out = base(x) + S·Bᵀ               C = the base layer's output
+- DoRA           out = g ⊙ (x·Wᵀ + S·Bᵀ) + b         HAS_COL_SCALE: the magnitude over the row norms
 Transposes are strides, never copies. S and dU = s/(1-p)·dY·B come from kernels/lora_shrink.py in fp32.
 
 At decode sizes the forward runs as one launch (HAS_SHRINK): the shrink S = c·(keep ⊙ x)·Aᵀ is computed
@@ -65,14 +66,14 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 
 @triton.jit(do_not_specialize=SEED_ARGS)
 def _lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, out_ptr, a_ptr,
+    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, c_ptr, g_ptr, out_ptr, a_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_pm, stride_pr, stride_qn, stride_qr,
     stride_cm, stride_cn, stride_om, stride_on, stride_ar, stride_ak,
     seed_lo, seed_hi, threshold, shrink_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_ADDEND: tl.constexpr, HAS_SHRINK: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_SHRINK: tl.constexpr, HAS_COL_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -137,7 +138,7 @@ def _lora_gemm_kernel(
         else:
             acc = matmul_tile(p_ptrs, q_ptrs, m_ok, n_ok, R, BLOCK_R * stride_pr, BLOCK_R * stride_qr, acc,
                               False, tl.float32, LORA_PRECISION, BLOCK_R)
-    if HAS_BIAS:
+    if HAS_BIAS and not HAS_COL_SCALE:
         acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_ADDEND:
@@ -145,11 +146,18 @@ def _lora_gemm_kernel(
         # low-rank term is added to; it may be `out` itself.
         acc += tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=out_mask,
                        other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        # DoRA's epilogue: out = g ⊙ (everything above) + bias, g: (N,) fp32, so the magnitude costs
+        # no pass over the output of its own. The bias is added after the scale.
+        acc = acc * tl.load(g_ptr + cols, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a=None, shrink_scale=1.0):
+def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a=None, shrink_scale=1.0,
+            col_scale=None):
     M, N = out.shape
     has_base, has_lora, has_addend, has_shrink = weight is not None, p is not None, addend is not None, a is not None
     K = x.shape[1] if has_base else 0
@@ -158,14 +166,19 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a
     x = x if has_base else out
     weight, p, q, addend, a = (t if t is not None else x for t in (weight, p, q, addend, a))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    if col_scale is not None and (col_scale.shape != (N,) or col_scale.dtype != torch.float32
+                                  or not col_scale.is_contiguous()):
+        raise ValueError(f"col_scale must be a contiguous ({N},) float32 tensor, got {tuple(col_scale.shape)} "
+                         f"{col_scale.dtype}")
     launch(
         _lora_gemm_kernel, grid,
-        x, weight, bias if bias is not None else x, p, q, addend, out, a,
+        x, weight, bias if bias is not None else x, p, q, addend, col_scale if col_scale is not None else x, out, a,
         M, N, K, R,
         *x.stride(), *weight.stride(), *p.stride(), *q.stride(), *addend.stride(), *out.stride(), *a.stride(),
         *seed_words(seed), threshold, float(shrink_scale),
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
-        HAS_ADDEND=has_addend, HAS_SHRINK=has_shrink, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        HAS_ADDEND=has_addend, HAS_SHRINK=has_shrink, HAS_COL_SCALE=col_scale is not None,
+        EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
         LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
         SHRINK_DTYPE=dot_dtype(x.dtype, a.dtype) if has_shrink else tl.float32,
@@ -175,9 +188,10 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a
     return out
 
 
-def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout=False, out_dtype=None, out=None):
+def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout=False, out_dtype=None, out=None,
+              col_scale=None):
     """out = x·weightᵀ + bias + keep ⊙ (p·qᵀ) -> (M, N), a new tensor in out_dtype (default x's) unless
-    `out` is given.
+    `out` is given. col_scale: (N,) fp32 or None; given, out = col_scale ⊙ (x·weightᵀ + keep ⊙ (p·qᵀ)) + bias.
 
     x: (M, K), weight: (N, K), bias: (N,) or None, p: (M, R) fp32 or None, q: (N, R), out: (M, N), any strides.
     dropout=True masks the low-rank term with the keep-mask of (seed, threshold) at (m, n).
@@ -192,7 +206,8 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
         out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device))
+    return _launch(x, weight, bias, p, q, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device),
+                   col_scale=col_scale)
 
 
 def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0, dropout=False, out=None):
@@ -221,8 +236,10 @@ def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0
     return out, S
 
 
-def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None):
+def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False, out=None, out_dtype=None,
+                col_scale=None):
     """out = addend + bias + keep ⊙ (p·qᵀ) -> (M, N): the low-rank term without the base GEMM.
+    col_scale: (N,) fp32 or None; given, out = col_scale ⊙ (addend + keep ⊙ (p·qᵀ)) + bias (DoRA).
 
     p: (M, R) fp32, q: (N, R), bias: (N,) or None, addend: (M, N) or None, any strides. `out` may be
     `addend` itself (an in-place add); otherwise a new tensor in out_dtype (default addend's dtype).
@@ -236,4 +253,5 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
         out = torch.empty((M, N), dtype=out_dtype or addend.dtype, device=p.device)
     if M == 0 or N == 0:
         return out
-    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, configs.lora_expand(M, p.device))
+    return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, configs.lora_expand(M, p.device),
+                   col_scale=col_scale)

@@ -148,7 +148,8 @@ BAD = [
     ("bad-json", write(CONFIG_NAME, b'{"peft_type": "LORA", "r": '), CONFIG_NAME, ["not valid JSON"]),
     ("json-list", write(CONFIG_NAME, b"[1, 2]"), CONFIG_NAME, ["JSON object", "list"]),
     ("not-lora", edit_config(lambda c: c.update(peft_type="IA3")), CONFIG_NAME, ["peft_type is 'IA3'", "LoRA"]),
-    ("dora-config", edit_config(lambda c: c.update(use_dora=True)), CONFIG_NAME, ["use_dora", "DoRA"]),
+    ("dora-config", edit_config(lambda c: c.update(use_dora=True)), WEIGHTS_NAME,
+     ["use_dora = True", "has no", "lora_magnitude_vector"]),
     ("fan-in-fan-out", edit_config(lambda c: c.update(fan_in_fan_out=True)), CONFIG_NAME, ["fan_in_fan_out"]),
     ("bad-bias-mode", edit_config(lambda c: c.update(bias="some")), CONFIG_NAME, ["bias must be one of"]),
     ("bad-r", edit_config(lambda c: c.update(r="4")), CONFIG_NAME, ["r must be a positive int"]),
@@ -157,7 +158,8 @@ BAD = [
     ("save-unknown", edit_config(lambda c: c.update(modules_to_save=["nope"])), CONFIG_NAME,
      ["'nope' matches no module"]),
     ("dora-key", edit_weights(lambda t: t.update({Q_A[:-len("lora_A.weight")] + "lora_magnitude_vector":
-                                                  torch.ones(64)})), WEIGHTS_NAME, ["lora_magnitude_vector", "DoRA"]),
+                                                  torch.ones(64)})), WEIGHTS_NAME,
+     ["use_dora = False", "has a", "lora_magnitude_vector"]),
     ("lora-bias", edit_weights(lambda t: t.update({Q_B[:-6] + "bias": torch.ones(64)})), WEIGHTS_NAME,
      ["lora_B.bias", "lora_bias"]),
     ("a-without-b", edit_weights(lambda t: t.pop(Q_B)), WEIGHTS_NAME, [Q_A, "no matching lora_B"]),
@@ -218,13 +220,30 @@ def test_bad_adapter_is_refused_and_the_model_left_as_it_was(breakage, file, wor
     assert isinstance(info.value, ValueError)
 
 
-def test_a_real_peft_dora_adapter_is_refused(tmp_path):
-    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path)
-    model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(fusedlora.AdapterFileError, match="use_dora = True: DoRA is not supported"):
-        fusedlora.load_adapter(model, tmp_path)
-    assert_unchanged(model, before)
+def test_peft_dora_adapters_load_and_save_both_ways(tmp_path, monkeypatch):
+    """A PEFT DoRA adapter (magnitude vector included) loads into DoRA LoRALinear layers that compute
+    PEFT's logits; saved again, PEFT loads it back to the same logits."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    torch.manual_seed(0)
+    peft = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                                   init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    peft.save_pretrained(tmp_path / "peft")
+    ids = tokens()
+    want = logits(peft, ids)
+    model = fusedlora.load_adapter(tiny_llama(), tmp_path / "peft").eval()
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.use_dora and layer.lora_magnitude_vector is not None
+    torch.testing.assert_close(logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    fusedlora.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["use_dora"] is True
+    back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, ids), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(fusedlora.AdapterFileError, match="is DoRA"):
+        fusedlora.load_adapter(fusedlora.inject(tiny_llama(), ["q_proj", "v_proj"], r=2), tmp_path / "peft")
 
 
 def test_loading_into_lora_layers_that_do_not_fit(good_adapter):

@@ -11,6 +11,7 @@ import torch
 from conftest import CUDA, DEVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import dora_providers  # noqa: E402
 import multi_providers  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
@@ -39,7 +40,7 @@ def test_every_provider_agrees_with_float64(checked):
     assert checked["failures"] == []  # each within twice the same-dtype reference's error
     assert all(math.isfinite(row["rel_err"]) for row in checked["rows"])
     expected = {(case, p) for case in suite.CASES
-                for p in multi_providers.PROVIDERS.get(case, providers.PROVIDERS)}
+                for p in {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS}.get(case, providers.PROVIDERS)}
     assert {(row["case"], row["provider"]) for row in checked["rows"]} == expected
     assert len(checked["lines"]) == len(checked["rows"])  # one progress line per row
 
@@ -55,7 +56,7 @@ def test_json_schema_and_no_timings(checked):
         lora = row["provider"] != "base"
         adapters = 3 if row["case"].startswith("multi") else 1
         assert (row["r"], row["adapters"]) == ((3, adapters) if lora else (None, None))
-        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd"))
+        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd", "dora_fwd"))
 
 
 def test_fusedlora_saves_less_than_peft_with_dropout(checked):
@@ -146,7 +147,7 @@ def test_plot_per_provider_or_a_clear_skip(tmp_path, monkeypatch):
 def test_grids_cover_the_issue():
     headline, full = suite.specs("headline"), suite.specs("full")
     assert {s.case for s in headline} == set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd",
-                                                              "multi_fwd_bwd"}
+                                                              "multi_fwd_bwd", "dora_fwd", "dora_fwd_bwd"}
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd"} == {(64, 64), (4096, 64)}
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd_bwd"} == {(4096, 4)}
     assert {s.adapters for s in full if s.case == "multi_fwd"} == {1, 8, 64}

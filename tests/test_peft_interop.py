@@ -249,9 +249,8 @@ def plain_dropout_subclass(model):
 
 
 @pytest.mark.parametrize("options,prepare,reason", [
-    ({"use_dora": True}, None, "is a LoRA variant (DoraLinearVariant)"),
     ({}, plain_dropout_subclass, "a custom dropout module Dropout"),
-], ids=["dora", "custom-dropout"])
+], ids=["custom-dropout"])
 def test_fallbacks_equal_peft_and_are_reported_once(options, prepare, reason, monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     model = peft_llama(**options)

@@ -17,3 +17,13 @@ def test_training_benchmark_checks_on_cpu(capsys, tmp_path):
     assert "patched PEFT vs PEFT" in out and " ok" in out and "ms/step" not in out
     written = list(tmp_path.glob("*-train.json"))
     assert len(written) == 1 and '"provider": "fusedlora"' in written[0].read_text()
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for its numbers, not as a test")
+def test_training_benchmark_with_dora_checks_on_cpu(capsys, tmp_path):
+    """--dora: PEFT DoRA adapters on every linear layer, patched (served by dora_linear), train as PEFT's."""
+    assert train.main(["--dora", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "patched PEFT vs PEFT" in out and " ok" in out
+    written = list(tmp_path.glob("*-train.json"))
+    assert len(written) == 1 and '"case": "train_step_dora_p0"' in written[0].read_text()

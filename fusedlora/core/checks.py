@@ -110,6 +110,18 @@ def check_lora_linear(x, weight, bias, lora_A, lora_B) -> None:
             raise ValueError(f"{describe(name, t)} is not on x's device {x.device}")
 
 
+def check_dora_magnitude(magnitude, weight, lora_A) -> None:
+    """DoRA's magnitude: (N,) for weight (N, K), in the adapters' dtype, on their device."""
+    require_tensor("magnitude", magnitude)
+    N = weight.shape[0]
+    if tuple(magnitude.shape) != (N,):
+        raise ValueError(f"{describe('magnitude', magnitude)} must be (N,) = ({N},) for {describe('weight', weight)}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"{describe('magnitude', magnitude)} must have the adapters' dtype {lora_A.dtype}")
+    if magnitude.device != lora_A.device:
+        raise ValueError(f"{describe('magnitude', magnitude)} is not on the adapters' device {lora_A.device}")
+
+
 def check_lora_add(base, x, lora_A, lora_B) -> None:
     """base: (*, N) and x: (*, K) with the same leading shape, lora_A: (r, K), lora_B: (N, r); base and
     x are float tensors (of any float dtypes); lora_A and lora_B share x's dtype or float32; one device."""

@@ -82,3 +82,48 @@ def multi_lora_linear(
         update = ((xa[rows] @ lora_A[i, :r].t()) @ lora_B[i, :, :r].t()) * scalings[i].to(lora_A.dtype)
         low_rank = low_rank.index_put((rows,), update)
     return (y + low_rank).to(x.dtype)
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W_n + s·B_n·A‖ for every row n: (N,) in the adapters' dtype, detached (DoRA treats it as a
+    constant). weight: (N, K), lora_A: (r, K), lora_B: (N, r). Builds the N×K matrix: a reference."""
+    full = weight.detach().to(lora_A.dtype) + scaling * (lora_B.detach() @ lora_A.detach())
+    return torch.linalg.vector_norm(full, dim=1)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    keep_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    weight_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA (weight-decomposed low-rank adaptation): the layer W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row.
+
+    With g = m / ‖W + s·B·A‖_row (the norm detached: no gradient flows through it), y = x·Wᵀ:
+        no dropout:  out = g ⊙ (y + s·(x·Aᵀ)·Bᵀ) + b
+        dropout:     out = y + b + (g - 1) ⊙ (D(x)·Wᵀ) + g ⊙ s·(D(x)·Aᵀ)·Bᵀ
+    The dropout form is PEFT's: the correction term sees the dropped input, so the base product runs
+    a second time on D(x); without dropout both forms agree.
+    x: (*, K), weight: (N, K), bias: (N,) or None, lora_A: (r, K), lora_B: (N, r), magnitude: (N,)
+    -> (*, N) in x's dtype. The DoRA terms run in the adapters' dtype, as PEFT runs them.
+    weight_norm: the row norms to use instead of computing them (tests pass the float64 ones).
+    """
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    g = magnitude / weight_norm.detach()
+    y = x @ weight.t()
+    out = y if bias is None else y + bias
+    if keep_mask is None:
+        base = y.to(lora_A.dtype)
+        xd = x.to(lora_A.dtype)
+    else:
+        xd = dropout(x, keep_mask, dropout_p).to(lora_A.dtype)
+        base = xd @ weight.to(lora_A.dtype).t()
+    low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
+    return (out.to(low_rank.dtype) + (g - 1) * base + g * low_rank).to(x.dtype)

@@ -66,3 +66,35 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids: to
         y = torch.where((ids == i)[:, None], y + update, y)
     y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """‖W_n + s·B_n·A‖ for every row n, (N,) fp32 and detached, from ‖W_n‖², W·Aᵀ (N, r) and A·Aᵀ (r, r):
+    ‖W_n + s·B_n·A‖² = ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ, so no N×K matrix is formed."""
+    weight, A, B = weight.detach(), lora_A.detach(), lora_B.detach()
+    w2 = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+    WA = F.linear(weight, A.to(weight.dtype)).to(torch.float32)
+    A32, B32 = A.to(torch.float32), B.to(torch.float32)
+    n2 = w2 + (2.0 * scaling) * (B32 * WA).sum(1) + (scaling * scaling) * ((B32 @ (A32 @ A32.t())) * B32).sum(1)
+    return n2.clamp_min(0.0).sqrt()
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float = 0.0, seed=None):
+    """fusedlora.dora_linear for validated inputs. With g = m / ‖W + s·B·A‖_row (detached):
+    out = g ⊙ (x·Wᵀ + S·Bᵀ) + b without dropout; with it, PEFT's form
+    out = x·Wᵀ + b + (g - 1) ⊙ (D(x)·Wᵀ) + g ⊙ S·Bᵀ, S = s·D(x)·Aᵀ. The DoRA terms in the adapters' dtype."""
+    dtype = lora_A.dtype
+    if dropout_p > 0:
+        seed = seed_tensor(seed, dropout_p)  # drawn once: the shrink and the base correction share the mask
+    g = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling).to(magnitude.dtype)
+    y = F.linear(x, weight)
+    update = F.linear(_shrink(x, lora_A, scaling, dropout_p, seed), lora_B)
+    if dropout_p > 0:
+        keep = dropout_mask(seed_tensor(seed, dropout_p), x.shape, dropout_p, x.device)
+        xd = torch.where(keep, x.to(dtype) / (1.0 - dropout_p), 0)
+        out = y.to(dtype) + (g - 1) * F.linear(xd, weight.to(dtype)) + g * update
+    else:
+        out = g * (y.to(dtype) + update)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return out.to(x.dtype)

@@ -120,8 +120,9 @@ def inject(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: fl
            lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False,
            modules_to_save: Optional[Sequence[str]] = None, init_lora_weights: Union[bool, str] = True,
            rank_pattern: Optional[Dict[str, int]] = None,
-           alpha_pattern: Optional[Dict[str, float]] = None) -> nn.Module:
+           alpha_pattern: Optional[Dict[str, float]] = None, use_dora: bool = False) -> nn.Module:
     """Replace the matching nn.Linear modules of `model` by LoRALinear, in place, and return the model.
+    use_dora=True makes them DoRA layers (LoRALinear's use_dora).
 
     target_modules: a list of names (matched exactly or as a dotted suffix), a regex string (matched
     against the whole module name) or "all-linear" (every nn.Linear but the output head).
@@ -145,7 +146,7 @@ def inject(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: fl
         plan[name] = layer_r, layer_alpha
     for name, (layer_r, layer_alpha) in plan.items():
         replace_module(model, name, LoRALinear(model.get_submodule(name), layer_r, layer_alpha, lora_dropout,
-                                               use_rslora, init_lora_weights))
+                                               use_rslora, init_lora_weights, use_dora))
     set_trainable(model, bias, modules_to_save)
     record_config(model, bias, modules_to_save)
     return model

@@ -12,7 +12,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from fusedlora.functional import lora_add, lora_linear
+from fusedlora.core.reference import dora_weight_norm
+from fusedlora.functional import dora_linear, lora_add, lora_linear
 from fusedlora.modules.rules import check_init_lora_weights, check_lora_options, lora_scaling
 
 
@@ -40,6 +41,20 @@ def fused_call(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
     with torch.autocast(device_type, enabled=False):
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def dora_call(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float) -> torch.Tensor:
+    """dora_linear with autocast honoured as fused_call honours it (the magnitude follows the adapters)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
+    dtype = torch.get_autocast_dtype(device_type)
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
+        lora_A, lora_B, magnitude = lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
 
 
 def added_call(base, x, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
@@ -71,10 +86,14 @@ class LoRALinear(nn.Module):
     init_lora_weights (PEFT's names): True, A kaiming-uniform (a=√5) and B zeros, so the layer starts
     as the base layer; "gaussian", A normal with std 1/r and B zeros; False, both random as nn.Linear
     initialises them (the update is not zero: for tests).
+
+    use_dora=True makes it PEFT's DoRA layer: a trainable magnitude vector lora_magnitude_vector (N,),
+    initialised to the row norms ‖W + s·B·A‖ (so the layer starts as the LoRA layer), and the forward
+    m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row through fusedlora.dora_linear.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True):
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True, use_dora: bool = False):
         super().__init__()
         if not is_plain_linear(base_layer):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
@@ -89,7 +108,11 @@ class LoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device))
+        self.use_dora = bool(use_dora)
+        self.lora_magnitude_vector = (nn.Parameter(torch.empty(self.out_features, device=device)) if self.use_dora
+                                      else None)
         self._merged = False
+        self._merged_norm = None
         self.reset_lora_parameters(init_lora_weights)
 
     def set_options(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
@@ -108,6 +131,15 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's row norms ‖W + s·B·A‖, (out_features,) in the adapters' dtype, from the unmerged weight."""
+        weight = self.base_layer.weight
+        if self._merged:
+            return self._merged_norm
+        return dora_weight_norm(weight.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -128,6 +160,9 @@ class LoRALinear(nn.Module):
         if self._merged:
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
+        if self.use_dora:
+            return dora_call(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                             self.lora_magnitude_vector, self.scaling, p)
         return fused_call(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                           self.scaling, p)
 
@@ -144,11 +179,16 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.merge: already merged; call unmerge() first")
         weight = self.base_layer.weight
         delta = self.delta_weight()
-        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        merged = weight.to(delta.dtype) + delta
+        if self.use_dora:  # W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row; the norm is kept for unmerge
+            norm = self.weight_norm().detach()
+            merged = merged * (self.lora_magnitude_vector.to(delta.dtype) / norm.to(delta.dtype))[:, None]
+        merged = merged.to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(f"LoRALinear.merge: the merged weight (shape {tuple(weight.shape)}, {weight.dtype}) "
                              "would hold NaN or Inf values; the adapter is broken or too large for the base dtype")
         weight.copy_(merged)
+        self._merged_norm = norm if self.use_dora else None
         self._merged = True
 
     @torch.no_grad()
@@ -159,10 +199,14 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear.unmerge: not merged")
         weight = self.base_layer.weight
         delta = self.delta_weight()
-        weight.copy_((weight.to(delta.dtype) - delta).to(weight.dtype))
-        self._merged = False
+        merged = weight.to(delta.dtype)
+        if self.use_dora:
+            merged = merged / (self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm.to(delta.dtype))[:, None]
+        weight.copy_((merged - delta).to(weight.dtype))
+        self._merged, self._merged_norm = False, None
 
     def extra_repr(self) -> str:
         rslora = ", use_rslora=True" if self.use_rslora else ""
+        dora = ", use_dora=True" if self.use_dora else ""
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-                f"lora_dropout={self.lora_dropout}{rslora}, merged={self._merged}")
+                f"lora_dropout={self.lora_dropout}{rslora}{dora}, merged={self._merged}")

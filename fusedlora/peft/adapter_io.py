@@ -3,7 +3,8 @@
 A directory holds adapter_config.json (peft_type "LORA", r, lora_alpha, lora_dropout,
 target_modules, bias, use_rslora, rank_pattern, alpha_pattern, modules_to_save, ...) and
 adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` (r, in) and
-`.lora_B.weight` (out, r), plus trained biases and modules to save under their own parameter names.
+`.lora_B.weight` (out, r), `.lora_magnitude_vector` (out,) for DoRA (use_dora), plus trained biases
+and modules to save under their own parameter names.
 Weights are read with safetensors only: a pickled adapter_model.bin is refused, never unpickled.
 
 read_adapter() does every check a file allows without a model and knows nothing of modules, so that
@@ -35,7 +36,7 @@ PREFIX = "base_model.model."
 # LoraConfig options (PEFT 0.21) whose adapters compute something other than x·Wᵀ + s·x·Aᵀ·Bᵀ on an
 # nn.Linear, or need layers fusedlora does not build: refused when set.
 UNSUPPORTED = {
-    "use_dora": "DoRA", "lora_bias": "a bias on lora_B (lora_bias)",
+    "lora_bias": "a bias on lora_B (lora_bias)",
     "fan_in_fan_out": "transposed (Conv1D) base weights (fan_in_fan_out)", "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow",
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
@@ -49,12 +50,14 @@ class AdapterFileError(ValueError):
 
 
 class LoRAWeights(NamedTuple):
-    """One layer of an adapter: lora_A (r, in), lora_B (out, r), as stored (dtype included)."""
+    """One layer of an adapter: lora_A (r, in), lora_B (out, r), and for DoRA the magnitude (out,), as
+    stored (dtype included)."""
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     r: int
     lora_alpha: float
     scaling: float
+    magnitude: Optional[torch.Tensor] = None
 
 
 class Adapter(NamedTuple):
@@ -141,8 +144,12 @@ def split_keys(path: Path, tensors: Dict[str, torch.Tensor]):
             _fail(path, f"{key} has dtype {t.dtype}; adapter tensors must be floating point")
         name = key[len(PREFIX):]
         parts = name.split(".")
+        if len(parts) >= 2 and parts[-1] == "lora_magnitude_vector":
+            lora.setdefault(".".join(parts[:-1]), {})["magnitude"] = t
+            continue
         if "lora_magnitude_vector" in parts:
-            _fail(path, f"{key}: a DoRA magnitude vector; DoRA adapters are not supported")
+            _fail(path, f"{key}: a DoRA magnitude vector under a key fusedlora does not know "
+                        "(<module>.lora_magnitude_vector)")
         if "lora_embedding_A" in parts or "lora_embedding_B" in parts:
             _fail(path, f"{key}: LoRA on an embedding; only nn.Linear layers are supported")
         if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":
@@ -185,7 +192,14 @@ def read_adapter(directory) -> Adapter:
             check_lora_options(r, alpha, config["lora_dropout"], config["use_rslora"])
         except (TypeError, ValueError) as e:
             _fail(config_path, f"{module}: {e}")
-        layers[module] = LoRAWeights(A, B, r, alpha, lora_scaling(r, alpha, config["use_rslora"]))
+        magnitude = pair.get("magnitude")
+        if bool(config.get("use_dora")) != (magnitude is not None):
+            _fail(weights_path, f"{module}: use_dora = {bool(config.get('use_dora'))} in {CONFIG_NAME}, but the "
+                                f"file {'has no' if magnitude is None else 'has a'} {PREFIX}{module}.lora_magnitude_vector")
+        if magnitude is not None and tuple(magnitude.shape) != (B.shape[0],):
+            _fail(weights_path, f"{module}: lora_magnitude_vector {tuple(magnitude.shape)} must be (out,) = "
+                                f"({B.shape[0]},) for lora_B {tuple(B.shape)}")
+        layers[module] = LoRAWeights(A, B, r, alpha, lora_scaling(r, alpha, config["use_rslora"]), magnitude)
     return Adapter(config, layers, extra)
 
 
@@ -214,6 +228,9 @@ def _check_against_model(model: nn.Module, adapter: Adapter, weights_path: Path)
         except AttributeError:
             _fail(weights_path, f"{where}: the model has no module {name!r}")
         if isinstance(module, LoRALinear):
+            if module.use_dora != (w.magnitude is not None):
+                _fail(weights_path, f"{where}: the adapter {'is' if w.magnitude is not None else 'is not'} DoRA, "
+                                    f"but the model's LoRA layer {name} {'is' if module.use_dora else 'is not'}")
             if module.merged:
                 _fail(weights_path, f"{where}: the model's LoRA layer {name} is merged; unmerge() it first")
             if module.r != w.r:
@@ -269,12 +286,15 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         for name, module in to_wrap.items():
             w = adapter.layers[name]
-            replace_module(model, name, LoRALinear(module, w.r, w.lora_alpha, dropout, rslora))
+            replace_module(model, name, LoRALinear(module, w.r, w.lora_alpha, dropout, rslora,
+                                                   use_dora=w.magnitude is not None))
         for name, w in adapter.layers.items():
             layer = model.get_submodule(name)
             layer.set_options(w.lora_alpha, dropout, rslora)
             layer.lora_A.copy_(w.lora_A)
             layer.lora_B.copy_(w.lora_B)
+            if w.magnitude is not None:
+                layer.lora_magnitude_vector.copy_(w.magnitude)
         for name, target in extra_targets.items():
             target.copy_(adapter.extra[name])
     set_trainable(model, config["bias"], modules_to_save)
@@ -304,7 +324,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layers (use inject or load_adapter first)")
-    for option in ("lora_dropout", "use_rslora"):
+    for option in ("lora_dropout", "use_rslora", "use_dora"):
         values = {getattr(layer, option) for layer in layers.values()}
         if len(values) > 1:
             raise ValueError(f"save_adapter: the LoRA layers use several {option} values {sorted(values)}; "
@@ -319,6 +339,8 @@ def save_adapter(model: nn.Module, directory) -> None:
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     if bias == "all":
         tensors.update({PREFIX + n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")})
     elif bias == "lora_only":
@@ -335,7 +357,7 @@ def save_adapter(model: nn.Module, directory) -> None:
         "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": first.lora_dropout,
         "use_rslora": first.use_rslora, "bias": bias, "target_modules": _target_modules(model, layers),
         "modules_to_save": modules_to_save, "fan_in_fan_out": False, "init_lora_weights": True,
-        "use_dora": False, "lora_bias": False,
+        "use_dora": first.use_dora, "lora_bias": False,
         "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
         "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
     }

@@ -29,6 +29,7 @@ from torch import nn
 
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.core.checks import FLOAT_DTYPES
+from fusedlora.functional import dora_linear
 from fusedlora.modules.lora_linear import added_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
 
@@ -299,3 +300,75 @@ def mixed_batch_forward(layer, x, names, stacks: Stacks, batches: MixedBatchCach
     ids = batches.get(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
     return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
+
+
+# ---- DoRA (PEFT's use_dora=True) -------------------------------------------------------------------
+
+def is_dora(layer, adapter: str) -> bool:
+    """Whether the adapter is PEFT's DoRA on a Linear layer (exactly that variant, not a subclass)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return False
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:
+        return False
+    return variant is DoraLinearVariant or type(variant) is DoraLinearVariant
+
+
+def dora_reason(layer, x, adapters: List[str], rest, conv1d) -> Optional[str]:
+    """Why a call with a DoRA adapter among the active ones must run PEFT's forward, or None: the fused
+    DoRA computes the base GEMM itself, so it needs the base weight, and it serves one adapter."""
+    if len(adapters) > 1:
+        return "DoRA with other active adapters on the same layer"
+    (adapter,) = adapters
+    base = layer.base_layer
+    own = None if rest else own_weights(base, conv1d)
+    if own is None and (rest or not _is_4bit(base)):
+        return (f"DoRA over a {type(base).__name__} base layer (hooked, with extra arguments, or not an nn.Linear, "
+                "Conv1D or bitsandbytes Linear4bit)")
+    if layer.lora_B[adapter].bias is not None:
+        return "DoRA with lora_bias"
+    if torch.is_autocast_enabled(x.device.type):
+        return "DoRA under autocast"
+    A, m = layer.lora_A[adapter].weight, layer.lora_magnitude_vector[adapter].weight
+    if own is not None:
+        weight, bias = own
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device != x.device:
+            return f"DoRA with x in {x.dtype} and the base weight in {weight.dtype} on {weight.device}"
+    elif base.weight.device != x.device:
+        return "DoRA with x and the 4-bit base weight on different devices"
+    if m.dtype != A.dtype or m.device != A.device:
+        return f"a DoRA magnitude in {m.dtype} with adapters in {A.dtype}"
+    return None
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit running its class's own forward (QDoRA's base layer)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(base, bnb.nn.Linear4bit) and type(base).forward is bnb.nn.Linear4bit.forward \
+        and not has_hooks(base)
+
+
+def _dequantized(base: nn.Module, dtype: torch.dtype):
+    """(weight, bias) of a 4-bit base layer in x's dtype. The (N, K) dequantized weight is the one N·K
+    temporary of QDoRA, as in PEFT, which dequantizes it on every forward as well."""
+    from peft.utils.integrations import dequantize_module_weight
+    bias = base.bias
+    return dequantize_module_weight(base).to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def dora_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
+    """PEFT's DoRA layer (one active adapter, dora_reason None) through fusedlora.dora_linear: the same
+    function, including PEFT's dropout form (the base product on the dropped input) in training. Over
+    a bitsandbytes 4-bit base (QDoRA) the weight is dequantized and the base product computed here."""
+    (adapter,) = active_adapters(layer)
+    own = own_weights(layer.base_layer, conv1d)
+    weight, bias = own if own is not None else _dequantized(layer.base_layer, x.dtype)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    return dora_linear(x, weight, bias, A, B, magnitude, float(layer.scaling[adapter]),
+                       dropout_p(layer.lora_dropout[adapter]))

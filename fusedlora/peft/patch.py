@@ -6,9 +6,10 @@ and mixed-batch inference work as before. What a served call computes is in fuse
 the layer's direct base layer (which may itself be another tuner's layer, a quantized Linear or any
 module) is either computed by the fused GEMM, when it is a plain nn.Linear or transformers Conv1D, or
 run as it is with the low-rank terms added by fusedlora.lora_add. Vanilla LoRA adapters are served,
-one or several at once, with or without lora_bias and dropout.
+one or several at once, with or without lora_bias and dropout. A DoRA adapter (use_dora=True) is served
+by fusedlora.dora_linear when it is the layer's one active adapter over a plain nn.Linear or Conv1D.
 
-Anything else runs PEFT's own forward: LoRA variants (DoRA and the others), custom dropout modules,
+Anything else runs PEFT's own forward: the other LoRA variants, DoRA elsewhere, custom dropout modules,
 dtypes or devices the kernels do not take, and mixed-adapter batches the multi-adapter kernel cannot
 reproduce. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
 would have been faster, with logging (INFO) where there is nothing to fuse (adapters disabled or
@@ -33,8 +34,9 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.lora_linear import fused_call, is_plain_linear
-from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dropout_p, has_hooks,
-                                    mixed_batch_adapters, mixed_batch_forward, own_weights, served_forward)
+from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dora_forward, dora_reason, dropout_p,
+                                    has_hooks, is_dora, mixed_batch_adapters, mixed_batch_forward, own_weights,
+                                    served_forward)
 
 logger = logging.getLogger(__name__)
 # The model attribute holding its MixedBatchCache. It outlives unpatch_peft: a CUDA graph captured over
@@ -89,10 +91,10 @@ def _plain_dropout(module: nn.Module) -> bool:
 def _adapter_reason(layer, adapter: str, x: torch.Tensor) -> Optional[str]:
     """Why this adapter's term cannot be computed by the kernels exactly as PEFT computes it, or None."""
     variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.16; older releases only have use_dora
-    if adapter in variants:
+    if adapter in variants and not is_dora(layer, adapter):
         return f"adapter {adapter!r} is a LoRA variant ({type(variants[adapter]).__name__})"
-    if getattr(layer, "use_dora", {}).get(adapter):
-        return f"adapter {adapter!r} is a DoRA adapter"
+    if adapter not in variants and getattr(layer, "use_dora", {}).get(adapter):
+        return f"adapter {adapter!r} is a DoRA adapter of a PEFT release without lora_variant"
     if not _plain_dropout(layer.lora_dropout[adapter]):
         return f"a custom dropout module {type(layer.lora_dropout[adapter]).__name__}"
     scaling = layer.scaling[adapter]
@@ -157,7 +159,14 @@ def fallback_reason(layer, x, args, kwargs, conv1d=None, variant_keys=()) -> Opt
             return reason, True
     if names is not None:
         rest = args or {k: v for k, v in kwargs.items() if k != "adapter_names" and k not in variant_keys}
+        if any(is_dora(layer, a) for a in adapters):
+            return "DoRA in a mixed-adapter batch", True
         reason = _mixed_batch_reason(layer, x, adapters, rest, conv1d)
+        if reason is not None:
+            return reason, True
+    elif any(is_dora(layer, a) for a in adapters):
+        rest = args or {k: v for k, v in kwargs.items() if k not in variant_keys}
+        reason = dora_reason(layer, x, adapters, rest, conv1d)
         if reason is not None:
             return reason, True
     return None
@@ -255,7 +264,7 @@ def _single_fused(layer, x, conv1d):
         return None
     (a,) = adapters
     base = layer.base_layer
-    if not is_plain_linear(base) or has_hooks(base) or layer.lora_B[a].bias is not None:
+    if is_dora(layer, a) or not is_plain_linear(base) or has_hooks(base) or layer.lora_B[a].bias is not None:
         return None
     A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
     if torch.is_autocast_enabled(x.device.type) or base.weight.dtype != x.dtype or base.weight.device != x.device \
@@ -289,6 +298,8 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
             kwargs.pop(key, None)
         if names is not None:
             return mixed_batch_forward(self, x, names, stacks, batches, *own_weights(self.base_layer, conv1d))
+        if is_dora(self, active_adapters(self)[0]):
+            return dora_forward(self, x, conv1d)
         return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True

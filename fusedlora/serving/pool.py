@@ -120,6 +120,9 @@ class AdapterPool:
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
         adapter = read_adapter(directory)
+        if adapter.config.get("use_dora"):
+            raise AdapterFileError(f"{directory}: use_dora = True: the multi-adapter kernels serve plain LoRA "
+                                   "adapters, not DoRA")
         self._check_fits(adapter, directory)
         with self._lock:
             if name in self._slots or name in self._loading:

@@ -149,6 +149,7 @@ def _install():
         return report(self, layer_name, reason, costly)
 
     peft_patch.served_forward, peft_patch.mixed_batch_forward = count(served), count(mixed)
+    peft_patch.dora_forward = count(peft_patch.dora_forward)
     peft_patch._Reporter.__call__ = record
 
 

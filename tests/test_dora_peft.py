@@ -1,0 +1,111 @@
+"""patch_peft serves PEFT's DoRA layers (LoraConfig(use_dora=True)) through fusedlora.dora_linear:
+the calls are counted (a silent fallback fails), no fallback is reported, and output and every
+gradient (the magnitude vector's included) equal PEFT's own by tests/oracle.py's float64 oracle."""
+import copy
+import warnings
+
+import pytest
+import torch
+from test_peft_layers import GPT2Block, MLP, assert_patched_equals_peft, fallback_warnings, inputs, peft_model, run
+
+import fusedlora
+import fusedlora.peft.forward
+
+
+@pytest.fixture
+def dora_calls(monkeypatch):
+    counts = {"dora_linear": 0}
+    real = fusedlora.peft.forward.dora_linear
+
+    def counted(*args, **kwargs):
+        counts["dora_linear"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fusedlora.peft.forward, "dora_linear", counted)
+    return counts
+
+
+def test_dora_layers_are_served(dora_calls, plan):
+    model = peft_model(MLP(), use_dora=True)
+    # PEFT starts the magnitude at the row norms (g = 1); moved so that the magnitude matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    got = assert_patched_equals_peft(model, inputs())
+    assert dora_calls == {"dora_linear": 2}
+    assert any("lora_magnitude_vector" in name for name in got[1])
+
+
+def test_dora_conv1d_fan_in_fan_out(dora_calls):
+    model = peft_model(GPT2Block(), target_modules=["c_fc", "c_proj"], fan_in_fan_out=True, use_dora=True)
+    assert_patched_equals_peft(model, inputs())
+    assert dora_calls == {"dora_linear": 2}
+
+
+def test_dora_training_with_dropout_is_served(dora_calls):
+    """In training with dropout the masks are fusedlora's, not torch's: served (counted), no fallback,
+    and a finite output; the dropout form's numbers are tests/test_dora.py's."""
+    model = peft_model(MLP(), use_dora=True, lora_dropout=0.2).train()
+    fusedlora.patch_peft(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, grads = run(model, inputs())
+    assert fallback_warnings(record) == []
+    assert dora_calls == {"dora_linear": 2}
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_dora_with_two_active_adapters_falls_back(dora_calls):
+    model = peft_model(MLP(), use_dora=True)
+    model.add_adapter("other", model.peft_config["default"])
+    model.base_model.set_adapter(["default", "other"])
+    fusedlora.patch_peft(model)
+    with pytest.warns(UserWarning, match="DoRA with other active adapters"):
+        model(inputs())
+    assert dora_calls == {"dora_linear": 0}
+
+
+def test_lora_linear_use_dora_equals_peft_and_merges(plan):
+    """LoRALinear(use_dora=True): the magnitude starts at PEFT's value, and output and gradients (x,
+    lora_A, lora_B, magnitude) equal PEFT's DoRA layer's by the norm-wise oracle; merge() folds the
+    layer into the weight and unmerge() restores it."""
+    from oracle import assert_normwise
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20)
+    peft = get_peft_model(nn.Sequential(copy.deepcopy(base)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                          use_dora=True, init_lora_weights=False))
+    peft_layer = peft.base_model.model[0]
+    layer = fusedlora.LoRALinear(copy.deepcopy(base), r=4, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        layer.lora_B.copy_(peft_layer.lora_B["default"].weight)
+        layer.lora_magnitude_vector.copy_(layer.weight_norm())  # as PEFT initialises it from A and B
+    m_peft = peft_layer.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(layer.lora_magnitude_vector, m_peft, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        m_peft.mul_(1.2)
+        layer.lora_magnitude_vector.copy_(m_peft)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(2))
+
+    def grads(module, x, A, B, m):
+        x = x.detach().clone().requires_grad_()
+        out = module(x)
+        out.backward(dy.to(out.dtype))
+        return {"out": out.detach(), "x": x.grad, "A": A.grad, "B": B.grad, "m": m.grad}
+
+    got = grads(layer, x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
+    low = grads(peft_layer, x, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight, m_peft)
+    peft64 = copy.deepcopy(peft).double().base_model.model[0]
+    exact = grads(peft64, x.double(), peft64.lora_A["default"].weight, peft64.lora_B["default"].weight,
+                  peft64.lora_magnitude_vector["default"].weight)
+    assert_normwise(got, low, exact)
+    with torch.no_grad():
+        weight = layer.base_layer.weight.clone()
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-5, atol=1e-6)
+        assert_normwise({"out": merged}, {"out": low["out"]}, {"out": exact["out"]})
