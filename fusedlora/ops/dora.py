@@ -2,13 +2,12 @@
 autograd at all when nothing needs a gradient.
 
 Not a torch.compile custom op yet: a raw Triton launch inside a compiled region breaks it, so under
-torch.compile the call runs the plain-torch reference instead (the same function, traced whole, but
-with PEFT's N×K temporaries for the row norms).
+torch.compile the call runs the PyTorch backend (fusedlora/core/torch_backend.py: the same layer in
+torch ops, traced whole, its row norms from W·Aᵀ and A·Aᵀ as well).
 """
 import torch
 
-from fusedlora.core import reference
-from fusedlora.core.dropout import dropout_mask, seed_tensor
+from fusedlora.core import torch_backend
 from fusedlora.ops.single import _int_seed, _needs_grad, _rows
 from fusedlora.plans import dora as plans
 from fusedlora.plans.planner import choose
@@ -46,8 +45,7 @@ class _DoRALinear(torch.autograd.Function):
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed) -> torch.Tensor:
     """The kernels' dora_linear for validated inputs (fusedlora.functional checks them)."""
     if torch.compiler.is_compiling():
-        keep = dropout_mask(seed_tensor(seed, dropout_p), x.shape, dropout_p, x.device) if dropout_p > 0 else None
-        return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep, dropout_p)
+        return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
     seed = _int_seed(seed, dropout_p)
     if _needs_grad(x, weight, bias, lora_A, lora_B, magnitude):
         return _DoRALinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
