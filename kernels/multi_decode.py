@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, dot_precision, interpreting, rank_block, sm_count
+from .launch import launch
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
@@ -191,7 +192,8 @@ def decode_shrink(x, q, scalings, ids, ranks):
     part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()
-    _decode_shrink_kernel[grid](
+    launch(
+        _decode_shrink_kernel, grid,
         x, q, scalings, ids, ranks if ranks is not None else ids, part,
         M, C, L, R, c_per_split,
         *x.stride(), *q.stride(), *part.stride(),
@@ -221,7 +223,8 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
         return S
     grid, block_ids, block_n, block_r = _expand_config(M, N, R, has_out)
     o, s = (t if t is not None else part for t in (out, S))
-    _decode_expand_kernel[grid](
+    launch(
+        _decode_expand_kernel, grid,
         part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids,
         M, N, L, R, split,
         *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1),

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_dtype, dot_precision, expand_blocks, gemm_blocks, interpreting, rank_block
+from .launch import launch
 from .lora_gemm import grouped_pid, matmul_tile
 
 
@@ -202,7 +203,8 @@ def multi_shrink(x, q, scalings, groups, ranks):
     block_c = 32 if interpreting() else 128
     block_r = rank_block(R, cap=128)
     grid = (triton.cdiv(M, block_m), L, triton.cdiv(R, block_r))
-    _multi_shrink_kernel[grid](
+    launch(
+        _multi_shrink_kernel, grid,
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
@@ -243,7 +245,8 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     K = x.shape[1] if has_base else 0
     ranks, has_ranks = _ranks_arg(ranks, starts)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _multi_gemm_kernel[grid](
+    launch(
+        _multi_gemm_kernel, grid,
         x, w, bias if bias is not None else p, p, q, out, order, sorted_ids, starts, ranks,
         M, N, K, L, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
@@ -276,7 +279,8 @@ def multi_reduce(y, z, ranks, out, groups=None, ids=None):
     block_t = 16 if interpreting() else 64
     block_r = rank_block(R, cap=64)
     grid = (triton.cdiv(A, block_a), L, triton.cdiv(R, block_r))
-    _multi_reduce_kernel[grid](
+    launch(
+        _multi_reduce_kernel, grid,
         y, z, out, order, ids if scan else order, starts, ranks, M, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
         SCAN=scan, HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(y.dtype, z.dtype),
