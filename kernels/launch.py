@@ -12,8 +12,9 @@ The specialization is what Triton specializes a compiled kernel on, computed her
 for an int, whether it is 1, whether it is a multiple of 16 and its integer type (i32, i64, u64); bools
 and floats by type; the keyword arguments (constexprs and options such as num_warps) by value; and
 the current device. Anything else Triton puts in its key (TRITON_DEBUG and the other compilation knobs)
-is read when a specialization is first seen: set FUSEDLORA_FAST_LAUNCH=0 (read at import; or call
-set_fast_launch) to have every launch take the plain path, for instance to debug with those knobs.
+is read when a specialization is first seen, and so is Triton's check that the globals a kernel reads
+have not changed (fusedlora's kernels read none that can). FUSEDLORA_FAST_LAUNCH=0 (read at import)
+or set_fast_launch(False) sends every launch down the plain path, to debug with those knobs say.
 Under the Triton interpreter every launch takes the plain path.
 """
 import os

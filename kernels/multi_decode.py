@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_shapes, dot_dtype, dot_precision
+from .launch import launch
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
@@ -148,10 +149,6 @@ def _check_ids(ids, launcher: str) -> None:
                          f"strides {ids.stride()}")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # plain Python: triton.cdiv is a constexpr function, slow to call from the host
-
-
 def _block_ids(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())
 
@@ -163,9 +160,9 @@ def _shrink_config(M: int, C: int, R: int, device, wide: bool) -> tuple:
     slice non-empty. Cached: at decode sizes the host time of a call matters as much as its kernels'."""
     cfg = configs.decode_shrink(M, R, device, wide)
     block_c = cfg["BLOCK_C"]
-    blocks = _cdiv(max(C, 1), block_c)
-    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(cfg["PROGRAMS_PER_SM"] * configs.sm_count(device), M))))
-    grid = (M, _cdiv(blocks, per_split))
+    blocks = cdiv(max(C, 1), block_c)
+    per_split = cdiv(blocks, max(1, min(blocks, cdiv(cfg["PROGRAMS_PER_SM"] * configs.sm_count(device), M))))
+    grid = (M, cdiv(blocks, per_split))
     return grid, block_c, per_split * block_c, C % block_c == 0, _block_ids(M), cfg["BLOCK_R"], cfg["num_warps"]
 
 
@@ -173,7 +170,7 @@ def _shrink_config(M: int, C: int, R: int, device, wide: bool) -> tuple:
 def _expand_config(M: int, N: int, R: int, has_out: bool, device) -> tuple:
     """(grid, BLOCK_IDS, config)."""
     cfg = configs.decode_expand(M, R, device)
-    return (M, max(1, _cdiv(N, cfg["BLOCK_N"])) if has_out else 1), _block_ids(M), cfg
+    return (M, max(1, cdiv(N, cfg["BLOCK_N"])) if has_out else 1), _block_ids(M), cfg
 
 
 def decode_shrink(x, q, scalings, ids, ranks):
@@ -193,7 +190,8 @@ def decode_shrink(x, q, scalings, ids, ranks):
     part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()
-    _decode_shrink_kernel[grid](
+    launch(
+        _decode_shrink_kernel, grid,
         x, q, scalings, ids, ranks if ranks is not None else ids, part,
         M, C, L, R, c_per_split,
         *x.stride(), *q.stride(), *part.stride(),
@@ -224,7 +222,8 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
         return S
     grid, block_ids, cfg = _expand_config(M, N, R, has_out, part.device)
     o, s = (t if t is not None else part for t in (out, S))
-    _decode_expand_kernel[grid](
+    launch(
+        _decode_expand_kernel, grid,
         part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids,
         M, N, L, R, split,
         *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1),

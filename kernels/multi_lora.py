@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_shapes, dot_dtype, dot_precision
+from .launch import launch
 from .lora_gemm import grouped_pid, matmul_tile
 
 
@@ -185,8 +186,9 @@ def multi_shrink(x, q, scalings, groups, ranks):
     order, _, starts = groups
     ranks, has_ranks = _ranks_arg(ranks, starts)
     cfg = configs.multi_shrink(M, R, x.device, torch.float32 in (x.dtype, q.dtype))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
-    _multi_shrink_kernel[grid](
+    grid = (cdiv(M, cfg["BLOCK_M"]), L, cdiv(R, cfg["BLOCK_R"]))
+    launch(
+        _multi_shrink_kernel, grid,
         x, q, scalings, out, order, starts, ranks, C, R,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
@@ -216,8 +218,9 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     w = weight if has_base else p
     K = x.shape[1] if has_base else 0
     ranks, has_ranks = _ranks_arg(ranks, starts)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _multi_gemm_kernel[grid](
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    launch(
+        _multi_gemm_kernel, grid,
         x, w, bias if bias is not None else p, p, q, out, order, sorted_ids, starts, ranks,
         M, N, K, L, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
@@ -248,8 +251,9 @@ def multi_reduce(y, z, ranks, out, groups=None, ids=None):
     order, _, starts = (ids, ids, ids) if scan else groups
     ranks, has_ranks = _ranks_arg(ranks, order)
     cfg = configs.multi_reduce(M, R, out.device)
-    grid = (triton.cdiv(A, cfg["BLOCK_A"]), L, triton.cdiv(R, cfg["BLOCK_R"]))
-    _multi_reduce_kernel[grid](
+    grid = (cdiv(A, cfg["BLOCK_A"]), L, cdiv(R, cfg["BLOCK_R"]))
+    launch(
+        _multi_reduce_kernel, grid,
         y, z, out, order, ids if scan else order, starts, ranks, M, A, R,
         y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), out.stride(2),
         SCAN=scan, HAS_RANKS=has_ranks, DOT_DTYPE=dot_dtype(y.dtype, z.dtype),

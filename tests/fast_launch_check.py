@@ -14,6 +14,7 @@ host.install_sm90_host_path()
 import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+import fusedlora  # noqa: E402
 from fusedlora.kernels import launch  # noqa: E402
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm  # noqa: E402
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink  # noqa: E402
@@ -27,7 +28,9 @@ def tensors(dtype):
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(40 * K + 1, generator=g).to(dtype)
     return dict(flat=flat, W=torch.randn(N, K, generator=g).to(dtype), A=torch.randn(R, K, generator=g).to(dtype),
-                B=torch.randn(N, R, generator=g).to(dtype), b=torch.randn(N, generator=g).to(dtype))
+                B=torch.randn(N, R, generator=g).to(dtype), b=torch.randn(N, generator=g).to(dtype),
+                mA=torch.randn(3, R, K, generator=g).to(dtype), mB=torch.randn(3, N, R, generator=g).to(dtype),
+                s=torch.ones(3), ranks=torch.tensor([16, 5, 9], dtype=torch.int32))
 
 
 def drive(t):
@@ -40,6 +43,11 @@ def drive(t):
                 lora_expand(S, t["B"], addend=x[:, :N], seed=seed, threshold=7, dropout=True)
                 lora_dy(x[:, :N], t["B"], S, 2.0)
             lora_shrink(x.t(), t["A"][:, :M], 1.0, mask_transposed=True)  # transposed strides
+        # Multi-adapter: the decode kernels (M <= 64) and the segment kernels (above).
+        for rows in (M, 3 * M + 70):
+            xm = t["flat"][:K].expand(rows, K).contiguous()
+            ids = torch.arange(rows) % 4 - 1
+            fusedlora.multi_lora_linear(xm, t["W"], t["b"], t["mA"], t["mB"], t["s"], ids, t["ranks"])
 
 
 def comparable(args):

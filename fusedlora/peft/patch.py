@@ -280,7 +280,9 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
     decide = _Decision()
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs:
+        # Under torch.compile the graph's guards do this job; a Python-side cache there would only
+        # add guards on it (and a recompile when it changes).
+        if not args and not kwargs and not torch.compiler.is_compiling():
             why, single = decide(self, x, conv1d, variant_keys)
             if single is not None:  # the common call, served without deciding again
                 a, scaling, p = single
