@@ -208,3 +208,24 @@ def test_load_and_unload_from_another_thread_while_forwards_run(saved, peft_mode
             pool.unload("b")
     unloader.join(timeout=10)
     assert not unloader.is_alive() and pool.names == ["b"]
+
+
+def test_nested_use_and_more_shapes_than_a_block_keeps(saved, monkeypatch):
+    """An inner `use` serves its own names and gives the outer ones back; neither can unload an adapter
+    either uses. Past the input shapes a block keeps AdapterBatches for, the forward still serves the
+    block's names (the kept batches are dropped, not reused for another shape)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    model, pool = pool_with(saved)
+    ids = tokens(batch=2, length=4)
+    outer, inner = pool_logits(model, pool, ids, ["a", "b"]), pool_logits(model, pool, ids, ["c", None])
+    assert not torch.equal(outer, inner)
+    with pool.use(["a", "b"]), torch.no_grad():
+        with pool.use(["c", None]):
+            assert torch.equal(model(input_ids=ids).logits, inner)
+            for name in ("a", "c"):
+                with pytest.raises(RuntimeError, match=f"cannot unload '{name}'"):
+                    pool.unload(name)
+        assert torch.equal(model(input_ids=ids).logits, outer)
+        got = {length: model(input_ids=tokens(batch=2, length=length)).logits for length in range(1, 12)}
+    for length in (1, 11):
+        assert torch.equal(got[length], pool_logits(model, pool, tokens(batch=2, length=length), ["a", "b"]))
