@@ -29,6 +29,7 @@ INTERPRETER = "interpreter"
 # shapes (and 16-row blocks let small multi-adapter batches span several blocks and adapters).
 _INTERPRETER = {
     "lora_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "lora_gemm_shrink": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
     "lora_expand": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1),
     "lora_shrink": dict(BLOCK_M=32, BLOCK_C=32, RANK_CAP=128, num_warps=4, num_stages=1),
     "lora_dy": dict(BLOCK_M=32, BLOCK_N=32, RANK_CAP=64, num_warps=4, num_stages=1),
@@ -47,8 +48,15 @@ _INTERPRETER = {
 # decode range, where the base GEMM is still bound by reading W.
 # multi_decode_max_m: rows up to which the multi-adapter split plan runs the decode kernels; the decode
 # kernels hold every id of the batch in one block, so it is also their limit (decode_max_rows).
-PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64}
+# one_launch_max_m: rows up to which the single-adapter fused plan runs its forward as one launch (the
+# shrink inside the GEMM's K loop, every column block recomputing S): there the recomputation (reading
+# A, r×K, once per column block from L2) should cost less than a second launch, whose host time alone
+# (~20 µs measured by benchmarks/host.py on CPU) exceeds the GEMM's ~8 µs at K = N = 4096 on an H200.
+# Untimed on a GPU.
+PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64}
 DECODE_MAX_ROWS = 64
+# The largest rank the one-launch forward holds in one rank block (rank_block's default cap).
+SHRINK_MAX_R = 64
 
 
 def bucket(M: int) -> int:
@@ -134,6 +142,16 @@ def lora_gemm(M: int, N: int = 0, device=None) -> dict:
     else:
         default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return _choose("lora_gemm", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def lora_gemm_shrink(M: int, N: int = 0, device=None) -> dict:
+    """The one-launch decode forward (the LoRA GEMM with the shrink in its K loop, M <= 64): the GEMM's
+    decode tiles with half its reduction block, since the shrink's accumulator and the dropout mask
+    tile live beside the base product's (compiled for sm_90 at BLOCK_K = 128 the bf16 variant with
+    dropout spilled 16 B; triton 3.9, tests/gpu_compile.py)."""
+    default = dict(lora_gemm(M, N, device), BLOCK_K=64)
+    return _choose("lora_gemm_shrink", target(device), M, default)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -240,6 +258,6 @@ class SplitFromM(Mapping):
 def clear_caches(tables: bool = True):
     """Forget every cached answer: after a table file is written (tables=True), or after an entry of a
     loaded table is changed in memory (tables=False, as benchmarks/tune.py does for each candidate)."""
-    for fn in (lora_gemm, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm, multi_reduce,
+    for fn in (lora_gemm, lora_gemm_shrink, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm, multi_reduce,
                decode_shrink, decode_expand) + ((table,) if tables else ()):
         fn.cache_clear()

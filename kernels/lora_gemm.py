@@ -26,8 +26,7 @@ from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
 from .launch import launch
 
-# The largest rank the one-launch forward holds in one block (configs.rank_block's cap).
-SHRINK_MAX_R = 64
+SHRINK_MAX_R = configs.SHRINK_MAX_R
 
 
 @triton.jit
@@ -231,8 +230,8 @@ def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return out, S
-    _launch(x, weight, bias, S, lora_B, None, out, seed, threshold, dropout, configs.lora_gemm(M, N, x.device),
-            a=lora_A, shrink_scale=scale)
+    _launch(x, weight, bias, S, lora_B, None, out, seed, threshold, dropout,
+            configs.lora_gemm_shrink(M, N, x.device), a=lora_A, shrink_scale=scale)
     return out, S
 
 

@@ -62,7 +62,7 @@ def launches(monkeypatch):
         launched.append(_name)
         raise Launched(_name)
 
-    for name in ("lora_shrink", "lora_gemm", "lora_expand", "lora_dy"):
+    for name in ("lora_shrink", "lora_gemm", "lora_gemm_shrink", "lora_expand", "lora_dy"):
         monkeypatch.setattr(plans, name, lambda *a, _n=name, **k: stub(*a, _name=_n, **k))
     return launched
 

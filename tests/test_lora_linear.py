@@ -156,6 +156,6 @@ def test_two_launch_fused_forward(p, device, monkeypatch):
     one-launch row count; the other tests' shapes take the one-launch forward."""
     from fusedlora.plans import single
     monkeypatch.setenv("FUSEDLORA_PLAN", "fused")
-    monkeypatch.setattr(single, "ONE_LAUNCH_MAX_M", 0)
-    inputs = make_inputs(37, 70, 45, 3, f32, f32, True, device)
+    M = single.ONE_LAUNCH_MAX_M + 13
+    inputs = make_inputs(M, 70, 45, 3, f32, f32, True, device)
     check_against_reference(inputs, 2.0, p, seed=99, dtype=f32, device=device)

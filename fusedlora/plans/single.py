@@ -18,6 +18,7 @@ lora_add (any base layer) is the split plan with the base product computed by so
 import torch
 
 from fusedlora.core.dropout import keep_threshold
+from fusedlora.kernels import configs
 from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, lora_expand, lora_gemm, lora_gemm_shrink
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
@@ -28,11 +29,9 @@ def shrink(x2, lora_A, scaling: float, dropout_p: float, seed: int) -> torch.Ten
                        dropout=dropout_p > 0)
 
 
-# Rows up to which the fused plan's forward is one launch, the shrink inside the GEMM's K loop: there
-# every column block recomputing S (reading A, r×K, and its rows of x once more from L2) costs less
-# than a second launch, whose host time alone (~20 µs measured by benchmarks/host.py on CPU) exceeds
-# the GEMM's ~8 µs at K = N = 4096 on an H200. Untimed on a GPU; the decode range of the planner.
-ONE_LAUNCH_MAX_M = 64
+# Rows up to which the fused plan's forward is one launch, the shrink inside the GEMM's K loop
+# (fusedlora/kernels/configs.py says why; untimed on a GPU).
+ONE_LAUNCH_MAX_M = configs.planner_value("one_launch_max_m")
 
 
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):

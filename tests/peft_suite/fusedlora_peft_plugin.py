@@ -150,6 +150,9 @@ def _install():
 
     peft_patch.served_forward, peft_patch.mixed_batch_forward = count(served), count(mixed)
     peft_patch.dora_forward = count(peft_patch.dora_forward)
+    # The patched forward's fast path (one plain adapter over an nn.Linear, decided once per layer
+    # state) calls fused_call directly, without served_forward.
+    peft_patch.fused_call = count(peft_patch.fused_call)
     peft_patch._Reporter.__call__ = record
 
 
