@@ -57,14 +57,14 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    dy_ptr, b_ptr, s_ptr, du_ptr, db_ptr,
     M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbn, stride_dbr, ds_scale,
-    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dum, stride_dur, stride_dbn, stride_dbr, du_scale,
+    COMPUTE_DU: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # Each program owns BLOCK_M rows of dY and one rank block, and sweeps N once: dS for its rows is
+    # Each program owns BLOCK_M rows of dY and one rank block, and sweeps N once: dU for its rows is
     # complete at the end; its share of dB = dYᵀ·S is added into an fp32 buffer with atomics
     # (summation order across row blocks varies on the GPU: dB is not bitwise deterministic).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,23 +78,23 @@ def _lora_dy_kernel(
     if COMPUTE_DB:
         s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :].to(tl.int64) * stride_sr
         st = tl.load(s_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    du = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n_ok = offs_n < N - n0
         # Rows past M must load as zeros: they would otherwise add into dB.
         dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)
-        if COMPUTE_DS:
+        if COMPUTE_DU:
             bt = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
-            ds = tl.dot(dyt, bt, ds, input_precision=PRECISION)
+            du = tl.dot(dyt, bt, du, input_precision=PRECISION)
         if COMPUTE_DB:
             part = tl.dot(tl.trans(dyt), st, input_precision=PRECISION)
             tl.atomic_add(db_ptrs, part, mask=n_ok[:, None] & r_ok[None, :])
         dy_ptrs += BLOCK_N * stride_dyn
         b_ptrs += BLOCK_N * stride_bn
         db_ptrs += BLOCK_N * stride_dbn
-    if COMPUTE_DS:
-        ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * stride_dsm + offs_r[None, :].to(tl.int64) * stride_dsr
-        tl.store(ds_ptrs, ds * ds_scale, mask=m_ok[:, None] & r_ok[None, :])
+    if COMPUTE_DU:
+        du_ptrs = du_ptr + offs_m[:, None].to(tl.int64) * stride_dum + offs_r[None, :].to(tl.int64) * stride_dur
+        tl.store(du_ptrs, du * du_scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
 def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed=False, out=None):
@@ -124,27 +124,27 @@ def lora_shrink(x, q, scale, seed=0, threshold=0, dropout=False, mask_transposed
     return out
 
 
-def lora_dy(dy, lora_B, S, ds_scale=1.0, compute_ds=True, compute_db=True):
-    """(dS, dB) = (ds_scale·dY·B, dYᵀ·S) from one pass over dY; either may be skipped (returned as None).
+def lora_dy(dy, lora_B, S, du_scale=1.0, compute_du=True, compute_db=True):
+    """(dU, dB) = (du_scale·dY·B, dYᵀ·S) from one pass over dY; either may be skipped (returned as None).
 
-    dy: (M, N), lora_B: (N, R), S: (M, R) fp32. dS is fp32; dB is fp32 (cast by the caller).
+    dy: (M, N), lora_B: (N, R), S: (M, R) fp32. dU is fp32; dB is fp32 (cast by the caller).
     """
     M, N = dy.shape
     R = lora_B.shape[1]
     check_shapes(lora_B.shape[0] == N and S.shape == (M, R), "lora_dy", dy=dy, lora_B=lora_B, S=S)
-    ds = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_ds else None
+    du = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_du else None
     db = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_db else None
-    if M == 0 or not (compute_ds or compute_db):
-        return ds, db
+    if M == 0 or not (compute_du or compute_db):
+        return du, db
     cfg = configs.lora_dy(M, R, dy.device, True)  # S and dU are fp32
     grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"]))
-    ds_arg, db_arg = (ds if ds is not None else S), (db if db is not None else S)
+    du_arg, db_arg = (du if du is not None else S), (db if db is not None else S)
     launch(
         _lora_dy_kernel, grid,
-        dy, lora_B, S, ds_arg, db_arg, M, N, R,
-        *dy.stride(), *lora_B.stride(), *S.stride(), *ds_arg.stride(), *db_arg.stride(), float(ds_scale),
-        COMPUTE_DS=compute_ds, COMPUTE_DB=compute_db,
+        dy, lora_B, S, du_arg, db_arg, M, N, R,
+        *dy.stride(), *lora_B.stride(), *S.stride(), *du_arg.stride(), *db_arg.stride(), float(du_scale),
+        COMPUTE_DU=compute_du, COMPUTE_DB=compute_db,
         DOT_DTYPE=dot_dtype(dy.dtype, torch.float32), PRECISION=dot_precision(dy.dtype, torch.float32, low_rank=True),
         **cfg,
     )
-    return ds, db
+    return du, db

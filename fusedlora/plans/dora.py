@@ -83,7 +83,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, g, n, scaling: float, 
     c = scaling / (1.0 - dropout_p)
     mask = dict(seed=seed, threshold=keep_threshold(dropout_p), dropout=dropout_p > 0)
     Bg = lora_B.detach().to(torch.float32) * g[:, None]
-    dU, GS = lora_dy(G, Bg, S, c, compute_ds=need_x or need_A, compute_db=need_B or need_m)
+    dU, GS = lora_dy(G, Bg, S, c, compute_du=need_x or need_A, compute_db=need_B or need_m)
     dA = dB = dm = dx = dw = None
     if need_A:
         dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)

@@ -57,7 +57,7 @@ def add_forward(base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, see
 def _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_dU, need_A, need_B):
     """(dU, dA, dB): the steps both plans share. dU is returned for dX (None unless need_dU)."""
     c = scaling / (1.0 - dropout_p)
-    dU, dB = lora_dy(g, lora_B, S, c, compute_ds=need_dU or need_A, compute_db=need_B)
+    dU, dB = lora_dy(g, lora_B, S, c, compute_du=need_dU or need_A, compute_db=need_B)
     dA = None
     if need_A:
         dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
