@@ -88,10 +88,12 @@ step() {
 read -r -d '' VERSIONS <<'EOF_VERSIONS'
 {
     nvidia-smi 2>&1 || echo "nvidia-smi: none"
-    "$1" -P -c 'import sys, torch, triton, transformers, peft, fusedlora.kernels
+    # From /: the repository root must stay off sys.path (its kernels/ would shadow the PyPI `kernels`);
+    # fusedlora comes from the path folder on PYTHONPATH. (python -P would do it, but only from 3.11.)
+    (cd / && "$1" -c 'import sys, torch, triton, transformers, peft, fusedlora.kernels
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| triton", triton.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)
-print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")')
     rc=$?
     echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } > "$0" 2>&1
@@ -115,8 +117,8 @@ step serve 110 "$PY" benchmarks/serve.py "${DRYARG[@]}" --out "$OUT"
 step plans 90 "$PY" benchmarks/run.py --plans "${DRYARG[@]}" --out "$OUT"
 step tune 60 "$PY" benchmarks/tune.py "${DRYARG[@]}" --out "$OUT"
 step train 80 "$PY" benchmarks/train.py "${DRYARG[@]}" --out "$OUT"
-# -P: the working directory (the repository root) stays off sys.path (kernels/ would shadow `kernels`).
-step tests 600 "$PY" -P -m pytest -p no:cacheprovider --ignore=tests/test_peft_suite.py "${TESTS[@]}"
+# tests/conftest.py drops the repository root from sys.path (kernels/ would shadow the PyPI `kernels`).
+step tests 600 "$PY" -m pytest -p no:cacheprovider --ignore=tests/test_peft_suite.py "${TESTS[@]}"
 
 {
     echo "=== summary ($SECONDS s of the $BUDGET s budget; results in $OUT)"
