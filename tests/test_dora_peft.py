@@ -2,25 +2,27 @@
 the calls are counted (a silent fallback fails), no fallback is reported, and output and every
 gradient (the magnitude vector's included) equal PEFT's own by tests/oracle.py's float64 oracle."""
 import copy
+import dataclasses
 import warnings
 
 import pytest
 import torch
-from test_peft_layers import GPT2Block, MLP, assert_patched_equals_peft, fallback_warnings, inputs, peft_model, run
+from test_peft_layers import (GPT2Block, MLP, assert_patched_equals_peft, calls, fallback_warnings, inputs,  # noqa: F401
+                              peft_model, run)
 
 import fusedlora
-import fusedlora.peft.forward
+import fusedlora.modules.lora_linear
 
 
 @pytest.fixture
 def dora_calls(monkeypatch):
     counts = {"dora_linear": 0}
-    real = fusedlora.peft.forward.dora_linear
+    real = fusedlora.modules.lora_linear.dora_linear
 
     def counted(*args, **kwargs):
         counts["dora_linear"] += 1
         return real(*args, **kwargs)
-    monkeypatch.setattr(fusedlora.peft.forward, "dora_linear", counted)
+    monkeypatch.setattr(fusedlora.modules.lora_linear, "dora_linear", counted)
     return counts
 
 
@@ -55,14 +57,80 @@ def test_dora_training_with_dropout_is_served(dora_calls):
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_dora_with_two_active_adapters_falls_back(dora_calls):
+def test_dora_under_autocast_is_served(dora_calls):
+    """Under autocast to bf16 (mixed-precision training: fp32 weights, bf16 compute) the layers are
+    served with nn.Linear's autocast dtypes: PEFT's output dtype, every gradient (the magnitude's
+    included) in its parameter's dtype, values by the norm-wise oracle."""
+    from test_peft_layers import assert_run_normwise
     model = peft_model(MLP(), use_dora=True)
-    model.add_adapter("other", model.peft_config["default"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    x = inputs()
+    exact = run(copy.deepcopy(model).double(), x.double())
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        want = run(model, x)
+        fusedlora.patch_peft(model)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            got = run(model, x)
+    assert fallback_warnings(record) == []
+    assert dora_calls == {"dora_linear": 2}
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert all(got[1][n].dtype == want[1][n].dtype for n in want[1])
+    assert_run_normwise(got, want, exact)
+
+
+def _two_adapters(kinds, **options):
+    """An MLP with adapters "default" and "other" of the given kinds ("lora" or "dora"), both active,
+    the magnitudes moved off their initial value (g = 1) so that the DoRA scaling matters."""
+    first, second = (kind == "dora" for kind in kinds)
+    model = peft_model(MLP(), use_dora=first, **options)
+    model.add_adapter("other", dataclasses.replace(model.peft_config["default"], use_dora=second))
     model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if "lora_" in name:  # the new adapter's weights start at PEFT's init (B = 0)
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i)) * 0.3
+                        + (p if "magnitude" in name else 0))
+    return model
+
+
+@pytest.mark.parametrize("kinds", [("lora", "dora"), ("dora", "lora"), ("dora", "dora")])
+def test_dora_beside_other_active_adapters_is_served(calls, dora_calls, kinds):
+    """PEFT's loop over the active adapters, where a DoRA adapter scales the running result (the
+    earlier adapters' terms included): served with one lora_add per adapter and layer."""
+    model = _two_adapters(kinds)
+    assert_patched_equals_peft(model, inputs())
+    assert calls == {"lora_linear": 0, "lora_add": 4} and dora_calls == {"dora_linear": 0}
+
+
+def test_dora_beside_another_adapter_in_training_with_dropout_is_served(calls):
+    model = _two_adapters(("lora", "dora"), lora_dropout=0.2).train()
     fusedlora.patch_peft(model)
-    with pytest.warns(UserWarning, match="DoRA with other active adapters"):
-        model(inputs())
-    assert dora_calls == {"dora_linear": 0}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, grads = run(model, inputs())
+    assert fallback_warnings(record) == []
+    assert calls == {"lora_linear": 0, "lora_add": 4}
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_dora_in_a_mixed_batch_raises_peft_error():
+    """PEFT refuses adapter_names= with a DoRA adapter; the patched model raises the same error from
+    PEFT's own check, without running PEFT's forward as a fallback."""
+    model = _two_adapters(("dora", "lora"))
+    x = inputs(shape=(2, 5))
+    with pytest.raises(ValueError) as unpatched:
+        model(x, adapter_names=["default", "other"])
+    fusedlora.patch_peft(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as patched:
+            model(x, adapter_names=["default", "other"])
+    assert str(patched.value) == str(unpatched.value) and "DoRA" in str(patched.value)
+    assert fallback_warnings(record) == []
 
 
 def test_lora_linear_use_dora_equals_peft_and_merges(plan):

@@ -85,7 +85,7 @@ def run(model, x, dtype=torch.float32):
 def counted(monkeypatch):
     counts = {"lora_add": 0, "lora_linear": 0, "dora_linear": 0}
     for module, name in ((fusedlora.modules.lora_linear, "lora_add"), (fusedlora.modules.lora_linear, "lora_linear"),
-                         (fusedlora.peft.forward, "dora_linear")):
+                         (fusedlora.modules.lora_linear, "dora_linear")):
         real = getattr(module, name)
 
         def wrapper(*args, _real=real, _name=name, **kwargs):

@@ -29,8 +29,8 @@ from torch import nn
 
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.core.checks import FLOAT_DTYPES
-from fusedlora.functional import dora_linear
-from fusedlora.modules.lora_linear import added_call, fused_call, is_plain_linear
+from fusedlora.core.torch_backend import dora_weight_norm
+from fusedlora.modules.lora_linear import added_call, dora_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
 
 
@@ -318,28 +318,34 @@ def is_dora(layer, adapter: str) -> bool:
 
 def dora_reason(layer, x, adapters: List[str], rest, conv1d) -> Optional[str]:
     """Why a call with a DoRA adapter among the active ones must run PEFT's forward, or None: the fused
-    DoRA computes the base GEMM itself, so it needs the base weight, and it serves one adapter."""
-    if len(adapters) > 1:
-        return "DoRA with other active adapters on the same layer"
-    (adapter,) = adapters
+    DoRA needs the base weight (for the row norms, and the base GEMM it computes itself)."""
     base = layer.base_layer
     own = None if rest else own_weights(base, conv1d)
     if own is None and (rest or not _is_4bit(base)):
         return (f"DoRA over a {type(base).__name__} base layer (hooked, with extra arguments, or not an nn.Linear, "
                 "Conv1D or bitsandbytes Linear4bit)")
-    if layer.lora_B[adapter].bias is not None:
+    if any(layer.lora_B[a].bias is not None for a in adapters):
         return "DoRA with lora_bias"
-    if torch.is_autocast_enabled(x.device.type):
-        return "DoRA under autocast"
-    A, m = layer.lora_A[adapter].weight, layer.lora_magnitude_vector[adapter].weight
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast and len(adapters) > 1:
+        return "DoRA beside other adapters under autocast"
     if own is not None:
         weight, bias = own
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device != x.device:
+        if autocast:  # dora_call casts x, W and b to the autocast dtype, as nn.Linear would
+            if weight.device != x.device:
+                return f"DoRA with x on {x.device} and the base weight on {weight.device}"
+        elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or weight.device != x.device:
             return f"DoRA with x in {x.dtype} and the base weight in {weight.dtype} on {weight.device}"
     elif base.weight.device != x.device:
         return "DoRA with x and the 4-bit base weight on different devices"
-    if m.dtype != A.dtype or m.device != A.device:
-        return f"a DoRA magnitude in {m.dtype} with adapters in {A.dtype}"
+    for a in adapters:
+        A = layer.lora_A[a].weight
+        if len(adapters) > 1 and A.dtype != x.dtype:
+            return f"DoRA beside other adapters, with x in {x.dtype} and an adapter in {A.dtype}"
+        if is_dora(layer, a):
+            m = layer.lora_magnitude_vector[a].weight
+            if m.dtype != A.dtype or m.device != A.device:
+                return f"a DoRA magnitude in {m.dtype} with adapters in {A.dtype}"
     return None
 
 
@@ -363,12 +369,45 @@ def _dequantized(base: nn.Module, dtype: torch.dtype):
 
 def dora_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
     """PEFT's DoRA layer (one active adapter, dora_reason None) through fusedlora.dora_linear: the same
-    function, including PEFT's dropout form (the base product on the dropped input) in training. Over
+    function, including PEFT's dropout form (the base product on the dropped input) in training, and
+    under autocast the dtypes nn.Linear would take (modules.dora_call). Over
     a bitsandbytes 4-bit base (QDoRA) the weight is dequantized and the base product computed here."""
     (adapter,) = active_adapters(layer)
     own = own_weights(layer.base_layer, conv1d)
     weight, bias = own if own is not None else _dequantized(layer.base_layer, x.dtype)
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     magnitude = layer.lora_magnitude_vector[adapter].weight
-    return dora_linear(x, weight, bias, A, B, magnitude, float(layer.scaling[adapter]),
-                       dropout_p(layer.lora_dropout[adapter]))
+    return dora_call(x, weight, bias, A, B, magnitude, float(layer.scaling[adapter]),
+                     dropout_p(layer.lora_dropout[adapter]))
+
+
+def dora_chain_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
+    """Several active adapters, DoRA among them (dora_reason None), as PEFT's adapter loop computes
+    them: each adapter in turn updates the running result r, and PEFT's DoRA variant takes r where a
+    lone DoRA adapter would take the base output, so the earlier adapters' terms are scaled as well:
+        r + (g - 1) ⊙ (r - b) + g ⊙ s·(x·Aᵀ)·Bᵀ                    without dropout (or in eval)
+        r + (g - 1) ⊙ (D(x)·Wᵀ) + g ⊙ s·(D(x)·Aᵀ)·Bᵀ               with the dropout module in training
+    with g = m / ‖W + s·B·A‖_row detached. The norms come from W·Aᵀ and A·Aᵀ (no N×K matrix) and each
+    low-rank term is one lora_add, with g folded into B's rows. A rare configuration, so this is the
+    plain sequence of those calls rather than a fused kernel; the dropout, as in PEFT, is the adapter's
+    own module applied to x (an M×K copy, as PEFT makes)."""
+    base = layer.base_layer
+    own = own_weights(base, conv1d)
+    weight, bias = own if own is not None else _dequantized(base, x.dtype)
+    result = base(x)
+    dtype = result.dtype
+    for a in active_adapters(layer):
+        A, B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, float(layer.scaling[a])
+        drop = layer.lora_dropout[a]
+        if not is_dora(layer, a):
+            result = added_call(result, x, A, B, s, dropout_p(drop))
+            continue
+        m = layer.lora_magnitude_vector[a].weight
+        g = m / dora_weight_norm(weight, A, B, s).to(m.dtype)
+        if isinstance(drop, nn.Identity) or not layer.training:  # PEFT's DoRA variant's own test
+            xa, z = x, (result if bias is None else result - bias)
+        else:
+            xa = drop(x)
+            z = torch.nn.functional.linear(xa, weight)
+        result = added_call(result + (g - 1) * z, xa, A, B * g[:, None], s, 0.0)
+    return result.to(dtype)

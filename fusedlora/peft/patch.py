@@ -6,12 +6,15 @@ and mixed-batch inference work as before. What a served call computes is in fuse
 the layer's direct base layer (which may itself be another tuner's layer, a quantized Linear or any
 module) is either computed by the fused GEMM, when it is a plain nn.Linear or transformers Conv1D, or
 run as it is with the low-rank terms added by fusedlora.lora_add. Vanilla LoRA adapters are served,
-one or several at once, with or without lora_bias and dropout. A DoRA adapter (use_dora=True) is served
-by fusedlora.dora_linear when it is the layer's one active adapter over a plain nn.Linear or Conv1D.
+one or several at once, with or without lora_bias and dropout. A DoRA adapter (use_dora=True) over a
+plain nn.Linear, Conv1D or bitsandbytes Linear4bit is served by fusedlora.dora_linear when it is the
+layer's one active adapter, and beside other active adapters by PEFT's loop over them with each term
+from fusedlora.lora_add (forward.dora_chain_forward).
 
 Anything else runs PEFT's own forward: the other LoRA variants, DoRA elsewhere, custom dropout modules,
 dtypes or devices the kernels do not take, and mixed-adapter batches the multi-adapter kernel cannot
-reproduce. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
+reproduce. A call PEFT refuses (adapter_names= with a DoRA adapter, a merged layer or a wrong length)
+raises PEFT's own error, from PEFT's own check. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
 would have been faster, with logging (INFO) where there is nothing to fuse (adapters disabled or
 merged, no active adapter).
 
@@ -34,9 +37,9 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.lora_linear import fused_call, is_plain_linear
-from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dora_forward, dora_reason, dropout_p,
-                                    has_hooks, is_dora, mixed_batch_adapters, mixed_batch_forward, own_weights,
-                                    served_forward)
+from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dora_chain_forward, dora_forward,
+                                    dora_reason, dropout_p, has_hooks, is_dora, mixed_batch_adapters,
+                                    mixed_batch_forward, own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
 # The model attribute holding its MixedBatchCache. It outlives unpatch_peft: a CUDA graph captured over
@@ -291,6 +294,8 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
                 return fused_call(x, base["weight"], base["bias"], mods["lora_A"][a]._parameters["weight"],
                                   mods["lora_B"][a]._parameters["weight"], scaling, p)
         else:
+            if kwargs.get("adapter_names") is not None:
+                self._check_forward_args(x, *args, **kwargs)  # PEFT's own refusals, raised as PEFT raises them
             why = fallback_reason(self, x, args, kwargs, conv1d, variant_keys)
         if why is not None:
             report(layer_name, *why)
@@ -300,8 +305,9 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
             kwargs.pop(key, None)
         if names is not None:
             return mixed_batch_forward(self, x, names, stacks, batches, *own_weights(self.base_layer, conv1d))
-        if is_dora(self, active_adapters(self)[0]):
-            return dora_forward(self, x, conv1d)
+        adapters = active_adapters(self)
+        if any(is_dora(self, a) for a in adapters):
+            return dora_forward(self, x, conv1d) if len(adapters) == 1 else dora_chain_forward(self, x, conv1d)
         return served_forward(self, x, args, kwargs, conv1d, lambda reason: report(layer_name, reason, True))
 
     forward.fusedlora_patch = True

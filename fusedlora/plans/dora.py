@@ -30,7 +30,7 @@ import torch
 from fusedlora.core.dropout import dropout_mask, keep_threshold
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
-from fusedlora.plans.single import _masked_dx, shrink
+from fusedlora.plans.single import masked_dx, shrink
 
 
 def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
@@ -101,7 +101,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, g, n, scaling: float, 
     if dropout_p == 0:
         Gs = (G * g).to(G.dtype) if need_x or need_w else None
         if need_x:
-            dx = _masked_dx(Gs, weight, dU, lora_A, 0.0, seed, plan, x.dtype)
+            dx = masked_dx(Gs, weight, dU, lora_A, 0.0, seed, plan, x.dtype)
         if need_w:
             dw = torch.mm(Gs.t(), x2).to(weight.dtype)
     elif need_x or need_w:

@@ -66,7 +66,7 @@ def _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_dU,
     return dU, dA, (dB.to(lora_B.dtype) if need_B else None)
 
 
-def _masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, out_dtype):
+def masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, out_dtype):
     """dX = dY·W + keep ⊙ (dU·A), or keep ⊙ (dU·A) alone when weight is None (lora_add)."""
     mask = dict(seed=seed, threshold=keep_threshold(dropout_p), dropout=dropout_p > 0)
     if weight is not None and plan == "fused":
@@ -82,7 +82,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, scaling: float, dropou
     K, N = x.shape[-1], weight.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
     dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-    dx = _masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
+    dx = masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
     # dW through the library GEMM in both plans: it is a plain (N, M)·(M, K) product.
     dw = torch.mm(g.t(), x2).to(weight.dtype) if need_w else None
     db = g.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
@@ -95,5 +95,5 @@ def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, see
     K, N = x.shape[-1], lora_B.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
     dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-    dx = _masked_dx(g, None, dU, lora_A, dropout_p, seed, "split", x.dtype).reshape(x.shape) if need_x else None
+    dx = masked_dx(g, None, dU, lora_A, dropout_p, seed, "split", x.dtype).reshape(x.shape) if need_x else None
     return (dy if need_base else None), dx, dA, dB
