@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
-from lora_models import (DEVICE, N_TARGETS, TARGETS, assert_run_matches, assert_training_lowers_loss, logits,
-                         oracle_runs, run, tiny_llama, tokens)
+from lora_models import (DEVICE, N_TARGETS, TARGETS, assert_layers_compute_lora, assert_run_matches,
+                         assert_training_lowers_loss, logits, oracle_runs, recording_layers, run, tiny_llama, tokens)
 from oracle import assert_normwise, assert_same, check_lora_linear
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -47,7 +47,11 @@ def test_patched_logits_and_grads_equal_peft(backend, options):
     ids = tokens()
     runs = oracle_runs(model, ids)
     assert fusedlora.patch_peft(model) == N_TARGETS
-    assert_run_matches(run(model, ids), runs, torch.float32, lora_grads=2 * N_TARGETS)
+    with recording_layers(model) as layers:
+        got = run(model, ids)
+    assert_run_matches(got, runs, torch.float32, lora_grads=2 * N_TARGETS)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, torch_ops=backend == "torch")
     if options.get("bias") == "lora_only":
         assert sum(name.endswith("base_layer.bias") for name in runs[0][1]) == N_TARGETS
 
@@ -74,16 +78,21 @@ def bf16_rounding_as_on_gpu(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bf16_base_with_fp32_adapters(backend, bf16_rounding_as_on_gpu):
-    """PEFT's default dtypes: a bf16 base keeps fp32 adapters; the output stays bf16 as PEFT's does."""
+    """PEFT's default dtypes: a bf16 base keeps fp32 adapters; the output stays bf16 as PEFT's does. Whole
+    model against PEFT, and each layer on the inputs it got (a one-percent error in one layer's low-rank
+    term moves the model's tensors by less than bf16 noise compounded over two layers does)."""
     model = peft_llama(dtype=torch.bfloat16)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
     ids = tokens()
     runs = oracle_runs(model, ids)
     fusedlora.patch_peft(model)
-    got = run(model, ids)
+    with recording_layers(model) as layers:
+        got = run(model, ids)
     assert got[0].dtype == torch.bfloat16
     assert_run_matches(got, runs, torch.bfloat16, lora_grads=2 * N_TARGETS)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, torch_ops=backend == "torch")
 
 
 def test_unpatch_restores_peft_forward(monkeypatch):
