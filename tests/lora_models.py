@@ -123,13 +123,16 @@ def recording_layers(model):
             handle.remove()
 
 
-def assert_layers_compute_lora(model, records, torch_ops=False):
+def assert_layers_compute_lora(model, records, torch_ops=False, autocast=None):
     """Each recorded layer, on the very input it got inside the model run, computed PEFT's function of its
     one active adapter: its output and the gradients of x and of every trainable tensor of the layer, for
     the cotangent it got, by the componentwise rule (tests/oracle.py). The whole-model rule measures every
     tensor against PEFT's own error, which compounds through the model; here nothing upstream counts, so
     a low-rank term off by one percent (a wrong scaling) cannot hide in it: with fp32 adapters under a bf16
-    base, dA and dB come out in fp32 and the rule allows them about n·2^-24 of their magnitude."""
+    base, dA and dB come out in fp32 and the rule allows them about n·2^-24 of their magnitude.
+    autocast: the dtype the records were made under; the layer then computes on x, W and b cast to it
+    (and on the adapters as they are when fp32), as nn.Linear would cast them, and x's gradient is that
+    of the cast, which is exact."""
     layers = dict(model.named_modules())
     assert records, "no LoRA layer ran"
     for name, rec in records.items():
@@ -141,11 +144,15 @@ def assert_layers_compute_lora(model, records, torch_ops=False):
         inputs = dict(x=rec["x"], weight=base.weight.detach(),
                       bias=None if base.bias is None else base.bias.detach(),
                       lora_A=A.weight.detach(), lora_B=B.weight.detach())
+        if autocast is not None:
+            adapters_too = A.weight.dtype != torch.float32 or B.weight.dtype != torch.float32
+            inputs = {n: t if t is None or (n.startswith("lora_") and not adapters_too) else t.to(autocast)
+                      for n, t in inputs.items()}
         grads = {n: t.grad for n, t in (("weight", base.weight), ("bias", base.bias),
                                        ("lora_A", A.weight), ("lora_B", B.weight))
                  if t is not None and t.requires_grad}
         if rec.get("dx") is not None:
-            grads["x"] = rec["dx"]
+            grads["x"] = rec["dx"].to(inputs["x"].dtype)
         if "dy" not in rec:  # a forward without backward
             grads = None
         try:

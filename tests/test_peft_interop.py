@@ -323,7 +323,9 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
 
 
 def test_patched_model_under_autocast():
-    """Autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding."""
+    """Autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding; and, training
+    under autocast, each layer's output and gradients are its function of the bf16-cast inputs it got
+    (the logits alone would not see a one-percent error in one layer's low-rank term)."""
     model = peft_llama()
     ids = tokens()
     exact = logits(copy.deepcopy(model).double(), ids)
@@ -333,6 +335,10 @@ def test_patched_model_under_autocast():
         got = logits(model, ids)
     assert got.dtype == want.dtype == torch.bfloat16
     assert_normwise(dict(logits=got), dict(logits=want), dict(logits=exact))
+    with recording_layers(model) as layers, torch.autocast(DEVICE, dtype=torch.bfloat16):
+        run(model, ids)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, autocast=torch.bfloat16)
 
 
 def test_patched_dropout_draws_the_mask_of_torchs_generator():
