@@ -47,8 +47,10 @@ def test_patched_logits_and_grads_equal_peft(backend, options):
     ids = tokens()
     runs = oracle_runs(model, ids)
     assert fusedlora.patch_peft(model) == N_TARGETS
-    with recording_layers(model) as layers:
+    with warnings.catch_warnings(record=True) as record, recording_layers(model) as layers:
+        warnings.simplefilter("always")
         got = run(model, ids)
+    assert fallback_warnings(record) == []  # the recording hooks sit on the LoRA layer: served fused still
     assert_run_matches(got, runs, torch.float32, lora_grads=2 * N_TARGETS)
     assert len(layers) == N_TARGETS
     assert_layers_compute_lora(model, layers, torch_ops=backend == "torch")
@@ -87,8 +89,10 @@ def test_bf16_base_with_fp32_adapters(backend, bf16_rounding_as_on_gpu):
     ids = tokens()
     runs = oracle_runs(model, ids)
     fusedlora.patch_peft(model)
-    with recording_layers(model) as layers:
+    with warnings.catch_warnings(record=True) as record, recording_layers(model) as layers:
+        warnings.simplefilter("always")
         got = run(model, ids)
+    assert fallback_warnings(record) == []  # the recording hooks sit on the LoRA layer: served fused still
     assert got[0].dtype == torch.bfloat16
     assert_run_matches(got, runs, torch.bfloat16, lora_grads=2 * N_TARGETS)
     assert len(layers) == N_TARGETS
