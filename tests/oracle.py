@@ -37,8 +37,13 @@ an error lies along the tensor, where rounding errors put only a small share (ab
 their norm, when their signs are independent). So the error's component along exact_T, relative to
 it, must also stay within SLANT_FACTOR times PyTorch's plus SIGMAS times that share (+ u_s), in
 runs with half-precision tensors.
-Measured by hand (one layer's scaling multiplied in the patched PEFT model): x1.001 fails the fp32
-tests, x1.01 the bf16 one. benchmarks/providers.py checks providers by the older run-wide rule.
+Neither test sees one layer's low-rank term off by 1% in bf16 when that layer barely moves the model's
+tensors (measured: layer 0's q_proj scaling x1.01 moved its own lora_A gradient 1.19e-2 along itself
+through the kernels, under the 1.27e-2 allowed): the PEFT interop tests also hold each layer, on the
+inputs it got in the model run, to the componentwise rule (tests/lora_models.py). Measured by hand
+(the scaling fusedlora passes for one layer of the patched PEFT model multiplied, layers 0, 7, 13):
+x1.001 fails the fp32 tests, x1.01 the bf16 and autocast ones, on both backends.
+benchmarks/providers.py checks providers by the older run-wide rule.
 """
 import contextlib
 import os

@@ -273,3 +273,46 @@ def test_save_adapter_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"several lora_dropout values \[0.1, 0.2\]"):
         fusedlora.save_adapter(model, tmp_path)
     assert not (tmp_path / WEIGHTS_NAME).exists()
+
+
+@pytest.mark.parametrize("targets,saved_as", [
+    (["q_proj", "v_proj"], ["q_proj", "v_proj"]),
+    # q_proj alone would select layer 1's as well: the full names are written instead
+    (["0.self_attn.q_proj", "1.mlp.up_proj"], ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]),
+], ids=["short-names", "full-name-fallback"])
+def test_save_adapter_roundtrip_with_bias_all_rslora_and_dropout(targets, saved_as, tmp_path, monkeypatch):
+    """bias="all" writes every bias of the model (the untargeted layers' too), use_rslora and a non-zero
+    lora_dropout go to the config, and target_modules selects exactly the injected layers: PEFT and
+    load_adapter rebuild the same model (logits in eval mode, scalings, dropout modules)."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    model = fusedlora.inject(tiny_llama(), targets, r=4, lora_alpha=8, lora_dropout=0.1, bias="all", use_rslora=True,
+                             init_lora_weights=False)
+    biases = [n for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert biases and all(p.requires_grad for n, p in model.named_parameters() if n.endswith(".bias"))
+    perturb(model, biases)
+    ids = tokens()
+    got = logits(model.eval(), ids)
+    fusedlora.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (config["bias"], config["use_rslora"], config["lora_dropout"]) == ("all", True, 0.1)
+    assert config["target_modules"] == saved_as
+    stored = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert {k for k in stored if k.endswith(".bias")} == {PREFIX + n for n in biases}
+    injected = sorted(n for n, m in model.named_modules() if isinstance(m, fusedlora.LoRALinear))
+
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(layers) == injected
+    for layer in layers.values():
+        assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rslora: alpha / sqrt(r)
+        assert layer.lora_dropout["default"].p == 0.1
+    assert_logits_match(got, peft_model, ids)
+
+    loaded = fusedlora.load_adapter(tiny_llama(), tmp_path)
+    want, have = model.state_dict(), loaded.state_dict()
+    assert sorted(have) == sorted(want) and all(torch.equal(have[k], want[k]) for k in want)
+    for name in injected:
+        layer = loaded.get_submodule(name)
+        assert (layer.use_rslora, layer.lora_dropout, layer.scaling) == (True, 0.1, pytest.approx(4.0))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}

@@ -88,6 +88,22 @@ def test_frozen_base_needs_only_adapter_grads(device):
     assert torch.isfinite(A.grad).all() and A.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("needs", [("x",), ("weight",), ("weight", "bias"), ("x", "lora_B"), ("lora_A",),
+                                   ("bias", "lora_A", "lora_B")], ids="+".join)
+def test_gradients_of_any_subset(needs, device, plan):
+    """requires_grad on only some of x, W, b, A, B (an x-only saliency pass, a weight-only fine-tune, one
+    adapter half frozen): exactly those get a gradient, each equal to the float64 reference's; the
+    backward skips the others' kernels, so each subset is its own path."""
+    inputs = make_inputs(19, 40, 24, 4, f32, device=device)
+    leaves = {n: t.detach().clone().requires_grad_(n in needs) for n, t in inputs.items()}
+    dy = torch.randn(19, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(f32).to(device)
+    y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.5, dropout_p=0.2, seed=8)
+    y.backward(dy)
+    assert {n for n, t in leaves.items() if t.grad is not None} == set(needs)
+    keep = fusedlora.dropout_mask(8, inputs["x"].shape, 0.2, device)
+    check_lora_linear(y.detach(), {n: leaves[n].grad for n in needs}, inputs, 1.5, keep, 0.2, dy)
+
+
 def test_empty_batch(device, plan):
     inputs = make_inputs(0, 32, 16, 4, f32, device=device)
     leaves = {n: t.requires_grad_() for n, t in inputs.items()}

@@ -95,6 +95,50 @@ def test_merge_and_unmerge_keep_outputs(dtype):
         layer.unmerge()
 
 
+def test_merging_twice_is_refused_and_changes_nothing():
+    layer = fusedlora.LoRALinear(linear(), r=4, lora_alpha=8, init_lora_weights=False).eval()
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    assert layer.merged and torch.equal(layer.base_layer.weight, merged)
+
+
+def test_set_options_changes_what_the_layer_computes():
+    """alpha, dropout and rslora changed after construction (as a loaded adapter does): the scaling and the
+    forward follow; bad values are refused before anything changes."""
+    layer = fusedlora.LoRALinear(linear(), r=4, lora_alpha=8, init_lora_weights=False).eval()
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    layer.set_options(lora_alpha=6, lora_dropout=0.25, use_rslora=True)
+    assert (layer.lora_alpha, layer.lora_dropout, layer.use_rslora, layer.scaling) == (6, 0.25, True, 3.0)
+    inputs = dict(x=x, weight=layer.base_layer.weight.detach(), bias=layer.base_layer.bias.detach(),
+                  lora_A=layer.lora_A.detach(), lora_B=layer.lora_B.detach())
+    check_lora_linear(layer(x).detach(), None, inputs, 3.0, None, 0.0)
+    layer.train()
+    torch.manual_seed(4)
+    keep = fusedlora.dropout_mask(draw_seed(), x.shape, 0.25, DEVICE)
+    torch.manual_seed(4)
+    check_lora_linear(layer(x).detach(), None, inputs, 3.0, keep, 0.25)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        layer.set_options(lora_alpha=6, lora_dropout=1.0, use_rslora=False)
+    assert (layer.lora_dropout, layer.use_rslora, layer.scaling) == (0.25, True, 3.0)
+
+
+def test_base_without_bias():
+    """nn.Linear(bias=False): forward and gradients against the reference with no bias, merge and unmerge."""
+    layer = fusedlora.LoRALinear(linear(bias=False), r=4, lora_alpha=8, init_lora_weights=False).eval()
+    assert layer.base_layer.bias is None
+    x = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    y, grads, dy = forward_and_grads(layer, x)
+    inputs = dict(x=x, weight=layer.base_layer.weight.detach(), bias=None, lora_A=layer.lora_A.detach(),
+                  lora_B=layer.lora_B.detach())
+    check_lora_linear(y, grads, inputs, layer.scaling, None, 0.0, dy)
+    layer.merge()
+    torch.testing.assert_close(layer(x), x @ layer.base_layer.weight.t(), rtol=0, atol=0)
+    layer.unmerge()
+    check_lora_linear(layer(x).detach(), None, inputs, layer.scaling, None, 0.0)
+
+
 @pytest.mark.parametrize("breakage", ["overflow", "nan"])
 def test_merge_that_would_break_the_weight_is_refused(breakage):
     layer = fusedlora.LoRALinear(linear(dtype=bf16), r=2, init_lora_weights=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
-from lora_models import (DEVICE, N_TARGETS, TARGETS, assert_run_matches, assert_training_lowers_loss, logits,
-                         oracle_runs, run, tiny_llama, tokens)
+from lora_models import (DEVICE, N_TARGETS, TARGETS, assert_layers_compute_lora, assert_run_matches,
+                         assert_training_lowers_loss, logits, oracle_runs, recording_layers, run, tiny_llama, tokens)
 from oracle import assert_normwise, assert_same, check_lora_linear
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -47,7 +47,13 @@ def test_patched_logits_and_grads_equal_peft(backend, options):
     ids = tokens()
     runs = oracle_runs(model, ids)
     assert fusedlora.patch_peft(model) == N_TARGETS
-    assert_run_matches(run(model, ids), runs, torch.float32, lora_grads=2 * N_TARGETS)
+    with warnings.catch_warnings(record=True) as record, recording_layers(model) as layers:
+        warnings.simplefilter("always")
+        got = run(model, ids)
+    assert fallback_warnings(record) == []  # the recording hooks sit on the LoRA layer: served fused still
+    assert_run_matches(got, runs, torch.float32, lora_grads=2 * N_TARGETS)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, torch_ops=backend == "torch")
     if options.get("bias") == "lora_only":
         assert sum(name.endswith("base_layer.bias") for name in runs[0][1]) == N_TARGETS
 
@@ -74,16 +80,23 @@ def bf16_rounding_as_on_gpu(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_bf16_base_with_fp32_adapters(backend, bf16_rounding_as_on_gpu):
-    """PEFT's default dtypes: a bf16 base keeps fp32 adapters; the output stays bf16 as PEFT's does."""
+    """PEFT's default dtypes: a bf16 base keeps fp32 adapters; the output stays bf16 as PEFT's does. Whole
+    model against PEFT, and each layer on the inputs it got (a one-percent error in one layer's low-rank
+    term moves the model's tensors by less than bf16 noise compounded over two layers does)."""
     model = peft_llama(dtype=torch.bfloat16)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
     ids = tokens()
     runs = oracle_runs(model, ids)
     fusedlora.patch_peft(model)
-    got = run(model, ids)
+    with warnings.catch_warnings(record=True) as record, recording_layers(model) as layers:
+        warnings.simplefilter("always")
+        got = run(model, ids)
+    assert fallback_warnings(record) == []  # the recording hooks sit on the LoRA layer: served fused still
     assert got[0].dtype == torch.bfloat16
     assert_run_matches(got, runs, torch.bfloat16, lora_grads=2 * N_TARGETS)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, torch_ops=backend == "torch")
 
 
 def test_unpatch_restores_peft_forward(monkeypatch):
@@ -314,7 +327,9 @@ def test_merge_unmerge_and_disable_when_patched(caplog):
 
 
 def test_patched_model_under_autocast():
-    """Autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding."""
+    """Autocast to bf16: the output dtype is PEFT's and the values agree to bf16 rounding; and, training
+    under autocast, each layer's output and gradients are its function of the bf16-cast inputs it got
+    (the logits alone would not see a one-percent error in one layer's low-rank term)."""
     model = peft_llama()
     ids = tokens()
     exact = logits(copy.deepcopy(model).double(), ids)
@@ -324,6 +339,10 @@ def test_patched_model_under_autocast():
         got = logits(model, ids)
     assert got.dtype == want.dtype == torch.bfloat16
     assert_normwise(dict(logits=got), dict(logits=want), dict(logits=exact))
+    with recording_layers(model) as layers, torch.autocast(DEVICE, dtype=torch.bfloat16):
+        run(model, ids)
+    assert len(layers) == N_TARGETS
+    assert_layers_compute_lora(model, layers, autocast=torch.bfloat16)
 
 
 def test_patched_dropout_draws_the_mask_of_torchs_generator():

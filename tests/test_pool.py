@@ -8,6 +8,7 @@ import torch
 from lora_models import TARGETS, tiny_llama, tokens
 from oracle import assert_normwise
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_peft_interop import bf16_rounding_as_on_gpu  # noqa: F401 (a fixture)
 
 from fusedlora import AdapterFileError, AdapterPool
 
@@ -229,3 +230,32 @@ def test_nested_use_and_more_shapes_than_a_block_keeps(saved, monkeypatch):
         got = {length: model(input_ids=tokens(batch=2, length=length)).logits for length in range(1, 12)}
     for length in (1, 11):
         assert torch.equal(got[length], pool_logits(model, pool, tokens(batch=2, length=length), ["a", "b"]))
+
+
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["bf16-adapters", "fp32-adapters"])
+def test_pool_serves_a_bf16_model(saved, adapter_dtype, bf16_rounding_as_on_gpu):
+    """A bf16 model: the adapter buffers take `dtype` (default the base's), the output stays bf16, and the
+    logits equal PEFT's mixed batch over the same adapter weights (fp32, PEFT's default under a bf16 base;
+    bf16 when the pool rounds them so), through the kernels."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    pool = AdapterPool(model, max_adapters=4, max_rank=16, dtype=adapter_dtype)
+    for name in ("a", "b", "c"):
+        pool.load(name, saved[name])
+    want_dtype = adapter_dtype or torch.bfloat16
+    assert all(layer.lora_A.dtype == layer.lora_B.dtype == want_dtype for layer in pool.layers.values())
+    peft_model = PeftModel.from_pretrained(tiny_llama(dtype=torch.bfloat16), saved["a"], adapter_name="a")
+    for name in ("b", "c"):
+        peft_model.load_adapter(saved[name], adapter_name=name)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    if adapter_dtype is None:
+        for name, p in peft_model.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    peft_model.eval()
+    ids, names = tokens(batch=4, length=4), ["c", None, "a", "b"]
+    got = pool_logits(model, pool, ids, names)
+    assert got.dtype == torch.bfloat16
+    low = peft_logits(peft_model, ids, names)
+    exact = peft_logits(copy.deepcopy(peft_model).double(), ids, names)
+    assert_normwise(dict(logits=got), dict(logits=low), dict(logits=exact.to(low.dtype)))

@@ -6,15 +6,22 @@ and compares the next patched forward with PEFT's own forward of the same layers
 set aside for the call) and with the float64 copy of that PEFT model, by the norm-wise rule. The cases
 run on the torch backend: what is cached sits above the backend (fusedlora/peft/forward.py), and the
 Triton interpreter would make the matrix minutes long; one case runs the kernels.
+
+The compiled column: the same changes where a compiled model is served (single-adapter batches; PEFT's
+adapter_names= registers hooks inside its forward, which dynamo does not trace), on a two-layer PEFT MLP
+compiled once with aot_eager and called again after the change, through the kernels: whatever dynamo
+guards on or lifts into the graph must follow the change.
 """
 import contextlib
 import copy
 
 import pytest
 import torch
+from compiling import fresh_dynamo, op_calls, recording  # noqa: F401 (a fixture)
 from lora_models import TARGETS, tokens, tiny_llama
 from oracle import assert_normwise
 from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import fusedlora
 
@@ -175,3 +182,58 @@ def test_in_place_data_write_is_seen_by_the_kernels():
     assert_equals_peft(model, ids, MIXED, "before")
     q_proj(model).lora_B["other"].weight.data.mul_(3)
     assert_equals_peft(model, ids, MIXED, "after lora_B.data.mul_(3)")
+
+
+def two_adapter_mlp():
+    """PEFT over nn.Linear(32 -> 48), ReLU, nn.Linear(48 -> 24), adapters "default" (r=4) and "other" (r=2)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    torch.manual_seed(2)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False))
+    return model.eval()
+
+
+def merge(model):
+    model.merge_adapter()
+
+
+def merge_unmerge_then_write(model):
+    model.merge_adapter()
+    model.unmerge_adapter()
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.lora_B["default"].weight.data.add_(0.05)
+
+
+COMPILED = dict(data_mul=data_mul, data_assign=data_assign, copy_no_grad=copy_no_grad, optimizer_step=optimizer_step,
+                set_adapter=set_adapter, merge=merge, merge_unmerge=merge_unmerge_then_write)
+LORA_OP = torch.ops.fusedlora.lora_linear.default
+
+
+def assert_compiled_equals_peft(compiled, model, x, where):
+    with torch.no_grad():
+        got = compiled(x)
+        with peft_forward(model):
+            low = model(x)
+            exact = copy.deepcopy(model).double()(x.double())
+    assert_normwise(dict(y=got), dict(y=low), dict(y=exact.to(low.dtype)), where=where)
+    return got
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("change", list(COMPILED))
+def test_compiled_patched_model_serves_the_weights_as_they_are_now(change):
+    model = two_adapter_mlp()
+    assert fusedlora.patch_peft(model) == 2
+    backend, graphs = recording("aot_eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(5))
+    before = assert_compiled_equals_peft(compiled, model, x, "before")
+    assert op_calls(graphs, LORA_OP) == 2, "the compiled model must be served by fusedlora's op"
+    COMPILED[change](model)
+    after = assert_compiled_equals_peft(compiled, model, x, f"after {change}")
+    if change == "merge":  # the same function up to rounding; a merged layer runs PEFT's forward, recompiled
+        assert op_calls(graphs[-1:], LORA_OP) == 0 and len(graphs) == 2
+    else:
+        assert not torch.equal(after, before), f"{change} changed nothing"
