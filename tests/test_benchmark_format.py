@@ -4,6 +4,7 @@ ratio, markdown and plot tests feed made-up timings to the formatting functions.
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,14 @@ def test_qlora_cases_are_skipped_with_a_message_without_bitsandbytes(tmp_path):
     assert done.stdout.count("Skipped cases") == 1, done.stdout
     assert "Skipped cases qlora_fwd, qlora_fwd_bwd: bitsandbytes cannot be imported (" in done.stdout
     assert "0 of 0 provider checks agree" in done.stdout
+
+
+def test_docs_name_every_case_in_order():
+    """docs/benchmarks.md's `case` row lists suite.CASES, key by key."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    line = next(line for line in page.splitlines() if line.startswith("| `case` |"))
+    documented = re.findall(r"`(\w+)`", line.split("|")[2])
+    assert documented == list(suite.CASES)
 
 
 def timed_rows():
