@@ -9,7 +9,9 @@
 Providers: base (the base GEMM alone: the floor), peft (a real PEFT LoRA Linear), addmm (matmul then
 in-place addmm of the low-rank term), compile (torch.compile of the reference), fusedlora. Cases: fwd,
 fwd_bwd (frozen base weight; gradients for x, lora_A, lora_B) and train_mem (four layers, fwd+bwd,
-dropout 0.1). Every provider is first checked against a float64 reference.
+dropout 0.1); dora_fwd and dora_fwd_bwd (one DoRA projection); qlora_fwd and qlora_fwd_bwd (a PEFT
+QLoRA/QDoRA layer over a bitsandbytes 4-bit base, unpatched and patched: skipped, with a message, where
+bitsandbytes cannot be imported). Every provider is first checked against a float64 reference.
 
 On a CUDA GPU each row is the median of CUDA-event timings (triton.testing.do_bench: warm-up
 excluded, L2 flushed between calls, inputs rotated) and the results go to
@@ -81,6 +83,11 @@ def main(argv=None):
             todo = [spec for spec in todo if (spec.M, spec.K, spec.N, spec.r, spec.dtype) == first
                     and spec.case in ("fwd_bwd", "multi_fwd")][:1 if args.plans else None]
             only = [name for name in suite.all_providers() if name != "compile" and (only is None or name in only)]
+    reasons = {}
+    for case, why in suite.skipped().items():
+        reasons.setdefault(why, []).append(case)
+    for why, cases in reasons.items():
+        print(f"Skipped cases {', '.join(cases)}: {why}.", flush=True)
     out = args.out or (RESULTS if CUDA else None)
     record = Record(out, report.stem(gpu or "cpu-check", size), result, markdown=report.markdown)
     rows, failures = suite.run_rows(todo, "cuda" if CUDA else "cpu", timed=CUDA,

@@ -25,6 +25,7 @@ from fusedlora.plans import planner
 from dora_providers import dora_bench
 from multi_providers import multi_batch
 from providers import layer_stack
+from qlora_providers import missing as bitsandbytes_missing, qlora_bench
 from report import fmt, mib
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -81,6 +82,7 @@ class Case:
     backward: bool = False
     dropout_p: float = 0.0
     grids: dict = dataclasses.field(default_factory=dict)  # per size, overrides of GRIDS[size]
+    missing: Callable = lambda: None  # () -> why the case cannot run here (an optional package), or None
 
 
 CASES = {
@@ -110,14 +112,29 @@ CASES = {
     "dora_fwd_bwd": Case(build=dora_bench, backward=True,
                          grids={"headline": dict(shapes=[(4096, 4096)], ms=[4096]),
                                 "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
+    # QLoRA and QDoRA (one projection over a bitsandbytes nf4 base): PEFT's bnb LoRA layer against the
+    # same layer patched by fusedlora. Without bitsandbytes these cases have no rows (skipped()).
+    "qlora_fwd": Case(build=qlora_bench, missing=bitsandbytes_missing,
+                      grids={"headline": dict(shapes=[(4096, 4096)], ms=[16, 4096]),
+                             "full": dict(ms=[1, 16, 256, 2048, 8192], ranks=[16, 64])}),
+    "qlora_fwd_bwd": Case(build=qlora_bench, backward=True, missing=bitsandbytes_missing,
+                          grids={"headline": dict(shapes=[(4096, 4096)], ms=[16, 4096]),
+                                 "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
 }
+
+
+def skipped():
+    """{case: why} for the cases that cannot run here: specs() gives them no rows."""
+    return {name: why for name, case in CASES.items() if (why := case.missing()) is not None}
 
 
 def specs(size):
     """Rows to run, size 'headline', 'full', 'plans' or 'cpu'; bf16 throughout, fp16 on a subset with
-    'full'."""
-    out = []
+    'full'. None for a case in skipped()."""
+    out, skip = [], skipped()
     for name, case in CASES.items():
+        if name in skip:
+            continue
         if size == "plans":
             if name in PLANS_CASES:
                 axes = (PLANS_GRID["shapes"], PLANS_GRID["ms"], PLANS_GRID["ranks"], PLANS_GRID["adapters"])

@@ -9,6 +9,7 @@ import torch
 
 import dora_providers
 import multi_providers
+import qlora_providers
 import suite
 from providers import PROVIDERS
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 
 PARAMS = [pytest.param(s, provider, id=f"{s.case}-M{s.M}-K{s.K}-N{s.N}-r{s.r}-{s.dtype}-{provider}")
           for s in suite.specs("headline")
-          for provider in {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS}.get(s.case, PROVIDERS)]
+          for provider in {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS,
+                           **qlora_providers.PROVIDERS}.get(s.case, PROVIDERS)]
 _built = {}
 
 

@@ -1,8 +1,11 @@
 """The benchmark's check path and its outputs: JSON schema, markdown, ratios, plot, and no timings
 without a GPU. The path runs for real on tiny shapes (through the interpreter on CPU); only the
 ratio, markdown and plot tests feed made-up timings to the formatting functions."""
+import dataclasses
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,12 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dora_providers  # noqa: E402
 import multi_providers  # noqa: E402
 import providers  # noqa: E402
+import qlora_providers  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 import suite  # noqa: E402
 
 TINY = [(37, 70, 45, 3, "fp32")]
 TIMING_KEYS = ("ms", "tflops", "ratio_to_base", "peak_mb", "host_us")
+CASE_PROVIDERS = {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS, **qlora_providers.PROVIDERS}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,8 @@ def checked(tmp_path_factory):
 def test_every_provider_agrees_with_float64(checked):
     assert checked["failures"] == []  # each within twice the same-dtype reference's error
     assert all(math.isfinite(row["rel_err"]) for row in checked["rows"])
-    expected = {(case, p) for case in suite.CASES
-                for p in {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS}.get(case, providers.PROVIDERS)}
+    expected = {(case, p) for case in suite.CASES if case not in suite.skipped()
+                for p in CASE_PROVIDERS.get(case, providers.PROVIDERS)}
     assert {(row["case"], row["provider"]) for row in checked["rows"]} == expected
     assert len(checked["lines"]) == len(checked["rows"])  # one progress line per row
 
@@ -56,7 +61,7 @@ def test_json_schema_and_no_timings(checked):
         lora = row["provider"] != "base"
         adapters = 3 if row["case"].startswith("multi") else 1
         assert (row["r"], row["adapters"]) == ((3, adapters) if lora else (None, None))
-        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd", "dora_fwd"))
+        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd", "dora_fwd", "qlora_fwd"))
 
 
 def test_fusedlora_saves_less_than_peft_with_dropout(checked):
@@ -94,6 +99,64 @@ def test_a_wrong_provider_fails_its_check_and_is_not_timed(monkeypatch):
     fused = [p for p in providers.PROVIDERS if p.startswith("fusedlora")]  # the planner's choice and each plan
     assert len(failures) == len(fused) and all("fusedlora" in failure for failure in failures)
     assert all(row["rel_err"] > 1e-4 for row in rows if row["provider"] in fused)
+
+
+def test_a_wrong_qlora_provider_fails_its_check(monkeypatch):
+    """The QLoRA case's check over the dequantized weight catches the patched layers' scaling off by 1%,
+    LoRA and DoRA, and passes the unchanged PEFT layers."""
+    pytest.importorskip("bitsandbytes")
+
+    def off_by_one_percent(case, spec, device, rotate=True):
+        bench = qlora_providers.qlora_bench(case, spec, device, rotate)
+        for name in ("fusedlora", "fusedlora_dora"):
+            bench.models[name][0].scaling["default"] *= 1.01
+        return bench
+
+    monkeypatch.setitem(suite.CASES, "qlora_fwd_bwd", dataclasses.replace(suite.CASES["qlora_fwd_bwd"],
+                                                                          build=off_by_one_percent))
+    rows, failures = suite.run_rows([suite.Spec("qlora_fwd_bwd", *TINY[0])], DEVICE, timed=False,
+                                    log=lambda line: None)
+    assert len(failures) == 2 and all(" fusedlora" in failure for failure in failures), failures
+    assert {row["provider"] for row in rows if row["rel_err"] > 1e-4} == {"fusedlora", "fusedlora_dora"}
+
+
+def test_qlora_setup_that_is_not_peft_bnb_layer_fails_loudly():
+    """A base PEFT does not wrap in its bnb LoRA layer (here a plain nn.Linear) is refused, not benchmarked
+    as if it were QLoRA."""
+    pytest.importorskip("bitsandbytes")
+    A, B = torch.randn(2, 8), torch.randn(8, 2)
+    with pytest.raises(TypeError, match="not its bnb LoRA layer"):
+        qlora_providers.peft_qlora_layer(torch.nn.Linear(8, 8, bias=False), A, B, 2.0)
+
+
+NO_BITSANDBYTES = """
+import sys
+sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError, as where it is not installed
+sys.path.insert(0, sys.argv[1])
+import run, suite
+assert not [s for size in ("headline", "full", "plans", "cpu") for s in suite.specs(size) if "qlora" in s.case]
+suite.CASES = {name: case for name, case in suite.CASES.items() if name.startswith("qlora")}
+sys.exit(run.main([]))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA, run.main times rows")
+def test_qlora_cases_are_skipped_with_a_message_without_bitsandbytes(tmp_path):
+    bench_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    done = subprocess.run([sys.executable, "-c", NO_BITSANDBYTES, bench_dir], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Skipped cases") == 1, done.stdout
+    assert "Skipped cases qlora_fwd, qlora_fwd_bwd: bitsandbytes cannot be imported (" in done.stdout
+    assert "0 of 0 provider checks agree" in done.stdout
+
+
+def test_docs_name_every_case_in_order():
+    """docs/benchmarks.md's `case` row lists suite.CASES, key by key."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    line = next(line for line in page.splitlines() if line.startswith("| `case` |"))
+    documented = re.findall(r"`(\w+)`", line.split("|")[2])
+    assert documented == list(suite.CASES)
 
 
 def timed_rows():
@@ -146,8 +209,13 @@ def test_plot_per_provider_or_a_clear_skip(tmp_path, monkeypatch):
 
 def test_grids_cover_the_issue():
     headline, full = suite.specs("headline"), suite.specs("full")
-    assert {s.case for s in headline} == set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd",
-                                                              "multi_fwd_bwd", "dora_fwd", "dora_fwd_bwd"}
+    assert set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd", "multi_fwd_bwd", "dora_fwd",
+                                "dora_fwd_bwd", "qlora_fwd", "qlora_fwd_bwd"}
+    assert {s.case for s in headline} == set(suite.CASES) - set(suite.skipped())
+    assert set(suite.skipped()) <= {"qlora_fwd", "qlora_fwd_bwd"}  # bitsandbytes is optional
+    if not suite.skipped():
+        assert {(s.M, s.K, s.N) for s in headline if s.case.startswith("qlora")} == {(16, 4096, 4096),
+                                                                                    (4096, 4096, 4096)}
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd"} == {(64, 64), (4096, 64)}
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd_bwd"} == {(4096, 4)}
     assert {s.adapters for s in full if s.case == "multi_fwd"} == {1, 8, 64}
