@@ -49,7 +49,7 @@ def lora_linear(
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     backend = backend_for(x)
     if key is not None:
-        return ops.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p)(
+        return ops.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p, seed)(
             x, weight, bias, lora_A, lora_B, scaling, seed)
     if backend == "torch":
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)

@@ -21,7 +21,6 @@ from fusedlora.core import knobs, torch_backend
 from fusedlora.core.dropout import check_seed, draw_seed, keep_threshold, seed_tensor
 from fusedlora.kernels import configs
 from fusedlora.kernels.common import fp32_matmul_allows_tf32
-from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher
 from fusedlora.plans.planner import choose
 
 
@@ -142,6 +141,17 @@ _FAST = {}
 configs.CLEAR_HOOKS.append(_FAST.clear)
 
 
+# torch's fp32 matmul precision settings, read through the getter its own properties call (torch >= 2.9;
+# ~0.2 µs against ~2 µs through torch.backends): fp32_matmul_allows_tf32 is a function of these two.
+_precision_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def _fp32_precision():
+    if _precision_getter is None:
+        return fp32_matmul_allows_tf32()
+    return _precision_getter("cuda", "matmul"), _precision_getter("generic", "all")
+
+
 def fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """The cache key of an eager lora_linear call, or None when the call needs a gradient or is not one
     the cache can key (an argument that is not a tensor: the full path names it)."""
@@ -157,7 +167,7 @@ def fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
                 None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device,
                                            bias.data_ptr() & 15),
                 type(scaling), type(dropout_p), dropout_p, seed is None, knobs.call_state(),
-                fp32_matmul_allows_tf32() if dtype is torch.float32 else None)
+                _fp32_precision() if dtype is torch.float32 else None)
     except (AttributeError, TypeError, RuntimeError):  # not tensors, or tensors without storage
         return None
 
@@ -210,8 +220,10 @@ class _TorchBackend:
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, self.p, seed)
 
 
-def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: float):
+def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: float, seed):
     """Make and keep the entry for `key`, from a call that passed every check (dropout_p validated)."""
+    if seed is not None and backend != "torch":
+        check_seed(seed)  # before anything is made, as the full path checks it before any launch
     if backend == "torch":
         entry = _TorchBackend()
     else:
@@ -220,15 +232,14 @@ def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: fl
         plan = _plan("forward", x2, weight, lora_A)
         # The one-launch kernel takes x itself (any (*, K) tensor whose rows x2 views) and writes y in its
         # final shape: a reshape that copied, or an empty call, takes the planned entry.
-        if plan == "fused" and 0 < M <= plans.ONE_LAUNCH_MAX_M and 0 < N and r <= SHRINK_MAX_R \
-                and x2.data_ptr() == x.data_ptr():
+        if plans.one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr():
             entry = _OneLaunch()
             entry.y_shape, entry.s_shape = (*x.shape[:-1], N), (M, r)
             entry.dtype, entry.device = x.dtype, x.device
             entry.keep, entry.threshold = 1.0 - dropout_p, keep_threshold(dropout_p)
             y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
             S = torch.empty((M, r), dtype=torch.float32, device=x.device)
-            entry.run = gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S, y2, dropout=dropout_p > 0)
+            entry.run = plans.gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S, y2, dropout=dropout_p > 0)
         else:
             entry = _Planned()
             entry.plan = plan
