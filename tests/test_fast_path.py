@@ -189,7 +189,7 @@ import torch
 from triton.runtime.jit import JITFunction
 import fusedlora
 from fusedlora.kernels import launch
-from fusedlora.ops import single as ops
+from fusedlora.ops import multi, single
 
 g = torch.Generator().manual_seed(0)
 flat = torch.randn(64 * 96 + 1, generator=g)
@@ -197,23 +197,31 @@ flat = torch.randn(64 * 96 + 1, generator=g)
 def calls(dtype):
     W, b = torch.randn(80, 96, generator=g).to(dtype), torch.randn(80, generator=g).to(dtype)
     A, B = torch.randn(16, 96, generator=g), torch.randn(80, 16, generator=g)
+    mA, mB = torch.randn(3, 16, 96, generator=g), torch.randn(3, 80, 16, generator=g)
+    s, ranks = torch.ones(3), torch.tensor([16, 5, 9], dtype=torch.int32)
     for M in (1, 16, 40):
         for offset in (0, 1):
             x = flat[offset:offset + M * 96].to(dtype).view(M, 96)
             for p, seed in ((0.0, None), (0.1, 3), (0.1, 2**40 + 16), (0.1, 1)):
                 for bias in (b, None):
-                    yield x, W, bias, A, B, 2.0, p, seed
-            yield x.view(1, M, 96), W, b, A, B, 0.5, 0.0, None
+                    yield fusedlora.lora_linear, (x, W, bias, A, B, 2.0, p, seed)
+            yield fusedlora.lora_linear, (x.view(1, M, 96), W, b, A, B, 0.5, 0.0, None)
+            batch = fusedlora.AdapterBatch(torch.arange(M) % 4 - 1, 3)
+            for bias, r in ((b, ranks), (None, None)):
+                yield fusedlora.multi_lora_linear, (x, W, bias, mA.to(dtype), mB.to(dtype), s, batch, r)
 
 def comparable(args):
     return tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args)
 
+def warm():
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for fn, args in calls(dtype):
+                fn(*args)
+
 def record(fast):
     if fast:  # the entries, and their compiled kernels, made with the fast launch on
-        with torch.no_grad():
-            for dtype in (torch.float32, torch.bfloat16):
-                for args in calls(dtype):
-                    fusedlora.lora_linear(*args)
+        warm()
     host._Skipped.record = out = []
     plain = []
     original = JITFunction.run
@@ -221,21 +229,19 @@ def record(fast):
     try:
         with torch.no_grad():
             for dtype in (torch.float32, torch.bfloat16):
-                for args in calls(dtype):
+                for fn, args in calls(dtype):
                     if not fast:
-                        ops._FAST.clear()
+                        single._FAST.clear()
+                        multi._FAST.clear()
                         launch.set_fast_launch(False)
-                    fusedlora.lora_linear(*args)
+                    fn(*args)
     finally:
         JITFunction.run = original
         host._Skipped.record = None
         launch.set_fast_launch(True)
     return [(s.key, comparable(a)) for s, a in out], len(plain)
 
-with torch.no_grad():  # first sight of every specialization
-    for dtype in (torch.float32, torch.bfloat16):
-        for args in calls(dtype):
-            fusedlora.lora_linear(*args)
+warm()  # first sight of every specialization
 slow, slow_plain = record(False)
 fast, fast_plain = record(True)
 assert slow_plain == len(slow) > 0, (slow_plain, len(slow))
@@ -249,8 +255,9 @@ print("OK", len(fast), "launches")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above launch for real")
 def test_cached_launch_matches_tritons_binder():
-    """On benchmarks/host.py's sm_90 host path, calls served from the cache launch the compiled kernel
-    Triton's binder picks, with the arguments it is given on the full path with the plain launch."""
+    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's and
+    multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
+    given on the full path with the plain launch."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_FAST_LAUNCH",
                                                             "FUSEDLORA_BACKEND", "FUSEDLORA_PLAN")}
