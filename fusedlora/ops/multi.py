@@ -150,9 +150,8 @@ def fast_entry(key, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
     return entry
 
 
-def fast_lookup(key):
-    """The entry kept for key, or None."""
-    return _FAST.get(key)
+# The entry kept for a key, or None (the dict's own get: no Python frame of its own).
+fast_lookup = _FAST.get
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------------

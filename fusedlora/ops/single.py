@@ -184,10 +184,11 @@ class _OneLaunch:
     __slots__ = ("run", "y_shape", "s_shape", "dtype", "device", "p", "keep", "threshold")
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
-        scaling = _finite(scaling)
-        if scaling is None:
-            return None
-        seed = _int_seed(seed, self.p)
+        if type(scaling) is not float or not -math.inf < scaling < math.inf:
+            scaling = _finite(scaling)
+            if scaling is None:
+                return None
+        seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
         y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
         S = torch.empty(self.s_shape, dtype=torch.float32, device=self.device)
         self.run(x, weight, bias, lora_A, lora_B, S, y, seed, self.threshold, scaling / self.keep)
@@ -250,9 +251,8 @@ def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: fl
     return entry
 
 
-def fast_lookup(key):
-    """The entry kept for key, or None."""
-    return _FAST.get(key)
+# The entry kept for a key, or None (the dict's own get: no Python frame of its own).
+fast_lookup = _FAST.get
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------------
