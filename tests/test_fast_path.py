@@ -278,3 +278,30 @@ def test_bad_per_call_values_after_a_warm_cache(device):
     with pytest.raises(ValueError, match="seed must be an int in"):
         fusedlora.lora_linear(*args_of(inputs), 1.0, 0.3, seed=2**63)
     assert len(ops._FAST) == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_lora_add_served(backend, device, monkeypatch):
+    """lora_add's entries: the full path's result and the float64 oracle's; a different base
+    specialization is another key; bad input after a warm cache gets the full path's error."""
+    from oracle import check_lora_add
+    from test_lora_add import add_inputs
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    inputs = add_inputs((2, 5), 40, 24, 4, bf16, f32, device=device)
+    args = [inputs[n] for n in ("base", "x", "lora_A", "lora_B")]
+    with torch.no_grad():
+        first = fusedlora.lora_add(*args, 1.5, 0.2, seed=9)
+        full = (ops.lora_add(*args, 1.5, 0.2, 9) if backend == "triton"
+                else fusedlora.core.torch_backend.lora_add(*args, 1.5, 0.2, 9))
+        with monkeypatch.context() as m:
+            m.setattr(fusedlora.functional, "check_lora_add", lambda *a: pytest.fail("the full path ran"))
+            again = fusedlora.lora_add(*args, 1.5, 0.2, seed=9)
+        assert len(ops._FAST) == 1 and torch.equal(first, full) and torch.equal(again, full)
+        fusedlora.lora_add(args[0].float(), *args[1:], 1.5, 0.2, seed=9)
+        assert len(ops._FAST) == 2
+        with pytest.raises(ValueError, match="lora_B"):
+            fusedlora.lora_add(args[0], args[1], args[2], args[3][:, :3], 1.5, 0.2, seed=9)
+        with pytest.raises(ValueError, match="scaling must be finite"):
+            fusedlora.lora_add(*args, float("nan"), 0.2, seed=9)
+    keep = fusedlora.dropout_mask(9, inputs["x"].shape, 0.2, device)
+    check_lora_add(again, None, inputs, 1.5, keep, 0.2, torch_ops=backend == "torch")

@@ -251,6 +251,47 @@ def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: fl
     return entry
 
 
+def add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+    """The cache key of an eager lora_add call (as fast_key; the same cache, its own keys)."""
+    try:
+        if torch.is_grad_enabled() and (base.requires_grad or x.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad):
+            return None
+        return ("lora_add", type(base), base.shape, base.stride(), base.dtype, base.device, base.data_ptr() & 15,
+                type(x), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+                type(lora_A), lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.data_ptr() & 15,
+                type(lora_B), lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.device, lora_B.data_ptr() & 15,
+                type(scaling), type(dropout_p), dropout_p, seed is None, knobs.call_state(),
+                _fp32_precision() if torch.float32 in (x.dtype, base.dtype) else None)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+class _Added:
+    """A lora_add entry: the backend chosen once; the kernels' launches as the full path makes them."""
+    __slots__ = ("torch", "p")
+
+    def __call__(self, base, x, lora_A, lora_B, scaling, seed):
+        scaling = _finite(scaling)
+        if scaling is None:
+            return None
+        if self.torch:
+            return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, self.p, seed)
+        return _add_forward(base, x, lora_A, lora_B, scaling, self.p, _int_seed(seed, self.p))[0]
+
+
+def add_fast_entry(key, backend: str, dropout_p: float, seed):
+    """Make and keep the lora_add entry for `key`, from a call that passed every check."""
+    if seed is not None and backend != "torch":
+        check_seed(seed)
+    entry = _Added()
+    entry.torch, entry.p = backend == "torch", dropout_p
+    if len(_FAST) >= FAST_MAX_ENTRIES:
+        _FAST.clear()
+    _FAST[key] = entry
+    return entry
+
+
 # The entry kept for a key, or None (the dict's own get: no Python frame of its own).
 fast_lookup = _FAST.get
 
