@@ -11,7 +11,9 @@ makes. The unit is a tiny F.linear timed in the same run; ratios are taken withi
 
 Without a GPU (run without TRITON_INTERPRET) every call runs as it would on an H100/H200: the
 library takes its Triton path for the CPU tensors, Triton's own argument binder and kernel-cache key
-are computed for an sm_90 target on every launch, and only the kernel launch itself is skipped (the
+are computed for an sm_90 target wherever the library calls them (the first launch of each
+specialization; later ones go straight to the compiled kernel's launcher, as on a GPU, unless
+FUSEDLORA_FAST_LAUNCH=0), and only the kernel launch itself is skipped (the
 compiled kernel's C launcher, which packs the arguments and calls cuLaunchKernel: ~4-5 µs per launch
 on a GPU). No kernel is compiled: the first call of each specialization stores a stand-in kernel in
 Triton's cache. Library ops the calls make (addmm_, the base layer's own F.linear) run on the CPU, so
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 SKIPPED = ("the compiled kernel's C launcher (argument packing and cuLaunchKernel); Triton's binder and "
-           "cache key for sm_90 run on every launch")
+           "cache key for sm_90 run wherever the library calls them")
 
 
 class Row(NamedTuple):

@@ -33,11 +33,25 @@ def lora_linear(
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
     (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
+    An eager call without gradients is served from a per-shape cache after its first call
+    (fusedlora/ops/single.py says what the key holds): the same result, less host time.
     """
+    key = None
+    if not torch.compiler.is_compiling():
+        key = ops.fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        entry = ops.fast_lookup(key)
+        if entry is not None:
+            y = entry(x, weight, bias, lora_A, lora_B, scaling, seed)
+            if y is not None:  # None: a scaling that is not finite, which the checks below report
+                return y
     check_lora_linear(x, weight, bias, lora_A, lora_B)
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    if backend_for(x) == "torch":
+    backend = backend_for(x)
+    if key is not None:
+        return ops.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p, seed)(
+            x, weight, bias, lora_A, lora_B, scaling, seed)
+    if backend == "torch":
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
@@ -58,12 +72,24 @@ def lora_add(
     base's dtype (a new tensor; base is not modified). Dtypes, dropout and seed as in lora_linear.
     Differentiable in base (its gradient is the output's), x, lora_A and lora_B: the base layer's own
     autograd carries the gradient of x through base. One shrink and one expand kernel in each
-    direction; x·Wᵀ is whatever the base layer computes.
+    direction; x·Wᵀ is whatever the base layer computes. Eager calls without gradients are served from
+    the per-shape cache lora_linear's are.
     """
+    key = None
+    if not torch.compiler.is_compiling():
+        key = ops.add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+        entry = ops.fast_lookup(key)
+        if entry is not None:
+            y = entry(base, x, lora_A, lora_B, scaling, seed)
+            if y is not None:
+                return y
     check_lora_add(base, x, lora_A, lora_B)
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    if backend_for(x) == "torch":
+    backend = backend_for(x)
+    if key is not None:
+        return ops.add_fast_entry(key, backend, dropout_p, seed)(base, x, lora_A, lora_B, scaling, seed)
+    if backend == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
 

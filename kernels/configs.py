@@ -255,9 +255,16 @@ class SplitFromM(Mapping):
         return len(self._values)
 
 
+# Functions clear_caches also calls: the per-shape caches of the callers (fusedlora/ops) that keep
+# configurations computed from these answers.
+CLEAR_HOOKS = []
+
+
 def clear_caches(tables: bool = True):
     """Forget every cached answer: after a table file is written (tables=True), or after an entry of a
     loaded table is changed in memory (tables=False, as benchmarks/tune.py does for each candidate)."""
+    for hook in CLEAR_HOOKS:
+        hook()
     for fn in (lora_gemm, lora_gemm_shrink, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm, multi_reduce,
                decode_shrink, decode_expand) + ((table,) if tables else ()):
         fn.cache_clear()

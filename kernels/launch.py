@@ -94,3 +94,47 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     metadata = compiled.launch_metadata(grid, stream, *every)
     compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, metadata,
                  knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *every)
+
+
+class Bound:
+    """The launches of one kernel specialization with everything but the per-call arguments fixed.
+
+    `Bound(kernel, grid, frozen, kwargs)(head, tail)` launches kernel[grid](*head, *frozen, *tail,
+    **kwargs). The caller owns the promise that makes this safe: every call's head (the tensors) and
+    tail (per-call scalars: seed words, thresholds, scales; ints listed in do_not_specialize or always
+    of one integer type) specialize the kernel as the first call's did, i.e. the tensors have the
+    first call's dtypes and 16-byte alignment (fusedlora's per-shape caches key on both). Then the
+    grid, the frozen arguments (shapes, strides) and the constexprs are not recomputed, and after the
+    first launch neither is Triton's binding: the compiled kernel's launcher is called as `launch`
+    calls it, on the current stream. Under the interpreter, with the fast path off, or on a device
+    other than the first call's, every call takes the plain `kernel[grid]` path."""
+
+    __slots__ = ("kernel", "grid", "frozen", "kwargs", "compiled", "constexprs", "device", "grid_1", "grid_2")
+
+    def __init__(self, kernel, grid, frozen: tuple, kwargs: dict):
+        self.kernel, self.grid, self.frozen, self.kwargs = kernel, grid, frozen, kwargs
+        self.compiled = self.constexprs = self.device = None
+        self.grid_1 = grid[1] if len(grid) > 1 else 1
+        self.grid_2 = grid[2] if len(grid) > 2 else 1
+
+    def __call__(self, head: tuple, tail: tuple) -> None:
+        compiled = self.compiled
+        if compiled is not None and _fast:
+            device = driver.active.get_current_device()
+            if device == self.device:
+                every = head + self.frozen + tail + self.constexprs
+                stream = driver.active.get_current_stream(device)
+                grid = self.grid
+                compiled.run(grid[0], self.grid_1, self.grid_2, stream, compiled.function, compiled.packed_metadata,
+                             compiled.launch_metadata(grid, stream, *every), knobs.runtime.launch_enter_hook,
+                             knobs.runtime.launch_exit_hook, *every)
+                return
+        args = head + self.frozen + tail
+        result = self.kernel[self.grid](*args, **self.kwargs)
+        if compiled is None and _fast and not _INTERPRETING and hasattr(result, "packed_metadata"):
+            try:
+                self.device = driver.active.get_current_device()
+            except RuntimeError:  # no GPU driver: stay on the plain path
+                return
+            self.constexprs = tuple(self.kwargs[name] for name in self.kernel.arg_names[len(args):])
+            self.compiled = result

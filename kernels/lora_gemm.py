@@ -24,7 +24,7 @@ import triton.language as tl
 from . import configs
 from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
-from .launch import launch
+from .launch import Bound, launch
 
 SHRINK_MAX_R = configs.SHRINK_MAX_R
 
@@ -155,8 +155,10 @@ def _lora_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a=None, shrink_scale=1.0,
-            col_scale=None):
+def _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a=None, col_scale=None):
+    """(grid, pointers, frozen, kwargs) of one launch: the kernel's pointer arguments, the shapes and
+    strides that follow them, and its constexprs and options. The per-call scalars (seed words,
+    threshold, shrink scale) come last and are not included."""
     M, N = out.shape
     has_base, has_lora, has_addend, has_shrink = weight is not None, p is not None, addend is not None, a is not None
     K = x.shape[1] if has_base else 0
@@ -169,12 +171,11 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a
                                   or not col_scale.is_contiguous()):
         raise ValueError(f"col_scale must be a contiguous ({N},) float32 tensor, got {tuple(col_scale.shape)} "
                          f"{col_scale.dtype}")
-    launch(
-        _lora_gemm_kernel, grid,
-        x, weight, bias if bias is not None else x, p, q, addend, col_scale if col_scale is not None else x, out, a,
-        M, N, K, R,
-        *x.stride(), *weight.stride(), *p.stride(), *q.stride(), *addend.stride(), *out.stride(), *a.stride(),
-        *seed_words(seed), threshold, float(shrink_scale),
+    pointers = (x, weight, bias if bias is not None else x, p, q, addend, col_scale if col_scale is not None else x,
+                out, a)
+    frozen = (M, N, K, R, *x.stride(), *weight.stride(), *p.stride(), *q.stride(), *addend.stride(), *out.stride(),
+              *a.stride())
+    kwargs = dict(
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
         HAS_ADDEND=has_addend, HAS_SHRINK=has_shrink, HAS_COL_SCALE=col_scale is not None,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
@@ -184,6 +185,13 @@ def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a
         SHRINK_PRECISION=dot_precision(x.dtype, a.dtype, low_rank=True) if has_shrink else "ieee",
         BLOCK_R=configs.rank_block(R), **cfg,
     )
+    return grid, pointers, frozen, kwargs
+
+
+def _launch(x, weight, bias, p, q, addend, out, seed, threshold, dropout, cfg, a=None, shrink_scale=1.0,
+            col_scale=None):
+    grid, pointers, frozen, kwargs = _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a, col_scale)
+    launch(_lora_gemm_kernel, grid, *pointers, *frozen, *seed_words(seed), threshold, float(shrink_scale), **kwargs)
     return out
 
 
@@ -254,3 +262,26 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
         return out
     return _launch(None, None, bias, p, q, addend, out, seed, threshold, dropout, configs.lora_expand(M, p.device),
                    col_scale=col_scale)
+
+
+def gemm_shrink_launcher(x, weight, bias, lora_A, lora_B, S, out, dropout: bool):
+    """lora_gemm_shrink's launch fixed for every call whose tensors have these ones' shapes, strides,
+    dtypes, devices and 16-byte alignment (the caller's cache key guarantees it): returns
+    run(x, weight, bias, lora_A, lora_B, S, out, seed, threshold, scale), which launches with the grid,
+    configuration, strides and constexprs computed here. x: (M, K) here; each call may pass, as x or
+    out, any tensor whose data starts where such a 2-D view's does (the (*, K) tensor it views)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    check_shapes(M > 0 and N > 0 and R <= SHRINK_MAX_R and weight.shape[1] == K and lora_A.shape == (R, K)
+                 and lora_B.shape == (N, R) and S.shape == (M, R) and out.shape == (M, N)
+                 and (bias is None or bias.shape == (N,)), "gemm_shrink_launcher", x=x, weight=weight, bias=bias,
+                 lora_A=lora_A, lora_B=lora_B, S=S, out=out)
+    grid, _, frozen, kwargs = _arguments(x, weight, bias, S, lora_B, None, out, dropout,
+                                         configs.lora_gemm_shrink(M, N, x.device), a=lora_A)
+    bound = Bound(_lora_gemm_kernel, grid, frozen, kwargs)
+
+    def run(x, weight, bias, lora_A, lora_B, S, out, seed, threshold, scale):
+        bound((x, weight, bias if bias is not None else x, S, lora_B, x, x, out, lora_A),
+              (0, 0, threshold, scale) if seed == 0 else (*seed_words(seed), threshold, scale))
+
+    return run

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import configs
 from .common import cdiv, check_shapes, dot_dtype, dot_precision
-from .launch import launch
+from .launch import Bound, launch
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
 
@@ -186,20 +186,26 @@ def decode_shrink(x, q, scalings, ids, ranks):
     check_shapes(C == C_q and scalings.shape == (L,) and ids.shape == (M,)
                  and (ranks is None or ranks.shape == (L,)), "decode_shrink", x=x, q=q, scalings=scalings,
                  ids=ids, ranks=ranks)
-    grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device, torch.float32 in (x.dtype, q.dtype))
-    part = torch.empty((grid[1], M, R), dtype=torch.float32, device=x.device)
+    part = torch.empty((_shrink_config(M, C, R, x.device, torch.float32 in (x.dtype, q.dtype))[0][1], M, R),
+                       dtype=torch.float32, device=x.device)
     if L == 0 or C == 0:
         return part.zero_()
-    launch(
-        _decode_shrink_kernel, grid,
-        x, q, scalings, ids, ranks if ranks is not None else ids, part,
-        M, C, L, R, c_per_split,
-        *x.stride(), *q.stride(), *part.stride(),
-        HAS_RANKS=ranks is not None, EVEN_C=even_c, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
-        PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps,
-    )
+    grid, pointers, frozen, kwargs = _shrink_arguments(x, q, scalings, ids, ranks, part)
+    launch(_decode_shrink_kernel, grid, *pointers, *frozen, **kwargs)
     return part
+
+
+def _shrink_arguments(x, q, scalings, ids, ranks, part):
+    """(grid, pointers, frozen, kwargs) of decode_shrink's launch: its tensors, then its shapes and
+    strides, then its constexprs and options."""
+    M, C = x.shape
+    L, R, _ = q.shape
+    grid, block_c, c_per_split, even_c, block_m, block_r, num_warps = _shrink_config(M, C, R, x.device, torch.float32 in (x.dtype, q.dtype))
+    kwargs = dict(HAS_RANKS=ranks is not None, EVEN_C=even_c, DOT_DTYPE=dot_dtype(x.dtype, q.dtype),
+                  PRECISION=dot_precision(x.dtype, q.dtype, low_rank=True),
+                  BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+    return (grid, (x, q, scalings, ids, ranks if ranks is not None else ids, part),
+            (M, C, L, R, c_per_split, *x.stride(), *q.stride(), *part.stride()), kwargs)
 
 
 def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
@@ -216,19 +222,54 @@ def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
     check_shapes(R == R_q and ids.shape == (M,) and (ranks is None or ranks.shape == (L,))
                  and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
                  "decode_expand", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out)
-    has_out = out is not None
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return S
-    grid, block_ids, cfg = _expand_config(M, N, R, has_out, part.device)
-    o, s = (t if t is not None else part for t in (out, S))
-    launch(
-        _decode_expand_kernel, grid,
-        part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids,
-        M, N, L, R, split,
-        *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1),
-        HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
-        WRITE_S=write_s, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
-        BLOCK_IDS=block_ids, **cfg,
-    )
+    grid, pointers, frozen, kwargs = _expand_arguments(part, q, ids, ranks, out, bias, S)
+    launch(_decode_expand_kernel, grid, *pointers, *frozen, **kwargs)
     return S
+
+
+def _expand_arguments(part, q, ids, ranks, out, bias, S):
+    """(grid, pointers, frozen, kwargs) of decode_expand's launch, as _shrink_arguments."""
+    split, M, R = part.shape
+    L, N, _ = q.shape
+    grid, block_ids, cfg = _expand_config(M, N, R, out is not None, part.device)
+    o, s = (t if t is not None else part for t in (out, S))
+    kwargs = dict(HAS_OUT=out is not None, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
+                  WRITE_S=S is not None, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
+                  BLOCK_IDS=block_ids, **cfg)
+    return (grid, (part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids),
+            (M, N, L, R, split, *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1)),
+            kwargs)
+
+
+def decode_launcher(x, lora_A, lora_B, scalings, ids, ranks, bias, out):
+    """decode_shrink then decode_expand into out (no S), fixed for every call whose tensors have these
+    ones' shapes, strides, dtypes, devices and 16-byte alignment (the caller's cache key guarantees
+    it): returns run(x, lora_A, lora_B, scalings, ids, ranks, bias, out), which allocates the partial
+    sums and makes both launches with the grids, strides and constexprs computed here. x: (M, K) with
+    0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; out: (M, N). Each call may pass, as x or out, any tensor
+    whose data starts where such a 2-D view's does."""
+    M, K = x.shape
+    L, R, _ = lora_A.shape
+    check_shapes(0 < M <= DECODE_MAX_ROWS and K > 0 and L > 0 and lora_A.shape[2] == K and ids.shape == (M,)
+                 and out.shape == (M, lora_B.shape[1]), "decode_launcher", x=x, lora_A=lora_A, lora_B=lora_B,
+                 ids=ids, out=out)
+    _check_ids(ids, "decode_launcher")
+    split = _shrink_config(M, K, R, x.device, torch.float32 in (x.dtype, lora_A.dtype))[0][1]
+    part = torch.empty((split, M, R), dtype=torch.float32, device=x.device)  # for its strides
+    grid, _, frozen, kwargs = _shrink_arguments(x, lora_A, scalings, ids, ranks, part)
+    shrink = Bound(_decode_shrink_kernel, grid, frozen, kwargs)
+    grid, _, frozen, kwargs = _expand_arguments(part, lora_B, ids, ranks, out, bias, None)
+    expand = Bound(_decode_expand_kernel, grid, frozen, kwargs)
+    part_shape, device = part.shape, part.device
+
+    def run(x, lora_A, lora_B, scalings, ids, ranks, bias, out):
+        part = torch.empty(part_shape, dtype=torch.float32, device=device)
+        if ranks is None:
+            ranks = ids
+        shrink((x, lora_A, scalings, ids, ranks, part), ())
+        expand((part, lora_B, bias if bias is not None else part, out, part, ids, ranks), ())
+
+    return run

@@ -60,3 +60,24 @@ def debug() -> bool:
         return False
     raise ValueError(f"{DEBUG} must be one of {_FALSE[0]!r} or {_TRUE[0]!r} (or true/false, yes/no, on/off), "
                      f"got {raw!r}")
+
+
+# The raw values of FUSEDLORA_BACKEND and FUSEDLORA_PLAN, for the per-shape caches of eager calls
+# (fusedlora/ops/single.py) to key on: a changed setting is a new key, so it takes effect on the next call
+# as it does for every other. CPython's os.environ keeps its encoded entries in a dict (`_data`):
+# reading that directly costs ~0.1 µs against ~1.2 µs for os.environ.get of an unset variable (2-core
+# CPU), and sees every change made through os.environ (as os.environ.get does). Elsewhere, the get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEYS = tuple(os.environ.encodekey(name) for name in (BACKEND, PLAN))
+except AttributeError:
+    _ENV_DATA = None
+
+
+def call_state() -> tuple:
+    """What the settings that choose a single-adapter call's path are set to, unparsed (a cache key)."""
+    if _ENV_DATA is not None:
+        data, (backend_key, plan_key) = _ENV_DATA, _ENV_KEYS
+        return data.get(backend_key), data.get(plan_key)
+    return os.environ.get(BACKEND), os.environ.get(PLAN)
+

@@ -17,7 +17,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fusedlora.core import knobs
 from fusedlora.core.adapter_batch import AdapterBatch, group_by_adapter
+from fusedlora.kernels import configs
+from fusedlora.ops.single import _fp32_precision
 from fusedlora.plans import multi as plans
 from fusedlora.plans.planner import choose_multi
 
@@ -73,6 +76,82 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterB
     plan = _plan("forward", x, weight, lora_A)
     return _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, batch.flat, _eager_groups(plan, batch),
                     need_S=False)[0]
+
+
+# ---- eager calls without gradients over an AdapterBatch: a per-shape cache ------------------------
+# As for lora_linear (fusedlora/ops/single.py): the checks, plan, grids, strides and constexprs of a call
+# depend only on what `fast_key` reads, so they are worked out once per key by the full path and kept
+# as an entry; every call passes its own tensors. The key: each tensor's type, shape, strides, dtype,
+# device and address modulo 16 (x, weight, bias, lora_A, lora_B, scalings, the batch's flat ids,
+# ranks), the batch's adapter count, the raw FUSEDLORA_BACKEND and FUSEDLORA_PLAN, and for float32 x
+# torch's fp32 matmul precision. The batch's ids were checked when it was built; ranks' values are
+# checked per call where the full path checks them. kernels/configs.clear_caches clears it too.
+_FAST = {}
+configs.CLEAR_HOOKS.append(_FAST.clear)
+
+
+def _meta(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+
+
+def fast_key(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+    """The cache key of an eager multi_lora_linear call over an AdapterBatch, or None when it needs a
+    gradient or cannot be keyed."""
+    try:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        dtype = x.dtype
+        return (_meta(x), _meta(weight), _meta(bias), _meta(lora_A), _meta(lora_B), _meta(scalings),
+                _meta(batch.flat), batch.num_adapters, _meta(ranks), knobs.call_state(),
+                _fp32_precision() if dtype is torch.float32 else None)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+class _Decode:
+    """The decode plan's forward: the two decode launches into y, then the library GEMM adds x·Wᵀ."""
+    __slots__ = ("run", "y_shape", "dtype", "device", "N")
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+        y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
+        x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(-1, x.shape[-1]), y.view(-1, self.N))
+        self.run(x2, lora_A, lora_B, scalings, batch.flat, ranks, bias, y2)
+        y2.addmm_(x2, weight.t())
+        return y
+
+
+class _Planned:
+    """Any other call: the plan chosen once, the launches as the full path makes them."""
+    __slots__ = ("plan",)
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+        return _forward(self.plan, x, weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                        _eager_groups(self.plan, batch), need_S=False)[0]
+
+
+def fast_entry(key, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+    """Make and keep the entry for `key`, from a call that passed every check (Triton backend)."""
+    plan = _plan("forward", x, weight, lora_A)
+    K, N = x.shape[-1], weight.shape[0]
+    M, L = x.numel() // K if K else 0, lora_A.shape[0]
+    if plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:  # decode: M within the kernels' bound
+        entry = _Decode()
+        entry.y_shape, entry.dtype, entry.device, entry.N = (*x.shape[:-1], N), x.dtype, x.device, N
+        x2 = x.reshape(-1, K)
+        entry.run = plans.decode_launcher(x2, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+                                          torch.empty((M, N), dtype=x.dtype, device=x.device))
+    else:
+        entry = _Planned()
+        entry.plan = plan
+    if len(_FAST) >= 4096:
+        _FAST.clear()
+    _FAST[key] = entry
+    return entry
+
+
+# The entry kept for a key, or None (the dict's own get: no Python frame of its own).
+fast_lookup = _FAST.get
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------------

@@ -17,7 +17,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from fusedlora.plans import single as plans
-from fusedlora.core.dropout import check_seed, draw_seed, seed_tensor
+from fusedlora.core import knobs, torch_backend
+from fusedlora.core.dropout import check_seed, draw_seed, keep_threshold, seed_tensor
+from fusedlora.kernels import configs
+from fusedlora.kernels.common import fp32_matmul_allows_tf32
 from fusedlora.plans.planner import choose
 
 
@@ -117,6 +120,180 @@ def lora_add(base, x, lora_A, lora_B, scaling: float, dropout_p: float, seed) ->
     if _needs_grad(base, x, lora_A, lora_B):
         return _LoRAAdd.apply(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed)[0]
+
+
+# ---- eager calls without gradients: a per-shape cache ---------------------------------------------
+# An eager no-grad call (HF generate, an eval loop) at decode sizes costs its host time: the checks,
+# the backend and plan choice, the configuration, grid, strides and constexprs of its launch, each a
+# few microseconds. All of them depend only on what `fast_key` reads, so they are worked out once per
+# key (by the full path, whose checks run first) and kept as an entry that allocates the output and
+# launches. Only specializations are kept, never a tensor or an address: every call passes its own
+# tensors, so a weight changed in place or replaced is read as it is. The key holds every property the
+# checks, the planner, the configuration and the launch read: each tensor's type, shape, strides,
+# dtype, device and address modulo 16 (Triton specializes on 16-byte alignment), whether bias is
+# given, the types of scaling and dropout_p and the value of dropout_p, whether a seed is given, the
+# raw FUSEDLORA_BACKEND and FUSEDLORA_PLAN settings, and for float32 x torch's tf32 switch for fp32
+# matmuls (which chooses the dots' precision). The scaling and seed are per-call values, checked on
+# every call. kernels/configs.clear_caches clears it too. Calls that need a gradient, and
+# torch.compile, take the full path.
+FAST_MAX_ENTRIES = 4096
+_FAST = {}
+configs.CLEAR_HOOKS.append(_FAST.clear)
+
+
+# torch's fp32 matmul precision settings, read through the getter its own properties call (torch >= 2.9;
+# ~0.2 µs against ~2 µs through torch.backends): fp32_matmul_allows_tf32 is a function of these two.
+_precision_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
+def _fp32_precision():
+    if _precision_getter is None:
+        return fp32_matmul_allows_tf32()
+    return _precision_getter("cuda", "matmul"), _precision_getter("generic", "all")
+
+
+def fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The cache key of an eager lora_linear call, or None when the call needs a gradient or is not one
+    the cache can key (an argument that is not a tensor: the full path names it)."""
+    try:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+            return None
+        dtype = x.dtype
+        return (type(x), x.shape, x.stride(), dtype, x.device, x.data_ptr() & 15,
+                type(weight), weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() & 15,
+                type(lora_A), lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.data_ptr() & 15,
+                type(lora_B), lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.device, lora_B.data_ptr() & 15,
+                None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device,
+                                           bias.data_ptr() & 15),
+                type(scaling), type(dropout_p), dropout_p, seed is None, knobs.call_state(),
+                _fp32_precision() if dtype is torch.float32 else None)
+    except (AttributeError, TypeError, RuntimeError):  # not tensors, or tensors without storage
+        return None
+
+
+def _finite(scaling):
+    """scaling as a float, or None when it is not finite (the full path then raises)."""
+    if type(scaling) is not float:
+        scaling = float(scaling)
+    return scaling if -math.inf < scaling < math.inf else None
+
+
+class _OneLaunch:
+    """An entry whose call is the one-launch forward (the fused plan at decode sizes)."""
+    __slots__ = ("run", "y_shape", "s_shape", "dtype", "device", "p", "keep", "threshold")
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+        if type(scaling) is not float or not -math.inf < scaling < math.inf:
+            scaling = _finite(scaling)
+            if scaling is None:
+                return None
+        seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
+        y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
+        S = torch.empty(self.s_shape, dtype=torch.float32, device=self.device)
+        self.run(x, weight, bias, lora_A, lora_B, S, y, seed, self.threshold, scaling / self.keep)
+        return y
+
+
+class _Planned:
+    """An entry for the other kernel calls: the plan chosen once, the launches as the full path makes them."""
+    __slots__ = ("plan", "p")
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+        scaling = _finite(scaling)
+        if scaling is None:
+            return None
+        x2, N = _rows(x), weight.shape[0]
+        y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        plans.forward(self.plan, x2, weight, bias, lora_A, lora_B, scaling, self.p, _int_seed(seed, self.p),
+                      y.view(-1, N))
+        return y
+
+
+class _TorchBackend:
+    """An entry for the PyTorch backend (FUSEDLORA_BACKEND=torch, or auto off CUDA)."""
+    __slots__ = ("p",)
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+        scaling = _finite(scaling)
+        if scaling is None:
+            return None
+        return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, self.p, seed)
+
+
+def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: float, seed):
+    """Make and keep the entry for `key`, from a call that passed every check (dropout_p validated)."""
+    if seed is not None and backend != "torch":
+        check_seed(seed)  # before anything is made, as the full path checks it before any launch
+    if backend == "torch":
+        entry = _TorchBackend()
+    else:
+        x2, N, r = _rows(x), weight.shape[0], lora_A.shape[0]
+        M = x2.shape[0]
+        plan = _plan("forward", x2, weight, lora_A)
+        # The one-launch kernel takes x itself (any (*, K) tensor whose rows x2 views) and writes y in its
+        # final shape: a reshape that copied, or an empty call, takes the planned entry.
+        if plans.one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr():
+            entry = _OneLaunch()
+            entry.y_shape, entry.s_shape = (*x.shape[:-1], N), (M, r)
+            entry.dtype, entry.device = x.dtype, x.device
+            entry.keep, entry.threshold = 1.0 - dropout_p, keep_threshold(dropout_p)
+            y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
+            S = torch.empty((M, r), dtype=torch.float32, device=x.device)
+            entry.run = plans.gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S, y2, dropout=dropout_p > 0)
+        else:
+            entry = _Planned()
+            entry.plan = plan
+    entry.p = dropout_p
+    if len(_FAST) >= FAST_MAX_ENTRIES:
+        _FAST.clear()
+    _FAST[key] = entry
+    return entry
+
+
+def add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+    """The cache key of an eager lora_add call (as fast_key; the same cache, its own keys)."""
+    try:
+        if torch.is_grad_enabled() and (base.requires_grad or x.requires_grad or lora_A.requires_grad
+                                        or lora_B.requires_grad):
+            return None
+        return ("lora_add", type(base), base.shape, base.stride(), base.dtype, base.device, base.data_ptr() & 15,
+                type(x), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+                type(lora_A), lora_A.shape, lora_A.stride(), lora_A.dtype, lora_A.device, lora_A.data_ptr() & 15,
+                type(lora_B), lora_B.shape, lora_B.stride(), lora_B.dtype, lora_B.device, lora_B.data_ptr() & 15,
+                type(scaling), type(dropout_p), dropout_p, seed is None, knobs.call_state(),
+                _fp32_precision() if torch.float32 in (x.dtype, base.dtype) else None)
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+class _Added:
+    """A lora_add entry: the backend chosen once; the kernels' launches as the full path makes them."""
+    __slots__ = ("torch", "p")
+
+    def __call__(self, base, x, lora_A, lora_B, scaling, seed):
+        scaling = _finite(scaling)
+        if scaling is None:
+            return None
+        if self.torch:
+            return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, self.p, seed)
+        return _add_forward(base, x, lora_A, lora_B, scaling, self.p, _int_seed(seed, self.p))[0]
+
+
+def add_fast_entry(key, backend: str, dropout_p: float, seed):
+    """Make and keep the lora_add entry for `key`, from a call that passed every check."""
+    if seed is not None and backend != "torch":
+        check_seed(seed)
+    entry = _Added()
+    entry.torch, entry.p = backend == "torch", dropout_p
+    if len(_FAST) >= FAST_MAX_ENTRIES:
+        _FAST.clear()
+    _FAST[key] = entry
+    return entry
+
+
+# The entry kept for a key, or None (the dict's own get: no Python frame of its own).
+fast_lookup = _FAST.get
 
 
 # ---- torch.compile: custom ops -----------------------------------------------------------------

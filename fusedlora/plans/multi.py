@@ -22,7 +22,7 @@ Rows with id -1 get the base alone; ids outside [-1, L) give NaN rows.
 """
 import torch
 
-from fusedlora.kernels.multi_decode import decode_expand, decode_shrink
+from fusedlora.kernels.multi_decode import decode_expand, decode_launcher, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 
 

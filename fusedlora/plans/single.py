@@ -19,7 +19,7 @@ import torch
 
 from fusedlora.core.dropout import keep_threshold
 from fusedlora.kernels import configs
-from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, lora_expand, lora_gemm, lora_gemm_shrink
+from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher, lora_expand, lora_gemm, lora_gemm_shrink
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
 
@@ -36,7 +36,7 @@ ONE_LAUNCH_MAX_M = configs.planner_value("one_launch_max_m")
 
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
     """y into out: (M, N) in x's dtype, and S: (M, r) fp32, for x2: (M, K); inputs already validated."""
-    if plan == "fused" and x2.shape[0] <= ONE_LAUNCH_MAX_M and lora_A.shape[0] <= SHRINK_MAX_R:
+    if one_launch(plan, x2, lora_A):
         return lora_gemm_shrink(x2, weight, bias, lora_A, lora_B, scaling / (1.0 - dropout_p), seed,
                                 keep_threshold(dropout_p), dropout=dropout_p > 0, out=out)[1]
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
@@ -45,6 +45,11 @@ def forward(plan: str, x2, weight, bias, lora_A, lora_B, scaling: float, dropout
     else:
         lora_expand(S, lora_B, bias, out=out).addmm_(x2, weight.t())
     return S
+
+
+def one_launch(plan: str, x2, lora_A) -> bool:
+    """Whether forward runs as one launch (lora_gemm_shrink) for x2: (M, K) and lora_A: (r, K)."""
+    return plan == "fused" and x2.shape[0] <= ONE_LAUNCH_MAX_M and lora_A.shape[0] <= SHRINK_MAX_R
 
 
 def add_forward(base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
