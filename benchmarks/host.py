@@ -7,7 +7,9 @@
 At decode sizes a layer's GPU work is a few microseconds, so in eager mode (HF generate, an eval loop,
 a small training step) a call costs what the host spends on it. Each row is the best, over --repeats
 repeats, of the mean time of --calls back-to-back calls, with the number of kernel launches one call
-makes. The unit is a tiny F.linear timed in the same run; ratios are taken within the run.
+makes; the no-grad rows run inside one torch.no_grad() region, entered outside the timed calls as
+generate() or an eval loop enters it. The unit is a tiny F.linear timed in the same run; ratios are
+taken within the run.
 
 Without a GPU (run without TRITON_INTERPRET) every call runs as it would on an H100/H200: the
 library takes its Triton path for the CPU tensors, Triton's own argument binder and kernel-cache key
@@ -21,6 +23,7 @@ rows that have them use small shapes. With a GPU the calls run for real: host µ
 the calls, with a synchronize before and after each repeat (so it is max(host, GPU) per call).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -180,12 +183,15 @@ def host_us(fns: Dict[str, Callable], calls: int, repeats: int) -> Dict[str, flo
             n = counts[name]
             if CUDA:
                 torch.cuda.synchronize()
-            start = _clock()
-            for _ in range(n):
-                fn()
-            if CUDA:
-                torch.cuda.synchronize()
-            best[name] = min(best[name], (_clock() - start) / n)
+            inner = getattr(fn, "inner", None)  # a no-grad call: the region entered once, untimed
+            with torch.no_grad() if inner is not None else contextlib.nullcontext():
+                body = inner or fn
+                start = _clock()
+                for _ in range(n):
+                    body()
+                if CUDA:
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], (_clock() - start) / n)
     return {name: t * 1e6 for name, t in best.items()}
 
 
@@ -219,9 +225,13 @@ def cases(device) -> Dict[str, tuple]:
     big = f"M={M} K=N={K} r={r} bf16"
 
     def no_grad(fn):
+        """fn as a call without gradients. Timed, it runs inside one torch.no_grad() region entered
+        outside the timed calls (`inner`), as a model's layers run inside generate()'s or an eval loop's
+        one region: the cost of entering it is not the layer call's."""
         def call():
             with torch.no_grad():
                 return fn()
+        call.inner = fn
         return call
 
     out["lora_linear, no grad"] = (big, no_grad(lambda: fusedlora.lora_linear(x, W, b, A, B, 2.0)))
