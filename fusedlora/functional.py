@@ -1,5 +1,5 @@
 """The public functional API: validate, pick the backend, call the op."""
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -104,6 +104,7 @@ def dora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     seed: Seed = None,
+    weight_fn: Optional[Callable[[], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """DoRA: the layer m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row applied to x, fused (PEFT's use_dora=True).
 
@@ -114,11 +115,17 @@ def dora_linear(
     the adapters' dtype -> (*, N) in x's dtype. Dtypes, dropout and seed as in lora_linear.
     Differentiable in x, weight, bias, lora_A, lora_B and magnitude. The row norms come from W·Aᵀ and
     A·Aᵀ, never from an N×K matrix (fusedlora/plans/dora.py). Not a torch.compile custom op yet.
+    weight_fn: None, or a function returning `weight` again (the same values, shape and dtype), for a
+    weight made on the fly such as a dequantized 4-bit weight (QDoRA): the kernels then keep no
+    reference to weight for backward and call weight_fn there, so no N×K tensor lives from the forward
+    to the backward. The PyTorch backend ignores it.
     """
     check_lora_linear(x, weight, bias, lora_A, lora_B)
     check_dora_magnitude(magnitude, weight, lora_A)
     scaling = require_scalar("scaling", scaling)
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be None or a function returning the weight, got {type(weight_fn).__name__}")
     if backend_for(x) == "torch":
         return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
-    return dora_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
+    return dora_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)

@@ -117,6 +117,39 @@ def test_torch_backend_matches_reference(M, K, N, r, dtype, adapter_dtype, bias,
     check_dora(y, grads, args, dy, dora_lengths(x.numel() // K, K, N, r, kappa))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_weight_made_again_in_backward(p, plan):
+    """weight_fn: the weight is not kept for backward but made again there (as a dequantized 4-bit
+    weight would be): the same output and gradients, bit for bit, as with the weight kept, and weight_fn
+    called once per backward, never in the forward."""
+    scaling, seed = 2.0, 99
+    inputs = dora_inputs(12, 40, 24, 4, f32, f32, True, scaling)
+    x, W, b, A, B, m = (inputs[n].detach() for n in ("x", "weight", "bias", "lora_A", "lora_B", "magnitude"))
+    dy = torch.randn(12, 24, generator=torch.Generator().manual_seed(3))
+    calls = []
+
+    def made_again():
+        calls.append(1)
+        return W.clone()
+
+    def run(weight_fn):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+        y = fusedlora.dora_linear(leaves[0], W.clone(), b, leaves[1], leaves[2], leaves[3], scaling, p, seed,
+                                  weight_fn=weight_fn)
+        forward_calls = len(calls)
+        y.backward(dy)
+        return y.detach(), [t.grad for t in leaves], forward_calls
+
+    want = run(None)
+    got = run(made_again)
+    assert got[2] == 0 and len(calls) == 1
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="weight_fn"):
+        fusedlora.dora_linear(x, W, b, A, B, m, scaling, weight_fn=W)
+
+
 def test_no_dropout_forms_agree():
     """With every element kept, PEFT's dropout form equals the plain one: the two branches of the
     reference describe one layer."""

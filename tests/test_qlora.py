@@ -110,3 +110,25 @@ def test_4bit_models_are_served_and_equal_peft(use_dora, served, counted):
     assert [str(w.message) for w in record if "runs PEFT's own forward" in str(w.message)] == []
     assert counted == served
     assert_normwise(got, low, exact)
+
+
+def test_qdora_keeps_no_dequantized_weight_for_backward(counted):
+    """The fused QDoRA makes the dequantized (N, K) weight again in backward instead of keeping it from
+    the forward: no tensor autograd saves is as large as a layer's N·K (PEFT's QDoRA keeps several),
+    and the gradients still equal PEFT's (the test above)."""
+    model, _ = models(use_dora=True)
+    fusedlora.patch_peft(model)
+    smallest = min(K * HIDDEN, HIDDEN * N)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    assert counted["dora_linear"] == 2 and saved
+    assert max(saved) < smallest, (sorted(saved)[-5:], smallest)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

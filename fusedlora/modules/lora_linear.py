@@ -43,18 +43,21 @@ def fused_call(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float
         return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
 
 
-def dora_call(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float) -> torch.Tensor:
-    """dora_linear with autocast honoured as fused_call honours it (the magnitude follows the adapters)."""
+def dora_call(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+              weight_fn=None) -> torch.Tensor:
+    """dora_linear with autocast honoured as fused_call honours it (the magnitude follows the adapters).
+    weight_fn as in dora_linear."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
-        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, weight_fn=weight_fn)
     dtype = torch.get_autocast_dtype(device_type)
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if lora_A.dtype != torch.float32 or lora_B.dtype != torch.float32:
         lora_A, lora_B, magnitude = lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype)
+    cast_fn = None if weight_fn is None else (lambda: weight_fn().to(dtype))
     with torch.autocast(device_type, enabled=False):
-        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, weight_fn=cast_fn)
 
 
 def added_call(base, x, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:

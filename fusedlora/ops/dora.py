@@ -27,26 +27,32 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, see
 
 class _DoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
         y, (S, g, n) = _forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S, g, n)
+        # With weight_fn the weight is made again in backward instead of being kept (see dora_linear).
+        ctx.save_for_backward(x, weight if weight_fn is None else None, lora_A, lora_B, S, g, n)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.m_dtype = scaling, dropout_p, seed, magnitude.dtype
+        ctx.weight_fn = weight_fn
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, S, g, n = ctx.saved_tensors
+        if ctx.weight_fn is not None:
+            weight = ctx.weight_fn()
         plan = _plan("backward", _rows(x), weight, lora_A)
         *grads, dm = plans.backward(plan, dy, x, weight, lora_A, lora_B, S, g, n, ctx.scaling, ctx.dropout_p,
                                     ctx.seed, ctx.needs_input_grad[:6])
-        return (*grads, None if dm is None else dm.to(ctx.m_dtype), None, None, None)
+        return (*grads, None if dm is None else dm.to(ctx.m_dtype), None, None, None, None)
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed) -> torch.Tensor:
-    """The kernels' dora_linear for validated inputs (fusedlora.functional checks them)."""
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed,
+                weight_fn=None) -> torch.Tensor:
+    """The kernels' dora_linear for validated inputs (fusedlora.functional checks them). weight_fn: None,
+    or a function that returns weight again, called in backward instead of keeping weight."""
     if torch.compiler.is_compiling():
         return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
     seed = _int_seed(seed, dropout_p)
     if _needs_grad(x, weight, bias, lora_A, lora_B, magnitude):
-        return _DoRALinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
+        return _DoRALinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)
     return _forward(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)[0]

@@ -20,6 +20,7 @@ of B scaled by its adapter's scaling: one call, the same function. With dropout,
 independent mask per adapter; one mask over the concatenated ranks would correlate them, so each
 adapter then gets its own call (and seed), the first fused into the base GEMM where it can be.
 """
+import functools
 import threading
 from collections import OrderedDict
 from typing import List, NamedTuple, Optional, Tuple
@@ -361,10 +362,15 @@ def _is_4bit(base: nn.Module) -> bool:
 
 def _dequantized(base: nn.Module, dtype: torch.dtype):
     """(weight, bias) of a 4-bit base layer in x's dtype. The (N, K) dequantized weight is the one N·K
-    temporary of QDoRA, as in PEFT, which dequantizes it on every forward as well."""
+    temporary of QDoRA, as in PEFT, which dequantizes it on every forward as well; fusedlora makes it
+    again in backward instead of keeping it (dora_forward)."""
     from peft.utils.integrations import dequantize_module_weight
     bias = base.bias
     return dequantize_module_weight(base).to(dtype), (None if bias is None else bias.to(dtype))
+
+
+def _dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantized(base, dtype)[0]
 
 
 def dora_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
@@ -373,12 +379,20 @@ def dora_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
     under autocast the dtypes nn.Linear would take (modules.dora_call). Over
     a bitsandbytes 4-bit base (QDoRA) the weight is dequantized and the base product computed here."""
     (adapter,) = active_adapters(layer)
-    own = own_weights(layer.base_layer, conv1d)
-    weight, bias = own if own is not None else _dequantized(layer.base_layer, x.dtype)
+    base = layer.base_layer
+    own = own_weights(base, conv1d)
+    weight_fn = None
+    if own is not None:
+        weight, bias = own
+    else:
+        # Dequantized again in backward rather than kept: an N×K weight in x's dtype held from the forward
+        # to the backward of every layer would cost QLoRA the memory it exists to save.
+        weight, bias = _dequantized(base, x.dtype)
+        weight_fn = functools.partial(_dequantized_weight, base, x.dtype)
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     magnitude = layer.lora_magnitude_vector[adapter].weight
     return dora_call(x, weight, bias, A, B, magnitude, float(layer.scaling[adapter]),
-                     dropout_p(layer.lora_dropout[adapter]))
+                     dropout_p(layer.lora_dropout[adapter]), weight_fn)
 
 
 def dora_chain_forward(layer, x, conv1d: Optional[type]) -> torch.Tensor:
