@@ -73,13 +73,14 @@ def _lora_gemm_kernel(
     seed_lo, seed_hi, threshold, shrink_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_ADDEND: tl.constexpr, HAS_SHRINK: tl.constexpr, HAS_COL_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    STORE_S: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # HAS_SHRINK (with HAS_BASE and HAS_LORA): P is S's output, written here, A (r, K) at a_ptr, R <=
-    # BLOCK_R, and HAS_DROPOUT masks x in the shrink (keep on (m, k)) instead of the low-rank term.
+    # HAS_SHRINK (with HAS_BASE and HAS_LORA): P is S's output, written here when STORE_S (backward reads
+    # it; a call without gradients does not), A (r, K) at a_ptr, R <= BLOCK_R, and HAS_DROPOUT masks x in
+    # the shrink (keep on (m, k)) instead of the low-rank term.
     pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,7 +111,7 @@ def _lora_gemm_kernel(
             w_ptrs += BLOCK_K * stride_wk
             a_ptrs += BLOCK_K * stride_ak
         s = s * shrink_scale
-        if pid_n == 0:
+        if STORE_S and pid_n == 0:
             tl.store(p_ptr + rows[:, None] * stride_pm + offs_r[None, :].to(tl.int64) * stride_pr, s,
                      mask=m_ok[:, None] & r_ok[None, :])
         qt = tl.load(q_ptr + offs_r[:, None].to(tl.int64) * stride_qr + cols[None, :] * stride_qn,
@@ -155,14 +156,14 @@ def _lora_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a=None, col_scale=None):
+def _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a=None, col_scale=None, store_s=True):
     """(grid, pointers, frozen, kwargs) of one launch: the kernel's pointer arguments, the shapes and
     strides that follow them, and its constexprs and options. The per-call scalars (seed words,
     threshold, shrink scale) come last and are not included."""
     M, N = out.shape
     has_base, has_lora, has_addend, has_shrink = weight is not None, p is not None, addend is not None, a is not None
     K = x.shape[1] if has_base else 0
-    R = p.shape[1] if has_lora else 0
+    R = (a.shape[0] if has_shrink else p.shape[1]) if has_lora else 0  # with the shrink, p may be a stand-in
     # Pointers a variant does not use still need a tensor; its flag compiles them away.
     x = x if has_base else out
     weight, p, q, addend, a = (t if t is not None else x for t in (weight, p, q, addend, a))
@@ -178,6 +179,7 @@ def _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a=None, col_sca
     kwargs = dict(
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=has_lora and dropout,
         HAS_ADDEND=has_addend, HAS_SHRINK=has_shrink, HAS_COL_SCALE=col_scale is not None,
+        STORE_S=has_shrink and store_s,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, weight.dtype), PRECISION=dot_precision(x.dtype, weight.dtype),
         LORA_PRECISION=dot_precision(x.dtype, torch.float32, low_rank=True),
@@ -267,21 +269,24 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
 def gemm_shrink_launcher(x, weight, bias, lora_A, lora_B, S, out, dropout: bool):
     """lora_gemm_shrink's launch fixed for every call whose tensors have these ones' shapes, strides,
     dtypes, devices and 16-byte alignment (the caller's cache key guarantees it): returns
-    run(x, weight, bias, lora_A, lora_B, S, out, seed, threshold, scale), which launches with the grid,
+    run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale), which launches with the grid,
     configuration, strides and constexprs computed here. x: (M, K) here; each call may pass, as x or
-    out, any tensor whose data starts where such a 2-D view's does (the (*, K) tensor it views)."""
+    out, any tensor whose data starts where such a 2-D view's does (the (*, K) tensor it views).
+    S: (M, R) fp32, written by every call; or None for calls without gradients, which need no S: then
+    none is written (nor allocated: x stands in for its pointer, which the kernel does not use)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     check_shapes(M > 0 and N > 0 and R <= SHRINK_MAX_R and weight.shape[1] == K and lora_A.shape == (R, K)
-                 and lora_B.shape == (N, R) and S.shape == (M, R) and out.shape == (M, N)
+                 and lora_B.shape == (N, R) and (S is None or S.shape == (M, R)) and out.shape == (M, N)
                  and (bias is None or bias.shape == (N,)), "gemm_shrink_launcher", x=x, weight=weight, bias=bias,
                  lora_A=lora_A, lora_B=lora_B, S=S, out=out)
-    grid, _, frozen, kwargs = _arguments(x, weight, bias, S, lora_B, None, out, dropout,
-                                         configs.lora_gemm_shrink(M, N, x.device), a=lora_A)
+    store_s = S is not None
+    grid, _, frozen, kwargs = _arguments(x, weight, bias, S if store_s else x, lora_B, None, out, dropout,
+                                         configs.lora_gemm_shrink(M, N, x.device), a=lora_A, store_s=store_s)
     bound = Bound(_lora_gemm_kernel, grid, frozen, kwargs)
 
-    def run(x, weight, bias, lora_A, lora_B, S, out, seed, threshold, scale):
-        bound((x, weight, bias if bias is not None else x, S, lora_B, x, x, out, lora_A),
+    def run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale, S=None):
+        bound((x, weight, bias if bias is not None else x, S if S is not None else x, lora_B, x, x, out, lora_A),
               (0, 0, threshold, scale) if seed == 0 else (*seed_words(seed), threshold, scale))
 
     return run

@@ -180,8 +180,9 @@ def _finite(scaling):
 
 
 class _OneLaunch:
-    """An entry whose call is the one-launch forward (the fused plan at decode sizes)."""
-    __slots__ = ("run", "y_shape", "s_shape", "dtype", "device", "p", "keep", "threshold")
+    """An entry whose call is the one-launch forward (the fused plan at decode sizes). No gradient
+    follows, so the kernel writes no S (and none is allocated)."""
+    __slots__ = ("run", "y_shape", "dtype", "device", "p", "keep", "threshold")
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
         if type(scaling) is not float or not -math.inf < scaling < math.inf:
@@ -190,8 +191,7 @@ class _OneLaunch:
                 return None
         seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
         y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
-        S = torch.empty(self.s_shape, dtype=torch.float32, device=self.device)
-        self.run(x, weight, bias, lora_A, lora_B, S, y, seed, self.threshold, scaling / self.keep)
+        self.run(x, weight, bias, lora_A, lora_B, y, seed, self.threshold, scaling / self.keep)
         return y
 
 
@@ -228,19 +228,18 @@ def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: fl
     if backend == "torch":
         entry = _TorchBackend()
     else:
-        x2, N, r = _rows(x), weight.shape[0], lora_A.shape[0]
+        x2, N = _rows(x), weight.shape[0]
         M = x2.shape[0]
         plan = _plan("forward", x2, weight, lora_A)
         # The one-launch kernel takes x itself (any (*, K) tensor whose rows x2 views) and writes y in its
         # final shape: a reshape that copied, or an empty call, takes the planned entry.
         if plans.one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr():
             entry = _OneLaunch()
-            entry.y_shape, entry.s_shape = (*x.shape[:-1], N), (M, r)
+            entry.y_shape = (*x.shape[:-1], N)
             entry.dtype, entry.device = x.dtype, x.device
             entry.keep, entry.threshold = 1.0 - dropout_p, keep_threshold(dropout_p)
             y2 = torch.empty((M, N), dtype=x.dtype, device=x.device)
-            S = torch.empty((M, r), dtype=torch.float32, device=x.device)
-            entry.run = plans.gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S, y2, dropout=dropout_p > 0)
+            entry.run = plans.gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, None, y2, dropout=dropout_p > 0)
         else:
             entry = _Planned()
             entry.plan = plan
