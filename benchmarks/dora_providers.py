@@ -42,7 +42,32 @@ def peft_dora_layer(weight, lora_A, lora_B, magnitude, scaling):
     return layer
 
 
-class DoRABench:
+class OneProjection:
+    """What the one-projection benches (DoRA here, QLoRA in qlora_providers.py) share: a call with or
+    without the gradients of leaves(), the float64 result of _exact(), and the operation count. A subclass
+    sets forwards, backward, dy, M, K, N, r and defines leaves() and _exact()."""
+
+    def call(self, name, x):
+        if not self.backward:
+            with torch.no_grad():
+                return [self.forwards[name](x)]
+        y = self.forwards[name](x)
+        return [y, *torch.autograd.grad(y, self.leaves(name, x), self.dy)]
+
+    @functools.lru_cache(maxsize=None)
+    def _float64(self, name):
+        return self._exact(torch.float64, name)
+
+    def flops(self, name):
+        """The LoRA layer's operations, one count for every provider of a row (DoRA's norms, W·Aᵀ: 2·N·K·r,
+        and dequantizing a 4-bit W are not counted)."""
+        gemm, low_rank = 2 * self.M * self.N * self.K, 2 * self.M * self.r * (self.K + self.N)
+        if not self.backward:
+            return gemm + (0 if name == "base" else low_rank)
+        return 2 * gemm + (0 if name == "base" else 3 * low_rank)
+
+
+class DoRABench(OneProjection):
     def __init__(self, M, K, N, r, dtype, device, backward=False, scaling=2.0, rotate=True):
         self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
         self.backward, self.scaling = backward, scaling
@@ -82,13 +107,6 @@ class DoRABench:
                     layer.lora_magnitude_vector["default"].weight]
         return [x, self.lora_A, self.lora_B] + ([] if name == "fusedlora_lora" else [self.magnitude])
 
-    def call(self, name, x):
-        if not self.backward:
-            with torch.no_grad():
-                return [self.forwards[name](x)]
-        y = self.forwards[name](x)
-        return [y, *torch.autograd.grad(y, self.leaves(name, x), self.dy)]
-
     def _exact(self, dtype, name):
         """The provider's function in plain torch, in `dtype`: output, then the gradients of leaves()."""
         def leaf(t):
@@ -106,10 +124,6 @@ class DoRABench:
             return [y.detach()]
         return [y.detach(), *torch.autograd.grad(y, leaves, self.dy.to(dtype))]
 
-    @functools.lru_cache(maxsize=None)
-    def _float64(self, name):
-        return self._exact(torch.float64, name)
-
     def check(self, name):
         return _rel_err(zip(self.call(name, self.xs[0]), self._float64(name)))
 
@@ -124,12 +138,6 @@ class DoRABench:
         held = [*self.xs, self.weight, self.lora_A, self.lora_B, self.magnitude, *self.peft_layer.parameters()]
         return saved_mib(lambda: self.forwards[name](self.xs[0]), held)
 
-    def flops(self, name):
-        """The LoRA layer's operations (the norms' W·Aᵀ adds 2·N·K·r, like a low-rank pass at M = N)."""
-        gemm, low_rank = 2 * self.M * self.N * self.K, 2 * self.M * self.r * (self.K + self.N)
-        if not self.backward:
-            return gemm + (0 if name == "base" else low_rank)
-        return 2 * gemm + (0 if name == "base" else 3 * low_rank)
 
 
 def dora_bench(case, spec, device, rotate=True):

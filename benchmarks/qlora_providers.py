@@ -30,6 +30,7 @@ from torch import nn
 import fusedlora
 from fusedlora.peft.patch import fallback_reason
 
+from dora_providers import OneProjection
 from providers import L2_FLUSH_BYTES, _rel_err, norm_tolerance, saved_mib
 
 try:
@@ -84,7 +85,7 @@ def peft_qlora_layer(base, lora_A, lora_B, scaling, magnitude=None):
     return model
 
 
-class QLoRABench:
+class QLoRABench(OneProjection):
     def __init__(self, M, K, N, r, dtype, device, backward=False, scaling=2.0, rotate=True):
         self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
         self.backward, self.scaling = backward, scaling
@@ -135,13 +136,6 @@ class QLoRABench:
         leaves = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         return leaves + ([layer.lora_magnitude_vector["default"].weight] if name in DORA else [])
 
-    def call(self, name, x):
-        if not self.backward:
-            with torch.no_grad():
-                return [self.forwards[name](x)]
-        y = self.forwards[name](x)
-        return [y, *torch.autograd.grad(y, self.leaves(name, x), self.dy)]
-
     def _exact(self, dtype, name):
         """The provider's function from the math, in plain torch in `dtype`, over the dequantized weight:
         output, then the gradients of leaves()."""
@@ -160,10 +154,6 @@ class QLoRABench:
         if not self.backward:
             return [y.detach()]
         return [y.detach(), *torch.autograd.grad(y, leaves, self.dy.to(dtype))]
-
-    @functools.lru_cache(maxsize=None)
-    def _float64(self, name):
-        return self._exact(torch.float64, name)
 
     def check(self, name):
         if name.startswith("fusedlora"):
@@ -186,12 +176,6 @@ class QLoRABench:
                 *(p for model in self.models.values() for p in model.parameters())]
         return saved_mib(lambda: self.forwards[name](self.xs[0]), held)
 
-    def flops(self, name):
-        """The LoRA layer's operations, as the other cases count them (dequantizing W not counted)."""
-        gemm, low_rank = 2 * self.M * self.N * self.K, 2 * self.M * self.r * (self.K + self.N)
-        if not self.backward:
-            return gemm + (0 if name == "base" else low_rank)
-        return 2 * gemm + (0 if name == "base" else 3 * low_rank)
 
 
 def qlora_bench(case, spec, device, rotate=True):
