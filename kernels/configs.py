@@ -37,7 +37,7 @@ _INTERPRETER = {
     "multi_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, RANK_CAP=64, num_warps=4, num_stages=1),
     "multi_reduce": dict(BLOCK_A=32, BLOCK_T=16, RANK_CAP=64, num_warps=4),
     "decode_shrink": dict(BLOCK_C=32, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4),
-    "decode_expand": dict(BLOCK_M=16, BLOCK_N=32, RANK_CAP=64, num_warps=4),
+    "decode_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, RANK_CAP=64, num_warps=4, num_stages=1),
     "keep_mask": dict(BLOCK_M=32, BLOCK_K=32),
 }
 
@@ -212,10 +212,15 @@ def decode_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_expand(M: int, R: int, device=None) -> dict:
-    """Its dots are fp32 (the partial sums times the adapter): 8 warps, which did not spill."""
-    default = dict(BLOCK_M=16, BLOCK_N=256, RANK_CAP=64, num_warps=8)
-    return _with_rank(_choose("decode_expand", target(device), M, default), R)
+def decode_gemm(M: int, N: int, R: int, device=None) -> dict:
+    """The decode GEMM (base product, then each adapter's expand over its rows): the one-launch
+    forward's tiles (the LoRA GEMM's decode tiles at half its reduction block), bound by reading W as
+    those kernels are. At the full block the bf16 variant that writes S spilled 16 B for sm_90, at 3
+    or 4 stages (triton 3.9, tests/gpu_compile.py)."""
+    tiles = lora_gemm_shrink(M, N, device)
+    default = dict(BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], RANK_CAP=64,
+                   num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    return _with_rank(_choose("decode_gemm", target(device), M, default), R)
 
 
 def keep_mask(device=None) -> dict:
@@ -265,6 +270,6 @@ def clear_caches(tables: bool = True):
     loaded table is changed in memory (tables=False, as benchmarks/tune.py does for each candidate)."""
     for hook in CLEAR_HOOKS:
         hook()
-    for fn in (lora_gemm, lora_gemm_shrink, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm, multi_reduce,
-               decode_shrink, decode_expand) + ((table,) if tables else ()):
+    for fn in (lora_gemm, lora_gemm_shrink, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
+               multi_reduce, decode_shrink, decode_gemm) + ((table,) if tables else ()):
         fn.cache_clear()

@@ -87,60 +87,64 @@ def _sum_parts(part_ptr, offs_m, offs_r, ok, SPLIT, stride_ps, stride_pm, stride
 
 
 @triton.jit
-def _decode_expand_kernel(
-    part_ptr, q_ptr, bias_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr,
-    M, N, L, R, SPLIT,
-    stride_ps, stride_pm, stride_pr, stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_sm, stride_sr,
-    HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr,
-    WRITE_S: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def _decode_gemm_kernel(
+    x_ptr, w_ptr, part_ptr, q_ptr, bias_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr,
+    M, N, K, L, R, SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ps, stride_pm, stride_pr,
+    stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_sm, stride_sr,
+    HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, WRITE_S: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
 ):
-    i = tl.program_id(0)
     pid_n = tl.program_id(1)
-    mine, first = _leader(ids_ptr, M, BLOCK_IDS)
-    valid = (mine >= 0) & (mine < L)
-    if first | (mine < 0) | (mine >= L):
-        adapter = tl.where(valid, mine, 0).to(tl.int64)
-        if HAS_RANKS:
-            rank = tl.minimum(tl.load(ranks_ptr + adapter, mask=valid, other=0).to(tl.int32), R)
-        else:
-            rank = R
-        rank = tl.where(valid, rank, 0)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    rows = offs_m.to(tl.int64)
+    ids = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1)
+    valid = m_ok & (ids >= 0) & (ids < L)
+    adapters = tl.where(valid, ids, 0).to(tl.int64)
+    # Each row's rank (0 without an adapter): S is zero past it, and no adapter entry past it is read.
+    if HAS_RANKS:
+        row_rank = tl.minimum(tl.load(ranks_ptr + adapters, mask=valid, other=0).to(tl.int32), R)
+    else:
+        row_rank = tl.full((BLOCK_M,), R, tl.int32)
+    row_rank = tl.where(valid, row_rank, 0)
+    if WRITE_S:
+        if pid_n == 0:  # S in token order, every column
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                s_tile = _sum_parts(part_ptr, offs_m, offs_r, offs_r[None, :] < row_rank[:, None],
+                                    SPLIT, stride_ps, stride_pm, stride_pr, BLOCK_M, BLOCK_R)
+                tl.store(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr, s_tile,
+                         mask=m_ok[:, None] & (offs_r < R)[None, :])
+    if HAS_OUT:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         cols = offs_n.to(tl.int64)
-        # Rows in chunks of BLOCK_M (registers stay bounded at M = 64); chunks without this program's
-        # rows are skipped.
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < M
-            ids = tl.load(ids_ptr + offs_m, mask=m_in, other=-1)
-            rows = m_in & tl.where(valid, ids == mine, offs_m == i)
-            if tl.max(rows.to(tl.int32), axis=0) > 0:
-                if WRITE_S:
-                    if pid_n == 0:  # S in token order, every column: zero past the rank and on adapterless rows
-                        for r0 in range(0, R, BLOCK_R):
-                            offs_r = r0 + tl.arange(0, BLOCK_R)
-                            s_tile = _sum_parts(part_ptr, offs_m, offs_r, rows[:, None] & (offs_r < rank)[None, :],
-                                                SPLIT, stride_ps, stride_pm, stride_pr, BLOCK_M, BLOCK_R)
-                            tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
-                                     s_tile, mask=rows[:, None] & (offs_r < R)[None, :])
-                if HAS_OUT:
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    for r0 in range(0, rank, BLOCK_R):
-                        offs_r = r0 + tl.arange(0, BLOCK_R)
-                        r_ok = offs_r < rank
-                        p = _sum_parts(part_ptr, offs_m, offs_r, rows[:, None] & r_ok[None, :],
-                                       SPLIT, stride_ps, stride_pm, stride_pr, BLOCK_M, BLOCK_R)
-                        q = tl.load(q_ptr + adapter * stride_ql + offs_r[:, None].to(tl.int64) * stride_qr
-                                    + cols[None, :] * stride_qn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                        acc = tl.dot(p, q.to(tl.float32), acc, input_precision=PRECISION)
-                    bad = (mine < -1) | (mine >= L)
-                    acc = tl.where(bad, float("nan"), acc)
-                    if HAS_BIAS:
-                        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on,
-                             acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] & n_ok[None, :])
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        acc = matmul_tile(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                          w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+                          m_ok, n_ok, K, BLOCK_K * stride_xk, BLOCK_K * stride_wk,
+                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), EVEN_K, DOT_DTYPE, PRECISION, BLOCK_K)
+        # The low-rank term with each row's own adapter: Q gathered per row, (rows, R_CHUNK, columns) at
+        # a time, multiplied and summed in fp32. Every load is independent of the others, however many
+        # adapters the rows hold (a loop over the block's adapters would chain one per adapter).
+        q_rows = q_ptr + adapters[:, None, None] * stride_ql + cols[None, None, :] * stride_qn
+        for r0 in range(0, R, BLOCK_R):
+            for c in tl.static_range(0, BLOCK_R, R_CHUNK):
+                offs_r = r0 + c + tl.arange(0, R_CHUNK)
+                in_rank = offs_r[None, :] < row_rank[:, None]
+                p = _sum_parts(part_ptr, offs_m, offs_r, in_rank, SPLIT, stride_ps, stride_pm, stride_pr,
+                               BLOCK_M, R_CHUNK)
+                q = tl.load(q_rows + offs_r[None, :, None].to(tl.int64) * stride_qr,
+                            mask=in_rank[:, :, None] & n_ok[None, None, :], other=0.0)
+                acc += tl.sum(p[:, :, None] * q.to(tl.float32), axis=1)
+        acc = tl.where((m_ok & ((ids < -1) | (ids >= L)))[:, None], float("nan"), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _check_ids(ids, launcher: str) -> None:
@@ -167,17 +171,21 @@ def _shrink_config(M: int, C: int, R: int, device, wide: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=1024)
-def _expand_config(M: int, N: int, R: int, has_out: bool, device) -> tuple:
-    """(grid, BLOCK_IDS, config)."""
-    cfg = configs.decode_expand(M, R, device)
-    return (M, max(1, cdiv(N, cfg["BLOCK_N"])) if has_out else 1), _block_ids(M), cfg
+def _gemm_config(M: int, N: int, K: int, R: int, has_out: bool, device) -> tuple:
+    """(grid, EVEN_K, config): one program per block of rows and block of columns (one column block
+    when only S is wanted). R_CHUNK: rank entries per gathered (rows, R_CHUNK, columns) tile of Q,
+    about 4096 elements (32 fp32 registers a thread at 4 warps)."""
+    cfg = dict(configs.decode_gemm(M, N, R, device))
+    cfg["R_CHUNK"] = max(2, min(cfg["BLOCK_R"], 4096 // (cfg["BLOCK_M"] * cfg["BLOCK_N"])))
+    grid = (cdiv(M, cfg["BLOCK_M"]), max(1, cdiv(N, cfg["BLOCK_N"])) if has_out else 1)
+    return grid, K % cfg["BLOCK_K"] == 0, cfg
 
 
 def decode_shrink(x, q, scalings, ids, ranks):
     """Partial sums P: (SPLIT, M, R) fp32 of S[m] = s_l · x[m]·Q_lᵀ over SPLIT slices of C, to be
-    added by decode_expand. x: (M, C); q: (L, R, C) any strides; scalings: (L,); ids: (M,) integer,
+    added by decode_gemm. x: (M, C); q: (L, R, C) any strides; scalings: (L,); ids: (M,) integer,
     contiguous; ranks: (L,) integer or None. Entries of rows without an adapter, and past each rank,
-    are left unwritten: decode_expand never reads them."""
+    are left unwritten: decode_gemm never reads them."""
     M, C = x.shape
     L, R, C_q = q.shape
     if not 0 < M <= DECODE_MAX_ROWS:
@@ -208,68 +216,74 @@ def _shrink_arguments(x, q, scalings, ids, ranks, part):
             (M, C, L, R, c_per_split, *x.stride(), *q.stride(), *part.stride()), kwargs)
 
 
-def decode_expand(part, q, ids, ranks, out=None, bias=None, write_s=False):
-    """out = bias + S·Q_lᵀ, written into out: (M, N) (any strides and float dtype; None: not
-    computed), and S: (M, R) fp32 returned with write_s (else None), with S = Σ_s part[s] (decode_shrink's
-    partial sums, added in a fixed order).
+def decode_gemm(part, q, ids, ranks, x=None, w=None, out=None, bias=None, write_s=False):
+    """out = x·wᵀ + bias + S·Q_lᵀ, written into out: (M, N) (any strides and float dtype; None: not
+    computed), and S: (M, R) fp32 returned with write_s (else None), with S = Σ_s part[s]
+    (decode_shrink's partial sums, added in a fixed order).
 
-    q: (L, N, R) any strides; ids: (M,) integer, contiguous; ranks: (L,) integer or None; bias: (N,)
-    or None. Rows with id -1 get the bias alone, rows with an id outside [-1, L) NaN; a library GEMM
-    then adds x·Wᵀ (dY·W). S is zero past each rank and on rows without an adapter."""
+    x: (M, K) and w: (N, K), any strides (needed with out); q: (L, N, R) any strides; ids: (M,) integer,
+    contiguous; ranks: (L,) integer or None; bias: (N,) or None. Rows with id -1 get x·wᵀ + bias, rows
+    with an id outside [-1, L) NaN. S is zero past each rank and on rows without an adapter."""
     split, M, R = part.shape
     L, N, R_q = q.shape
-    _check_ids(ids, "decode_expand")
+    _check_ids(ids, "decode_gemm")
     check_shapes(R == R_q and ids.shape == (M,) and (ranks is None or ranks.shape == (L,))
-                 and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
-                 "decode_expand", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out)
+                 and (bias is None or bias.shape == (N,))
+                 and (out is None or (out.shape == (M, N) and x is not None and w is not None and x.shape[0] == M
+                                      and w.shape == (N, x.shape[1]))),
+                 "decode_gemm", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out, x=x, w=w)
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return S
-    grid, pointers, frozen, kwargs = _expand_arguments(part, q, ids, ranks, out, bias, S)
-    launch(_decode_expand_kernel, grid, *pointers, *frozen, **kwargs)
+    grid, pointers, frozen, kwargs = _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S)
+    launch(_decode_gemm_kernel, grid, *pointers, *frozen, **kwargs)
     return S
 
 
-def _expand_arguments(part, q, ids, ranks, out, bias, S):
-    """(grid, pointers, frozen, kwargs) of decode_expand's launch, as _shrink_arguments."""
+def _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S):
+    """(grid, pointers, frozen, kwargs) of decode_gemm's launch, as _shrink_arguments."""
     split, M, R = part.shape
     L, N, _ = q.shape
-    grid, block_ids, cfg = _expand_config(M, N, R, out is not None, part.device)
-    o, s = (t if t is not None else part for t in (out, S))
-    kwargs = dict(HAS_OUT=out is not None, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
-                  WRITE_S=S is not None, PRECISION=dot_precision(o.dtype, torch.float32, low_rank=True),
-                  BLOCK_IDS=block_ids, **cfg)
-    return (grid, (part, q, bias if bias is not None else part, o, s, ids, ranks if ranks is not None else ids),
-            (M, N, L, R, split, *part.stride(), *q.stride(), o.stride(0), o.stride(1), s.stride(0), s.stride(1)),
+    has_out = out is not None
+    if not has_out:  # S alone: the base operands are never read
+        x = w = out = part[0]
+    K = x.shape[1]
+    grid, even_k, cfg = _gemm_config(M, N, K, R, has_out, part.device)
+    s = S if S is not None else part[0]
+    kwargs = dict(HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, WRITE_S=S is not None,
+                  EVEN_K=even_k, DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
+                  **cfg)
+    return (grid, (x, w, part, q, bias if bias is not None else part, out, s, ids, ranks if ranks is not None else ids),
+            (M, N, K, L, R, split, *x.stride(), *w.stride(), *part.stride(), *q.stride(), *out.stride(), *s.stride()),
             kwargs)
 
 
-def decode_launcher(x, lora_A, lora_B, scalings, ids, ranks, bias, out):
-    """decode_shrink then decode_expand into out (no S), fixed for every call whose tensors have these
+def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out):
+    """decode_shrink then decode_gemm into out (no S), fixed for every call whose tensors have these
     ones' shapes, strides, dtypes, devices and 16-byte alignment (the caller's cache key guarantees
-    it): returns run(x, lora_A, lora_B, scalings, ids, ranks, bias, out), which allocates the partial
-    sums and makes both launches with the grids, strides and constexprs computed here. x: (M, K) with
-    0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; out: (M, N). Each call may pass, as x or out, any tensor
-    whose data starts where such a 2-D view's does."""
+    it): returns run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out), which allocates the
+    partial sums and makes both launches with the grids, strides and constexprs computed here. x: (M, K)
+    with 0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; weight: (N, K); out: (M, N). Each call may pass, as x or
+    out, any tensor whose data starts where such a 2-D view's does."""
     M, K = x.shape
     L, R, _ = lora_A.shape
     check_shapes(0 < M <= DECODE_MAX_ROWS and K > 0 and L > 0 and lora_A.shape[2] == K and ids.shape == (M,)
-                 and out.shape == (M, lora_B.shape[1]), "decode_launcher", x=x, lora_A=lora_A, lora_B=lora_B,
-                 ids=ids, out=out)
+                 and weight.shape == (lora_B.shape[1], K) and out.shape == (M, lora_B.shape[1]),
+                 "decode_launcher", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, ids=ids, out=out)
     _check_ids(ids, "decode_launcher")
     split = _shrink_config(M, K, R, x.device, torch.float32 in (x.dtype, lora_A.dtype))[0][1]
     part = torch.empty((split, M, R), dtype=torch.float32, device=x.device)  # for its strides
     grid, _, frozen, kwargs = _shrink_arguments(x, lora_A, scalings, ids, ranks, part)
     shrink = Bound(_decode_shrink_kernel, grid, frozen, kwargs)
-    grid, _, frozen, kwargs = _expand_arguments(part, lora_B, ids, ranks, out, bias, None)
-    expand = Bound(_decode_expand_kernel, grid, frozen, kwargs)
+    grid, _, frozen, kwargs = _gemm_arguments(part, lora_B, ids, ranks, x, weight, out, bias, None)
+    gemm = Bound(_decode_gemm_kernel, grid, frozen, kwargs)
     part_shape, device = part.shape, part.device
 
-    def run(x, lora_A, lora_B, scalings, ids, ranks, bias, out):
+    def run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out):
         part = torch.empty(part_shape, dtype=torch.float32, device=device)
         if ranks is None:
             ranks = ids
         shrink((x, lora_A, scalings, ids, ranks, part), ())
-        expand((part, lora_B, bias if bias is not None else part, out, part, ids, ranks), ())
+        gemm((x, weight, part, lora_B, bias if bias is not None else part, out, part, ids, ranks), ())
 
     return run

@@ -3,6 +3,7 @@ each execution plan (the `plan` fixture: fused, split over grouped tokens at any
 MULTI_DECODE_MAX_M rows)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from oracle import assert_oracle, chain_lengths, check_multi_lora_linear
 
 import fusedlora
@@ -301,17 +302,34 @@ def counted(monkeypatch):
     return seen
 
 
+class _LibraryOps(TorchDispatchMode):
+    """The aten ops a call dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("M", [16, 64])
-def test_decode_step_is_two_kernels_and_no_sort(M, counted, monkeypatch, device):
-    """Without a gradient, a decode-sized call is the shrink, the expand and the library GEMM: no sort,
-    no other launch."""
+@pytest.mark.parametrize("batched", [False, True], ids=["ids", "batch"])
+def test_decode_step_is_two_kernels_and_no_sort(M, batched, counted, monkeypatch, device):
+    """Without a gradient, a decode-sized call is the shrink and the decode GEMM (which adds x·Wᵀ
+    itself): no sort, no other launch, no library product; twice, so that the second call of an
+    AdapterBatch comes from the per-shape cache."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_multi(M, 32, 24, 3, 8, f32, ranks=[8, 2, 5], device=device)
     ids = ids_for("unsorted", M, 3, device)
-    with torch.no_grad():
-        fusedlora.multi_lora_linear(*(inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B", "scalings")),
-                                    ids, inputs["ranks"])
-    assert counted == {"group": 0, "_decode_shrink_kernel": 1, "_decode_expand_kernel": 1}
+    ids = AdapterBatch(ids, 3) if batched else ids
+    for _ in range(2):
+        with torch.no_grad(), _LibraryOps() as ops:
+            fusedlora.multi_lora_linear(*(inputs[n] for n in ("x", "weight", "bias", "lora_A", "lora_B",
+                                                              "scalings")), ids, inputs["ranks"])
+        assert not {"mm", "addmm", "addmm_", "matmul", "bmm"} & {name.split(".")[0] for name in ops.names}
+    assert counted == {"group": 0, "_decode_shrink_kernel": 2, "_decode_gemm_kernel": 2}
 
 
 def test_a_batch_is_grouped_once_for_every_layer(counted, monkeypatch, device):

@@ -110,14 +110,16 @@ def fast_key(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
 
 
 class _Decode:
-    """The decode plan's forward: the two decode launches into y, then the library GEMM adds x·Wᵀ."""
-    __slots__ = ("run", "y_shape", "dtype", "device", "N")
+    """The decode plan's forward: its two launches (the shrink, then the GEMM with each row's adapter
+    term) into y."""
+    __slots__ = ("run", "y_shape", "dtype", "device")
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+        # y is new and contiguous: its data starts where its 2-D view's does (the launches' strides are
+        # fixed). x of more dimensions may not be viewable as 2-D: reshaped as the full path does.
         y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
-        x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(-1, x.shape[-1]), y.view(-1, self.N))
-        self.run(x2, lora_A, lora_B, scalings, batch.flat, ranks, bias, y2)
-        y2.addmm_(x2, weight.t())
+        self.run(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, scalings, batch.flat,
+                 ranks, bias, y)
         return y
 
 
@@ -137,9 +139,9 @@ def fast_entry(key, x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
     M, L = x.numel() // K if K else 0, lora_A.shape[0]
     if plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:  # decode: M within the kernels' bound
         entry = _Decode()
-        entry.y_shape, entry.dtype, entry.device, entry.N = (*x.shape[:-1], N), x.dtype, x.device, N
+        entry.y_shape, entry.dtype, entry.device = (*x.shape[:-1], N), x.dtype, x.device
         x2 = x.reshape(-1, K)
-        entry.run = plans.decode_launcher(x2, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+        entry.run = plans.decode_launcher(x2, weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
                                           torch.empty((M, N), dtype=x.dtype, device=x.device))
     else:
         entry = _Planned()

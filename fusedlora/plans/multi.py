@@ -13,8 +13,9 @@ The plans (chosen by fusedlora/plans/planner.py: choose_multi) differ in how y a
 - split   the low-rank term (+ b) is written first by the segment kernels over tokens grouped by
           adapter, and the library GEMM accumulates x·Wᵀ (dY·W) onto it (addmm_, beta = 1), as the
           single-adapter split plan does.
-- decode  as split, with the low-rank term from the decode kernels (kernels/multi_decode.py: per-row
-          adapter lookup, no grouping), for 1 to DECODE_MAX_ROWS rows.
+- decode  two launches, no grouping (kernels/multi_decode.py, per-row adapter lookup), for 1 to
+          DECODE_MAX_ROWS rows: the shrink split over K, then one Triton GEMM that computes x·Wᵀ (dY·W)
+          and adds b and each row's adapter term S[t]·B_lᵀ (dU[t]·A_l) before its single write.
 S and dU are in token order in every plan, so forward and backward may choose differently. ids are
 the flat (M,) adapter ids; groups, group_by_adapter's (order, sorted_ids, starts) of them, which
 fused and split need and decode does not (None there): the AdapterBatch makes them once per batch.
@@ -22,7 +23,7 @@ Rows with id -1 get the base alone; ids outside [-1, L) give NaN rows.
 """
 import torch
 
-from fusedlora.kernels.multi_decode import decode_expand, decode_launcher, decode_shrink
+from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 
 
@@ -31,9 +32,7 @@ def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, g
     without. x2: (M, K); inputs already validated."""
     if plan == "decode":
         part = decode_shrink(x2, lora_A, scalings, ids, ranks)
-        S = decode_expand(part, lora_B, ids, ranks, out=out, bias=bias, write_s=need_S)
-        out.addmm_(x2, weight.t())
-        return S
+        return decode_gemm(part, lora_B, ids, ranks, x2, weight, out=out, bias=bias, write_s=need_S)
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
     if plan == "fused":
         multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out)
@@ -56,9 +55,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids, 
     dx2 = dx.view(-1, K) if need_x else None
     if decode and (need_x or need_A):
         part = decode_shrink(g, lora_Bt, scalings, ids, ranks)
-        dU = decode_expand(part, lora_At, ids, ranks, out=dx2, write_s=need_A)
-        if need_x:
-            dx2.addmm_(g, weight)
+        dU = decode_gemm(part, lora_At, ids, ranks, g, weight.t(), out=dx2, write_s=need_A)
     elif need_x or need_A:
         dU = multi_shrink(g, lora_Bt, scalings, groups, ranks)
         if need_x and plan == "fused":

@@ -50,9 +50,12 @@ def choose(direction: str, M: int, K: int, N: int, r: int) -> str:
 # - "split": the library GEMM computes x·Wᵀ (dY·W) for all rows at once and accumulates onto the
 #   low-rank term that Triton kernels wrote first over tokens grouped by adapter (segment kernels),
 #   each row with its own adapter at its own rank.
-# - "decode": as split, but the low-rank term comes from the decode kernels (kernels/multi_decode.py:
-#   per-row adapter lookup, no sort), which serve 1 to MULTI_DECODE_MAX_M rows. Forced where they
-#   cannot serve (M = 0 or above the bound), it runs the split plan.
+# - "decode": the decode kernels (kernels/multi_decode.py: per-row adapter lookup, no sort), which serve
+#   1 to MULTI_DECODE_MAX_M rows in two launches: the shrink split over K, then a Triton GEMM that adds
+#   b and each row's low-rank term to x·Wᵀ before its one write of y. It is the single-adapter fused
+#   plan's trade at decode sizes (a Triton GEMM at 1.19x cuBLAS on the H200 at M = 16, against a third
+#   launch and an extra pass over y); untimed on a GPU. Forced where the decode kernels cannot serve
+#   (M = 0 or above the bound), it runs the split plan.
 #
 # What an H200 measured (bf16, 64 adapters, r = 16, K = N = 4096; ratio to cuBLAS's x·Wᵀ): at
 # M = 4096 the fused kernel ran 2.65x and cuBLAS plus the same shrink and expand kernels 2.17x; at
