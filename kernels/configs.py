@@ -30,6 +30,7 @@ INTERPRETER = "interpreter"
 _INTERPRETER = {
     "lora_gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
     "lora_gemm_shrink": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
+    "lora_backward": dict(BLOCK_N=32, BLOCK_K=32, RANK_CAP=64, num_warps=4, num_stages=1),
     "lora_expand": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1),
     "lora_shrink": dict(BLOCK_M=32, BLOCK_C=32, RANK_CAP=128, num_warps=4, num_stages=1),
     "lora_dy": dict(BLOCK_M=32, BLOCK_N=32, RANK_CAP=64, num_warps=4, num_stages=1),
@@ -155,6 +156,18 @@ def lora_gemm_shrink(M: int, N: int = 0, device=None) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
+def lora_backward(M: int, K: int, R: int, device=None) -> dict:
+    """The one-launch backward (M <= 64: one row block, its size set from M by the launcher): the
+    one-launch forward's column and reduction blocks for dX's K columns, bound by reading W as that
+    kernel is. Compiled for sm_90 with fp32 adapters it takes 242-248 registers a thread without
+    spilling; 8 warps spilled up to 56 B (triton 3.9)."""
+    tiles = lora_gemm_shrink(M, K, device)
+    default = dict(BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], RANK_CAP=SHRINK_MAX_R,
+                   num_warps=tiles["num_warps"], num_stages=tiles["num_stages"])
+    return _with_rank(_choose("lora_backward", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
 def lora_expand(M: int, device=None) -> dict:
     """The low-rank term alone (out = addend + p·qᵀ): a memory-bound pass over the M×N output whose
     reduction is the rank, so wide tiles and no deep pipeline."""
@@ -270,6 +283,6 @@ def clear_caches(tables: bool = True):
     loaded table is changed in memory (tables=False, as benchmarks/tune.py does for each candidate)."""
     for hook in CLEAR_HOOKS:
         hook()
-    for fn in (lora_gemm, lora_gemm_shrink, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
+    for fn in (lora_gemm, lora_gemm_shrink, lora_backward, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
                multi_reduce, decode_shrink, decode_gemm) + ((table,) if tables else ()):
         fn.cache_clear()

@@ -109,7 +109,7 @@ class Bound:
     calls it, on the current stream. Under the interpreter, with the fast path off, or on a device
     other than the first call's, every call takes the plain `kernel[grid]` path."""
 
-    __slots__ = ("kernel", "grid", "frozen", "kwargs", "compiled", "constexprs", "device", "grid_1", "grid_2")
+    __slots__ = ("kernel", "grid", "frozen", "kwargs", "compiled", "constexprs", "rest", "device", "grid_1", "grid_2")
 
     def __init__(self, kernel, grid, frozen: tuple, kwargs: dict):
         self.kernel, self.grid, self.frozen, self.kwargs = kernel, grid, frozen, kwargs
@@ -122,7 +122,7 @@ class Bound:
         if compiled is not None and _fast:
             device = driver.active.get_current_device()
             if device == self.device:
-                every = head + self.frozen + tail + self.constexprs
+                every = head + self.frozen + tail + self.constexprs if tail else head + self.rest
                 stream = driver.active.get_current_stream(device)
                 grid = self.grid
                 compiled.run(grid[0], self.grid_1, self.grid_2, stream, compiled.function, compiled.packed_metadata,
@@ -137,4 +137,5 @@ class Bound:
             except RuntimeError:  # no GPU driver: stay on the plain path
                 return
             self.constexprs = tuple(self.kwargs[name] for name in self.kernel.arg_names[len(args):])
+            self.rest = self.frozen + self.constexprs  # what follows the head in a call without a tail
             self.compiled = result

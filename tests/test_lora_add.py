@@ -38,8 +38,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backward", ["one-launch", "split"])
 @pytest.mark.parametrize("lead,K,N,r,dtype,adapter_dtype,p", CASES)
-def test_matches_reference(lead, K, N, r, dtype, adapter_dtype, p, device):
+def test_matches_reference(lead, K, N, r, dtype, adapter_dtype, p, backward, device, monkeypatch):
+    """Both backward paths: one launch (what these row counts take, ranks up to 64) and the split
+    plan's three launches (FUSEDLORA_PLAN=split)."""
+    monkeypatch.setenv("FUSEDLORA_PLAN", "fused" if backward == "one-launch" else "split")
     inputs = add_inputs(lead, K, N, r, dtype, adapter_dtype, device)
     base_before = inputs["base"].clone()
     dy = torch.randn(inputs["base"].shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)

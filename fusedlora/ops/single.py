@@ -48,6 +48,12 @@ def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
                           scaling, dropout_p, seed, needs)
 
 
+def _add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
+    # lora_add's backward follows the single-adapter backward's choice for its rows (B gives N).
+    return plans.add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs,
+                              _plan("backward", _rows(x), lora_B, lora_A))
+
+
 def _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed):
     N = base.shape[-1]
     y = torch.empty(base.shape, dtype=base.dtype, device=base.device)
@@ -84,8 +90,8 @@ class _LoRAAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, lora_A, lora_B, S = ctx.saved_tensors
-        grads = plans.add_backward(dy, x, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
-                                   ctx.needs_input_grad[:4])
+        grads = _add_backward(dy, x, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
+                              ctx.needs_input_grad[:4])
         return (*grads, None, None, None)
 
 
@@ -363,7 +369,7 @@ def lora_add_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor
                          needs: List[bool]) -> List[torch.Tensor]:
     """The gradients of (x, lora_A, lora_B) whose flag in `needs` is set, in that order. The gradient
     of base is dy itself and never passes through the op (an op's output may not alias its input)."""
-    grads = plans.add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, int(seed), (False, *needs))
+    grads = _add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, int(seed), (False, *needs))
     return [g for g in grads[1:] if g is not None]
 
 

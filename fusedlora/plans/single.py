@@ -20,6 +20,7 @@ import torch
 from fusedlora.core.dropout import keep_threshold
 from fusedlora.kernels import configs
 from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher, lora_expand, lora_gemm, lora_gemm_shrink
+from fusedlora.kernels.lora_backward import fits, lora_backward
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
 
@@ -80,25 +81,46 @@ def masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, out_dtype):
     return dx if weight is None else dx.addmm_(g, weight)
 
 
+def _one_launch_backward(g, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B,
+                         dx_dtype):
+    """(dX, dA, dB) from kernels/lora_backward.py's single launch (fits(M, r) rows)."""
+    return lora_backward(g, weight, lora_A, lora_B, x2, S, scaling / (1.0 - dropout_p), seed,
+                         keep_threshold(dropout_p), dropout=dropout_p > 0, compute_dx=need_x, compute_da=need_A,
+                         compute_db=need_B, dx_dtype=dx_dtype)
+
+
 def backward(plan: str, dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed: int, needs):
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere.
-    x: (*, K), dy: (*, N)."""
+    x: (*, K), dy: (*, N). The fused plan at up to 64 rows (one row block) runs dX, dA and dB as one
+    launch (kernels/lora_backward.py); otherwise dU and dB, dA and dX take a launch each."""
     need_x, need_w, need_b, need_A, need_B = needs
     K, N = x.shape[-1], weight.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-    dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-    dx = masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
+    if plan == "fused" and fits(g.shape[0], lora_A.shape[0]) and (need_x or need_A or need_B):
+        dx, dA, dB = _one_launch_backward(g, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x,
+                                          need_A, need_B, x.dtype)
+        dx = dx.view(x.shape) if need_x else None
+    else:
+        dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
+        dx = masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
     # dW through the library GEMM in both plans: it is a plain (N, M)·(M, K) product.
     dw = torch.mm(g.t(), x2).to(weight.dtype) if need_w else None
     db = g.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
     return dx, dw, db, dA, dB
 
 
-def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, seed: int, needs):
-    """Gradients (dbase, dx, dlora_A, dlora_B) of lora_add for the flags in `needs`, None elsewhere."""
+def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, seed: int, needs, plan: str = "split"):
+    """Gradients (dbase, dx, dlora_A, dlora_B) of lora_add for the flags in `needs`, None elsewhere. plan:
+    the single-adapter backward's choice for these rows; "fused" at up to 64 rows is one launch, as
+    backward's."""
     need_base, need_x, need_A, need_B = needs
     K, N = x.shape[-1], lora_B.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-    dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-    dx = masked_dx(g, None, dU, lora_A, dropout_p, seed, "split", x.dtype).reshape(x.shape) if need_x else None
+    if plan == "fused" and fits(g.shape[0], lora_A.shape[0]) and (need_x or need_A or need_B):
+        dx, dA, dB = _one_launch_backward(g, x2, None, lora_A, lora_B, S, scaling, dropout_p, seed, need_x,
+                                          need_A, need_B, x.dtype)
+        dx = dx.view(x.shape) if need_x else None
+    else:
+        dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
+        dx = masked_dx(g, None, dU, lora_A, dropout_p, seed, "split", x.dtype).reshape(x.shape) if need_x else None
     return (dy if need_base else None), dx, dA, dB
