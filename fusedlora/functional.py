@@ -71,9 +71,10 @@ def lora_add(
     base: (*, N), the base layer's output for x: (*, K); lora_A: (r, K); lora_B: (N, r) -> (*, N) in
     base's dtype (a new tensor; base is not modified). Dtypes, dropout and seed as in lora_linear.
     Differentiable in base (its gradient is the output's), x, lora_A and lora_B: the base layer's own
-    autograd carries the gradient of x through base. One shrink and one expand kernel in each
-    direction; x·Wᵀ is whatever the base layer computes. Eager calls without gradients are served from
-    the per-shape cache lora_linear's are.
+    autograd carries the gradient of x through base. Up to 64 rows (rank up to 64) each direction is
+    one launch, as lora_linear's; above, a shrink and an expand kernel (and dU's pass in backward);
+    x·Wᵀ is whatever the base layer computes. Eager calls without gradients are served from the
+    per-shape cache lora_linear's are.
     """
     key = None
     if not torch.compiler.is_compiling():
@@ -88,7 +89,8 @@ def lora_add(
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     backend = backend_for(x)
     if key is not None:
-        return ops.add_fast_entry(key, backend, dropout_p, seed)(base, x, lora_A, lora_B, scaling, seed)
+        entry = ops.add_fast_entry(key, backend, base, x, lora_A, lora_B, dropout_p, seed)
+        return entry(base, x, lora_A, lora_B, scaling, seed)
     if backend == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)

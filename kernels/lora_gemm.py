@@ -15,7 +15,8 @@ Transposes are strides, never copies. S and dU = s/(1-p)·dY·B come from kernel
 At decode sizes the forward runs as one launch (HAS_SHRINK): the shrink S = c·(keep ⊙ x)·Aᵀ is computed
 inside the GEMM's K loop from the x tiles the base product loads, then added as y += S·Bᵀ after the
 loop. Every column block recomputes S for its rows (A is r×K, small next to W at decode), and the
-programs of the first column block write it out for the backward.
+programs of the first column block write it out for the backward. lora_add's forward at decode sizes
+is the same launch without the base product: out = C + S·Bᵀ.
 """
 import torch
 import triton
@@ -78,9 +79,10 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # HAS_SHRINK (with HAS_BASE and HAS_LORA): P is S's output, written here when STORE_S (backward reads
-    # it; a call without gradients does not), A (r, K) at a_ptr, R <= BLOCK_R, and HAS_DROPOUT masks x in
-    # the shrink (keep on (m, k)) instead of the low-rank term.
+    # HAS_SHRINK (with HAS_LORA): P is S's output, written here when STORE_S (backward reads it; a call
+    # without gradients does not), A (r, K) at a_ptr, R <= BLOCK_R, and HAS_DROPOUT masks x in the shrink
+    # (keep on (m, k)) instead of the low-rank term. Without HAS_BASE (lora_add's one launch) the K loop
+    # reads x for the shrink alone, and HAS_ADDEND brings the base output.
     pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,8 +103,9 @@ def _lora_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
             xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            if HAS_BASE:
+                wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
             if HAS_DROPOUT:
                 xt = tl.where(keep_mask_tile(seed_lo, seed_hi, offs_m, k0, threshold, BLOCK_K), xt, 0.0)
             at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
@@ -162,10 +165,10 @@ def _arguments(x, weight, bias, p, q, addend, out, dropout, cfg, a=None, col_sca
     threshold, shrink scale) come last and are not included."""
     M, N = out.shape
     has_base, has_lora, has_addend, has_shrink = weight is not None, p is not None, addend is not None, a is not None
-    K = x.shape[1] if has_base else 0
+    K = x.shape[1] if has_base or has_shrink else 0
     R = (a.shape[0] if has_shrink else p.shape[1]) if has_lora else 0  # with the shrink, p may be a stand-in
     # Pointers a variant does not use still need a tensor; its flag compiles them away.
-    x = x if has_base else out
+    x = x if has_base or has_shrink else out
     weight, p, q, addend, a = (t if t is not None else x for t in (weight, p, q, addend, a))
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     if col_scale is not None and (col_scale.shape != (N,) or col_scale.dtype != torch.float32
@@ -219,28 +222,32 @@ def lora_gemm(x, weight, bias=None, p=None, q=None, seed=0, threshold=0, dropout
                    col_scale=col_scale)
 
 
-def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0, dropout=False, out=None):
+def lora_gemm_shrink(x, weight, bias, lora_A, lora_B, scale, seed=0, threshold=0, dropout=False, out=None,
+                     addend=None):
     """(out, S): S = scale · (keep ⊙ x)·lora_Aᵀ -> (M, R) fp32 and out = x·weightᵀ + bias + S·lora_Bᵀ -> (M, N),
-    in one launch (the decode forward).
+    in one launch (the decode forward); weight=None with an addend: out = addend + S·lora_Bᵀ (lora_add's).
 
-    x: (M, K), weight: (N, K), bias: (N,) or None, lora_A: (R, K) with R <= SHRINK_MAX_R, lora_B: (N, R),
-    out: (M, N) or None (a new tensor in x's dtype); any strides. dropout=True masks x with the keep-mask
-    of (seed, threshold) on (m, k), as lora_shrink does. Every column block recomputes S, so this is for
-    small M (the plans choose it).
+    x: (M, K), weight: (N, K) or None, bias: (N,) or None, lora_A: (R, K) with R <= SHRINK_MAX_R,
+    lora_B: (N, R), addend: (M, N) or None, out: (M, N) or None (a new tensor in x's dtype, addend's
+    without a weight); any strides. dropout=True masks x with the keep-mask of (seed, threshold) on
+    (m, k), as lora_shrink does. Every column block recomputes S, so this is for small M (the plans
+    choose it).
     """
     M, K = x.shape
-    N, R = weight.shape[0], lora_A.shape[0]
-    check_shapes(weight.shape[1] == K and lora_A.shape == (R, K) and lora_B.shape == (N, R)
-                 and (bias is None or bias.shape == (N,)) and (out is None or out.shape == (M, N)),
-                 "lora_gemm_shrink", x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, out=out)
+    N, R = lora_B.shape[0], lora_A.shape[0]
+    check_shapes((weight is None or weight.shape == (N, K)) and (weight is not None or addend is not None)
+                 and lora_A.shape == (R, K) and lora_B.shape == (N, R) and (bias is None or bias.shape == (N,))
+                 and (addend is None or addend.shape == (M, N)) and (out is None or out.shape == (M, N)),
+                 "lora_gemm_shrink", x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, addend=addend,
+                 out=out)
     if R > SHRINK_MAX_R:
         raise ValueError(f"lora_gemm_shrink: rank {R} over {SHRINK_MAX_R}")
     if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        out = torch.empty((M, N), dtype=x.dtype if weight is not None else addend.dtype, device=x.device)
     S = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return out, S
-    _launch(x, weight, bias, S, lora_B, None, out, seed, threshold, dropout,
+    _launch(x, weight, bias, S, lora_B, addend, out, seed, threshold, dropout,
             configs.lora_gemm_shrink(M, N, x.device), a=lora_A, shrink_scale=scale)
     return out, S
 
@@ -266,27 +273,31 @@ def lora_expand(p, q, bias=None, addend=None, seed=0, threshold=0, dropout=False
                    col_scale=col_scale)
 
 
-def gemm_shrink_launcher(x, weight, bias, lora_A, lora_B, S, out, dropout: bool):
+def gemm_shrink_launcher(x, weight, bias, lora_A, lora_B, S, out, dropout: bool, addend=None):
     """lora_gemm_shrink's launch fixed for every call whose tensors have these ones' shapes, strides,
     dtypes, devices and 16-byte alignment (the caller's cache key guarantees it): returns
-    run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale), which launches with the grid,
-    configuration, strides and constexprs computed here. x: (M, K) here; each call may pass, as x or
-    out, any tensor whose data starts where such a 2-D view's does (the (*, K) tensor it views).
-    S: (M, R) fp32, written by every call; or None for calls without gradients, which need no S: then
-    none is written (nor allocated: x stands in for its pointer, which the kernel does not use)."""
+    run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale, S=None, addend=None), which launches
+    with the grid, configuration, strides and constexprs computed here. x: (M, K) here; each call may
+    pass, as x or out, any tensor whose data starts where such a 2-D view's does (the (*, K) tensor it
+    views), and likewise the addend. S: (M, R) fp32, written by every call; or None for calls without
+    gradients, which need no S: then none is written (nor allocated: x stands in for its pointer, which
+    the kernel does not use). weight None with an addend: lora_add's one launch (no bias)."""
     M, K = x.shape
-    N, R = weight.shape[0], lora_A.shape[0]
-    check_shapes(M > 0 and N > 0 and R <= SHRINK_MAX_R and weight.shape[1] == K and lora_A.shape == (R, K)
+    N, R = lora_B.shape[0], lora_A.shape[0]
+    check_shapes(M > 0 and N > 0 and R <= SHRINK_MAX_R and (weight is None or weight.shape == (N, K))
+                 and (weight is not None or addend is not None) and lora_A.shape == (R, K)
                  and lora_B.shape == (N, R) and (S is None or S.shape == (M, R)) and out.shape == (M, N)
-                 and (bias is None or bias.shape == (N,)), "gemm_shrink_launcher", x=x, weight=weight, bias=bias,
-                 lora_A=lora_A, lora_B=lora_B, S=S, out=out)
+                 and (addend is None or addend.shape == (M, N)) and (bias is None or bias.shape == (N,)),
+                 "gemm_shrink_launcher", x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, S=S,
+                 addend=addend, out=out)
     store_s = S is not None
-    grid, _, frozen, kwargs = _arguments(x, weight, bias, S if store_s else x, lora_B, None, out, dropout,
+    grid, _, frozen, kwargs = _arguments(x, weight, bias, S if store_s else x, lora_B, addend, out, dropout,
                                          configs.lora_gemm_shrink(M, N, x.device), a=lora_A, store_s=store_s)
     bound = Bound(_lora_gemm_kernel, grid, frozen, kwargs)
 
-    def run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale, S=None):
-        bound((x, weight, bias if bias is not None else x, S if S is not None else x, lora_B, x, x, out, lora_A),
+    def run(x, weight, bias, lora_A, lora_B, out, seed, threshold, scale, S=None, addend=None):
+        bound((x, weight if weight is not None else x, bias if bias is not None else x, S if S is not None else x,
+               lora_B, addend if addend is not None else x, x, out, lora_A),
               (0, 0, threshold, scale) if seed == 0 else (*seed_words(seed), threshold, scale))
 
     return run

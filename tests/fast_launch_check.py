@@ -16,7 +16,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fusedlora  # noqa: E402
 from fusedlora.kernels import launch  # noqa: E402
-from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm  # noqa: E402
+from fusedlora.kernels.lora_backward import lora_backward  # noqa: E402
+from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm, lora_gemm_shrink  # noqa: E402
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink  # noqa: E402
 
 K, N, R = 64, 48, 16
@@ -42,6 +43,9 @@ def drive(t):
                 lora_gemm(x, t["W"], t["b"], p=S, q=t["B"], seed=seed, threshold=seed // 5, dropout=seed % 2 == 0)
                 lora_expand(S, t["B"], addend=x[:, :N], seed=seed, threshold=7, dropout=True)
                 lora_dy(x[:, :N], t["B"], S, 2.0)
+                lora_gemm_shrink(x, None, None, t["A"], t["B"], 0.5, seed, seed // 3, dropout=True, addend=x[:, :N])
+                lora_backward(x[:, :N], t["W"], t["A"], t["B"], x, S, 2.0, seed, seed // 3, dropout=seed % 2 == 0)
+                lora_backward(x[:, :N], None, t["A"], t["B"], x, S, 2.0, compute_db=False)
             lora_shrink(x.t(), t["A"][:, :M], 1.0, mask_transposed=True)  # transposed strides
         # Multi-adapter: the decode kernels (M <= 64) and the segment kernels (above).
         for rows in (M, 3 * M + 70):

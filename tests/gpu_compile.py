@@ -50,8 +50,11 @@ def single(plan, M, K, N, adapter_dtype, p):
     A = torch.empty(16, K, dtype=adapter_dtype, device=META, requires_grad=True)
     B = torch.empty(N, 16, dtype=adapter_dtype, device=META, requires_grad=True)
     fusedlora.lora_linear(x, W, None, A, B, 2.0, p, seed=5).sum().backward()
+    base = torch.empty(M, N, dtype=torch.bfloat16, device=META, requires_grad=True)
+    fusedlora.lora_add(base, x, A, B, 2.0, p, seed=5).sum().backward()
     with torch.no_grad():  # eager inference: the per-shape cache's launches (the decode forward writes no S)
         fusedlora.lora_linear(x, W, None, A, B, 2.0, p, seed=5)
+        fusedlora.lora_add(base, x, A, B, 2.0, p, seed=5)
 
 
 def multi(M, K, N, adapter_dtype):

@@ -206,6 +206,9 @@ def calls(dtype):
                 for bias in (b, None):
                     yield fusedlora.lora_linear, (x, W, bias, A, B, 2.0, p, seed)
             yield fusedlora.lora_linear, (x.view(1, M, 96), W, b, A, B, 0.5, 0.0, None)
+            base = flat[offset:offset + M * 80].to(dtype).view(M, 80)
+            for p, seed in ((0.0, None), (0.1, 3), (0.1, 2**40 + 16)):
+                yield fusedlora.lora_add, (base, x, A, B, 2.0, p, seed)
             batch = fusedlora.AdapterBatch(torch.arange(M) % 4 - 1, 3)
             for bias, r in ((b, ranks), (None, None)):
                 yield fusedlora.multi_lora_linear, (x, W, bias, mA.to(dtype), mB.to(dtype), s, batch, r)
@@ -255,8 +258,8 @@ print("OK", len(fast), "launches")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above launch for real")
 def test_cached_launch_matches_tritons_binder():
-    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's and
-    multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
+    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's, lora_add's
+    and multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
     given on the full path with the plain launch."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_FAST_LAUNCH",
@@ -297,6 +300,9 @@ def test_lora_add_served(backend, device, monkeypatch):
             m.setattr(fusedlora.functional, "check_lora_add", lambda *a: pytest.fail("the full path ran"))
             again = fusedlora.lora_add(*args, 1.5, 0.2, seed=9)
         assert len(ops._FAST) == 1 and torch.equal(first, full) and torch.equal(again, full)
+        # Ten rows take the one-launch forward (the shrink inside the expand's K loop) on the kernels.
+        assert type(next(iter(ops._FAST.values()))).__name__ == ("_AddedOneLaunch" if backend == "triton"
+                                                                  else "_Added")
         fusedlora.lora_add(args[0].float(), *args[1:], 1.5, 0.2, seed=9)
         assert len(ops._FAST) == 2
         with pytest.raises(ValueError, match="lora_B"):

@@ -17,13 +17,13 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "host.p
 # the decode plan):
 #   forward    one LoRA GEMM with the shrink in its K loop (S, and x·Wᵀ + b + S·Bᵀ)
 #   backward   one launch (kernels/lora_backward.py: dX, dA and dB, with dU recomputed per column block)
-#   lora_add   lora_shrink, lora_expand onto the base output
+#   lora_add   the forward's one launch without the base product, onto the base output
 #   multi      the decode shrink, the decode GEMM (x·Wᵀ + b + each row's S·B_lᵀ); no library op
 EXPECTED = {
     "lora_linear, no grad": 1,
     "lora_linear, forward+backward, p=0.0": 2,
     "lora_linear, forward+backward, p=0.1": 2,
-    "lora_add, no grad": 2,
+    "lora_add, no grad": 1,
     "multi_lora_linear, bare ids": 2,
     "multi_lora_linear, AdapterBatch": 2,
     "PEFT LoRA Linear, unpatched": 0,

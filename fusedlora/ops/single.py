@@ -49,15 +49,16 @@ def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
 
 
 def _add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
-    # lora_add's backward follows the single-adapter backward's choice for its rows (B gives N).
     return plans.add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs,
                               _plan("backward", _rows(x), lora_B, lora_A))
 
 
 def _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed):
-    N = base.shape[-1]
+    # lora_add follows the single-adapter plan's choice for its rows (B gives N), in both directions.
+    N, x2 = base.shape[-1], _rows(x)
     y = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    S = plans.add_forward(_rows(base), _rows(x), lora_A, lora_B, scaling, dropout_p, seed, y.view(-1, N))
+    S = plans.add_forward(_plan("forward", x2, lora_B, lora_A), _rows(base), x2, lora_A, lora_B, scaling, dropout_p,
+                          seed, y.view(-1, N))
     return y, S
 
 
@@ -285,12 +286,42 @@ class _Added:
         return _add_forward(base, x, lora_A, lora_B, scaling, self.p, _int_seed(seed, self.p))[0]
 
 
-def add_fast_entry(key, backend: str, dropout_p: float, seed):
+class _AddedOneLaunch:
+    """A lora_add entry whose call is one launch (the single-adapter plan's one-launch rows): the shrink
+    inside the expand's K loop, no S written."""
+    __slots__ = ("run", "y_shape", "dtype", "device", "p", "keep", "threshold")
+
+    def __call__(self, base, x, lora_A, lora_B, scaling, seed):
+        if type(scaling) is not float or not -math.inf < scaling < math.inf:
+            scaling = _finite(scaling)
+            if scaling is None:
+                return None
+        seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
+        y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
+        self.run(x, None, None, lora_A, lora_B, y, seed, self.threshold, scaling / self.keep, addend=base)
+        return y
+
+
+def add_fast_entry(key, backend: str, base, x, lora_A, lora_B, dropout_p: float, seed):
     """Make and keep the lora_add entry for `key`, from a call that passed every check."""
     if seed is not None and backend != "torch":
         check_seed(seed)
-    entry = _Added()
-    entry.torch, entry.p = backend == "torch", dropout_p
+    x2, base2 = _rows(x), _rows(base)
+    M, N = x2.shape[0], base.shape[-1]
+    # As for lora_linear: the one-launch kernel takes x and base themselves, so both must be viewable
+    # as their rows without a copy.
+    if (backend != "torch" and plans.one_launch(_plan("forward", x2, lora_B, lora_A), x2, lora_A) and M > 0 and N > 0
+            and x2.data_ptr() == x.data_ptr() and base2.data_ptr() == base.data_ptr()):
+        entry = _AddedOneLaunch()
+        entry.y_shape, entry.dtype, entry.device = base.shape, base.dtype, base.device
+        entry.keep, entry.threshold = 1.0 - dropout_p, keep_threshold(dropout_p)
+        y2 = torch.empty((M, N), dtype=base.dtype, device=base.device)
+        entry.run = plans.gemm_shrink_launcher(x2, None, None, lora_A, lora_B, None, y2, dropout=dropout_p > 0,
+                                               addend=base2)
+    else:
+        entry = _Added()
+        entry.torch = backend == "torch"
+    entry.p = dropout_p
     if len(_FAST) >= FAST_MAX_ENTRIES:
         _FAST.clear()
     _FAST[key] = entry

@@ -14,6 +14,7 @@ backward may choose differently. Saved for backward: x, S and the seed, never a 
 
 lora_add (any base layer) is the split plan with the base product computed by someone else:
     y = base + S·Bᵀ;  d(base) = dY;  dX = keep ⊙ (dU·A)  (the base layer's own autograd adds its dX).
+Where the single-adapter plan would run a direction as one launch, lora_add's does too.
 """
 import torch
 
@@ -53,8 +54,13 @@ def one_launch(plan: str, x2, lora_A) -> bool:
     return plan == "fused" and x2.shape[0] <= ONE_LAUNCH_MAX_M and lora_A.shape[0] <= SHRINK_MAX_R
 
 
-def add_forward(base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
-    """base + S·Bᵀ into out: (M, N), and S, for base2: (M, N), x2: (M, K)."""
+def add_forward(plan: str, base2, x2, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, out):
+    """base + S·Bᵀ into out: (M, N), and S, for base2: (M, N), x2: (M, K). plan: the single-adapter
+    forward's choice for these rows; where it would run as one launch, so does this (the shrink inside
+    the expand's loop over K), else the shrink and the expand are a launch each."""
+    if one_launch(plan, x2, lora_A):
+        return lora_gemm_shrink(x2, None, None, lora_A, lora_B, scaling / (1.0 - dropout_p), seed,
+                                keep_threshold(dropout_p), dropout=dropout_p > 0, out=out, addend=base2)[1]
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
     lora_expand(S, lora_B, addend=base2, out=out)
     return S
