@@ -197,13 +197,15 @@ def host_us(fns: Dict[str, Callable], calls: int, repeats: int) -> Dict[str, flo
 
 # ---- the calls -------------------------------------------------------------------------------------
 
-def _peft_layer(d: int, r: int, device, dtype):
-    """A PEFT LoRA Linear (d -> d, rank r, bias) in eval mode, adapters initialised non-zero."""
+def _peft_layer(d: int, r: int, device, dtype, dropout: float = 0.0, train: bool = False):
+    """A PEFT LoRA Linear (d -> d, rank r, bias), adapters initialised non-zero, in eval mode or (train)
+    in training mode with its adapters trainable and the base frozen."""
     from peft import LoraConfig, get_peft_model
 
     model = torch.nn.Sequential(torch.nn.Linear(d, d)).to(device=device, dtype=dtype)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config).eval()
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False, lora_dropout=dropout)
+    peft_model = get_peft_model(model, config)
+    peft_model.train(train)
     return peft_model, peft_model.base_model.model[0]
 
 
@@ -265,6 +267,16 @@ def cases(device) -> Dict[str, tuple]:
     patched_model, patched_linear = _peft_layer(dl, r, device, torch.float32)
     fusedlora.patch_peft(patched_model)
     out["PEFT LoRA Linear, patch_peft"] = (layer_shape, no_grad(lambda: patched_linear(xl)))
+    # A training step's layer call: forward and backward, adapters trainable, dropout 0.1, x needing a
+    # gradient as every layer's input but the first does.
+    xt, gyt = rand(Ml, dl, dtype=torch.float32, grad=True), rand(Ml, dl, dtype=torch.float32)
+    for name, patch in (("unpatched", False), ("patch_peft", True)):
+        model, layer = _peft_layer(dl, r, device, torch.float32, dropout=0.1, train=True)
+        if patch:
+            fusedlora.patch_peft(model)
+        params = [xt] + [q for q in layer.parameters() if q.requires_grad]
+        out[f"PEFT LoRA Linear, forward+backward, {name}"] = (
+            layer_shape + ", p=0.1", lambda layer=layer, params=params: torch.autograd.grad(layer(xt), params, gyt))
 
     linear = torch.nn.Linear(dl, dl).to(device)
     lora_a = torch.nn.Linear(dl, r, bias=False).to(device)
@@ -319,6 +331,8 @@ def markdown(result: dict) -> str:
                      f"| {r['ratio']:.1f} |")
     by = {r["name"]: r["host_us"] for r in result["rows"]}
     for patched, plain in (("PEFT LoRA Linear, patch_peft", "PEFT LoRA Linear, unpatched"),
+                           ("PEFT LoRA Linear, forward+backward, patch_peft",
+                            "PEFT LoRA Linear, forward+backward, unpatched"),
                            ("LoRALinear", "nn.Linear + unfused LoRA (PEFT-style)")):
         if patched in by and plain in by:
             lines.append(f"\n{patched} / {plain}: {by[patched] / by[plain]:.2f}x")

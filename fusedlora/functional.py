@@ -33,8 +33,9 @@ def lora_linear(
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
     (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
-    An eager call without gradients is served from a per-shape cache after its first call
-    (fusedlora/ops/single.py says what the key holds): the same result, less host time.
+    An eager call is served from a per-shape cache after its first call (fusedlora/ops/single.py says
+    what the key holds; a call with gradients is keyed with which inputs need one): the same result and
+    gradients, less host time.
     """
     key = None
     if not torch.compiler.is_compiling():

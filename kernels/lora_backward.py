@@ -24,7 +24,7 @@ import triton.language as tl
 from . import configs
 from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
-from .launch import launch
+from .launch import Bound, launch
 
 # One row block holds every row, and one rank block every rank.
 MAX_ROWS = configs.DECODE_MAX_ROWS
@@ -111,35 +111,82 @@ def fits(M: int, r: int) -> bool:
     return 0 < M <= MAX_ROWS and r <= MAX_RANK
 
 
+def _arguments(dy, weight, lora_A, lora_B, x, S, dx, da, db, dropout):
+    """(grid, pointers, frozen, kwargs) of one launch: its tensors, then its shapes and strides, then its
+    constexprs and options. The per-call scalars (dU's scale, the seed words, the threshold) follow
+    the frozen arguments and are not included."""
+    M, N = dy.shape
+    r, K = lora_A.shape
+    cfg = configs.lora_backward(M, K, r, dy.device)
+    grid = (max(1, cdiv(K, cfg["BLOCK_N"])),)  # at least one program: dB's row blocks need an owner
+    w = weight if weight is not None else dy
+    pointers = (dy, w, lora_A, lora_B, x, S, dx if dx is not None else dy, da if da is not None else S,
+                db if db is not None else S)
+    frozen = (M, N, K, r, *dy.stride(), *(weight.stride() if weight is not None else (0, 0)), *lora_A.stride(),
+              *lora_B.stride(), *x.stride(), *S.stride(), *(dx.stride() if dx is not None else (0, 0)),
+              *(da.stride() if da is not None else (0, 0)), *(db.stride() if db is not None else (0, 0)))
+    kwargs = dict(
+        HAS_BASE=weight is not None, COMPUTE_DX=dx is not None, COMPUTE_DA=da is not None,
+        COMPUTE_DB=db is not None, HAS_DROPOUT=dropout, DOT_DTYPE=dot_dtype(dy.dtype, w.dtype),
+        PRECISION=dot_precision(dy.dtype, w.dtype), DU_DTYPE=dot_dtype(dy.dtype, lora_B.dtype),
+        DU_PRECISION=dot_precision(dy.dtype, lora_B.dtype, low_rank=True),
+        LORA_PRECISION=dot_precision(dy.dtype, lora_A.dtype, torch.float32, low_rank=True),
+        BLOCK_M=max(16, 1 << (M - 1).bit_length()), **cfg)
+    return grid, pointers, frozen, kwargs
+
+
+def _check(dy, weight, lora_A, lora_B, x, S, launcher):
+    M, N = dy.shape
+    r, K = lora_A.shape
+    check_shapes(fits(M, r) and lora_B.shape == (N, r) and x.shape == (M, K) and S.shape == (M, r)
+                 and (weight is None or weight.shape == (N, K)), launcher,
+                 dy=dy, weight=weight, lora_A=lora_A, lora_B=lora_B, x=x, S=S)
+
+
+def _outputs(dy, lora_A, lora_B, compute_dx, compute_da, compute_db, dx_shape, dx_dtype):
+    M, N = dy.shape
+    r, K = lora_A.shape
+    return (torch.empty(dx_shape or (M, K), dtype=dx_dtype or dy.dtype, device=dy.device) if compute_dx else None,
+            torch.empty((r, K), dtype=lora_A.dtype, device=dy.device) if compute_da else None,
+            torch.empty((N, r), dtype=lora_B.dtype, device=dy.device) if compute_db else None)
+
+
 def lora_backward(dy, weight, lora_A, lora_B, x, S, du_scale, seed=0, threshold=0, dropout=False,
                   compute_dx=True, compute_da=True, compute_db=True, dx_dtype=None):
     """(dX, dA, dB) in one launch, each None unless asked for. dy: (M, N); weight: (N, K) or None (no
     base product: lora_add's dX); lora_A: (r, K); lora_B: (N, r); x: (M, K); S: (M, r) fp32; any strides.
     dX is in dx_dtype (default dy's), dA in lora_A's dtype, dB in lora_B's. Needs fits(M, r)."""
-    M, N = dy.shape
-    r, K = lora_A.shape
-    check_shapes(fits(M, r) and lora_B.shape == (N, r) and x.shape == (M, K) and S.shape == (M, r)
-                 and (weight is None or weight.shape == (N, K)), "lora_backward",
-                 dy=dy, weight=weight, lora_A=lora_A, lora_B=lora_B, x=x, S=S)
-    dx = torch.empty((M, K), dtype=dx_dtype or dy.dtype, device=dy.device) if compute_dx else None
-    da = torch.empty((r, K), dtype=lora_A.dtype, device=dy.device) if compute_da else None
-    db = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device) if compute_db else None
-    cfg = configs.lora_backward(M, K, r, dy.device)
-    grid = (max(1, cdiv(K, cfg["BLOCK_N"])),)  # at least one program: dB's row blocks need an owner
-    w = weight if weight is not None else dy
-    launch(
-        _lora_backward_kernel, grid,
-        dy, w, lora_A, lora_B, x, S, dx if dx is not None else dy, da if da is not None else S,
-        db if db is not None else S, M, N, K, r,
-        *dy.stride(), *(weight.stride() if weight is not None else (0, 0)), *lora_A.stride(), *lora_B.stride(),
-        *x.stride(), *S.stride(), *(dx.stride() if dx is not None else (0, 0)),
-        *(da.stride() if da is not None else (0, 0)), *(db.stride() if db is not None else (0, 0)),
-        float(du_scale), *seed_words(seed), threshold,
-        HAS_BASE=weight is not None, COMPUTE_DX=compute_dx, COMPUTE_DA=compute_da, COMPUTE_DB=compute_db,
-        HAS_DROPOUT=dropout, DOT_DTYPE=dot_dtype(dy.dtype, w.dtype), PRECISION=dot_precision(dy.dtype, w.dtype),
-        DU_DTYPE=dot_dtype(dy.dtype, lora_B.dtype),
-        DU_PRECISION=dot_precision(dy.dtype, lora_B.dtype, low_rank=True),
-        LORA_PRECISION=dot_precision(dy.dtype, lora_A.dtype, torch.float32, low_rank=True),
-        BLOCK_M=max(16, 1 << (M - 1).bit_length()), **cfg,
-    )
+    _check(dy, weight, lora_A, lora_B, x, S, "lora_backward")
+    dx, da, db = _outputs(dy, lora_A, lora_B, compute_dx, compute_da, compute_db, None, dx_dtype)
+    grid, pointers, frozen, kwargs = _arguments(dy, weight, lora_A, lora_B, x, S, dx, da, db, dropout)
+    launch(_lora_backward_kernel, grid, *pointers, *frozen, float(du_scale), *seed_words(seed), threshold, **kwargs)
     return dx, da, db
+
+
+def backward_launcher(dy, weight, lora_A, lora_B, x, S, dropout: bool, compute_dx: bool, compute_da: bool,
+                      compute_db: bool, dx_shape, dx_dtype):
+    """lora_backward's launch fixed for every call whose tensors have these ones' shapes, strides, dtypes,
+    devices and 16-byte alignment (the caller's cache keys guarantee it), with dX allocated in dx_shape
+    (contiguous; its rows are dX's (M, K)): returns run(dy, weight, lora_A, lora_B, x, S, du_scale, seed,
+    threshold) -> (dX, dA, dB), which allocates the outputs and launches with the grid, strides and
+    constexprs computed here. Each call may pass, as dy or x, any tensor whose data starts where the
+    2-D view given here does."""
+    _check(dy, weight, lora_A, lora_B, x, S, "backward_launcher")
+    outputs = _outputs(dy, lora_A, lora_B, compute_dx, compute_da, compute_db, dx_shape, dx_dtype)
+    dx2 = outputs[0].view(dy.shape[0], lora_A.shape[1]) if compute_dx else None
+    grid, _, frozen, kwargs = _arguments(dy, weight, lora_A, lora_B, x, S, dx2, *outputs[1:], dropout)
+    bound = Bound(_lora_backward_kernel, grid, frozen, kwargs)
+    (dx_shape, dx_dtype), (da_shape, da_dtype), (db_shape, db_dtype) = (
+        (t.shape, t.dtype) if t is not None else (None, None) for t in outputs)
+    device = dy.device
+
+    def run(dy, weight, lora_A, lora_B, x, S, du_scale, seed, threshold):
+        dx = torch.empty(dx_shape, dtype=dx_dtype, device=device) if compute_dx else None
+        da = torch.empty(da_shape, dtype=da_dtype, device=device) if compute_da else None
+        db = torch.empty(db_shape, dtype=db_dtype, device=device) if compute_db else None
+        bound((dy, weight if weight is not None else dy, lora_A, lora_B, x, S, dx if dx is not None else dy,
+               da if da is not None else S, db if db is not None else S),
+              (du_scale, 0, 0, threshold) if seed == 0 else (du_scale, *seed_words(seed), threshold))
+        return dx, da, db
+
+    return run

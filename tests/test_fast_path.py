@@ -145,14 +145,16 @@ def test_settings_are_in_the_key(device, monkeypatch):
         matmul.fp32_precision = previous
 
 
-def test_calls_needing_gradients_are_not_cached(device):
+def test_calls_needing_gradients_have_their_own_entries(device):
+    """A call that needs a gradient gets an entry of its own (tests/test_fast_path_train.py tests them),
+    never the no-grad entry of the same tensors."""
     inputs = make_inputs(8, 32, 24, 4, f32, device=device)
     inputs["lora_A"].requires_grad_()
     y = fusedlora.lora_linear(*args_of(inputs), 2.0)
-    assert y.requires_grad and not ops._FAST
+    assert y.requires_grad and [type(e).__name__ for e in ops._FAST.values()] == ["_Train"]
     with torch.no_grad():
         assert not fusedlora.lora_linear(*args_of(inputs), 2.0).requires_grad
-    assert len(ops._FAST) == 1
+    assert len(ops._FAST) == 2
 
 
 def test_configs_clear_caches_clears_it(device):
@@ -206,12 +208,20 @@ def calls(dtype):
                 for bias in (b, None):
                     yield fusedlora.lora_linear, (x, W, bias, A, B, 2.0, p, seed)
             yield fusedlora.lora_linear, (x.view(1, M, 96), W, b, A, B, 0.5, 0.0, None)
+            Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+            gy = torch.randn(M, 80, generator=g).to(dtype)
+            for p, seed in ((0.0, None), (0.1, 3)):
+                yield train_step, (x, W, b, Ag, Bg, gy, p, seed)
             base = flat[offset:offset + M * 80].to(dtype).view(M, 80)
             for p, seed in ((0.0, None), (0.1, 3), (0.1, 2**40 + 16)):
                 yield fusedlora.lora_add, (base, x, A, B, 2.0, p, seed)
             batch = fusedlora.AdapterBatch(torch.arange(M) % 4 - 1, 3)
             for bias, r in ((b, ranks), (None, None)):
                 yield fusedlora.multi_lora_linear, (x, W, bias, mA.to(dtype), mB.to(dtype), s, batch, r)
+
+def train_step(x, W, b, A, B, gy, p, seed):
+    with torch.enable_grad():  # a call with gradients: forward and backward
+        torch.autograd.grad(fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed), (A, B), gy)
 
 def comparable(args):
     return tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args)
@@ -258,8 +268,8 @@ print("OK", len(fast), "launches")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above launch for real")
 def test_cached_launch_matches_tritons_binder():
-    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's, lora_add's
-    and multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
+    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's with and
+    without gradients, lora_add's and multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
     given on the full path with the plain launch."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_FAST_LAUNCH",

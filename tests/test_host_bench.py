@@ -28,6 +28,8 @@ EXPECTED = {
     "multi_lora_linear, AdapterBatch": 2,
     "PEFT LoRA Linear, unpatched": 0,
     "PEFT LoRA Linear, patch_peft": 1,
+    "PEFT LoRA Linear, forward+backward, unpatched": 0,
+    "PEFT LoRA Linear, forward+backward, patch_peft": 2,
     "nn.Linear + unfused LoRA (PEFT-style)": 0,
     "LoRALinear": 1,
 }

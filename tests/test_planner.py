@@ -47,11 +47,14 @@ def chosen(monkeypatch):
 
 @pytest.mark.parametrize("M", [16, 80])
 def test_calls_run_the_chosen_plan(M, chosen, monkeypatch, device):
-    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape."""
+    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape. (The eager
+    path itself: a call served from the per-shape cache runs launches bound from it, which
+    tests/test_fast_path_train.py checks.)"""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_inputs(M, 32, 24, 4, torch.float32, device=device)
     A = inputs["lora_A"].requires_grad_()
-    fusedlora.lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], 1.0).sum().backward()
+    fusedlora.ops.single.lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], 1.0, 0.0,
+                                     None).sum().backward()
     want = planner.choose("forward", M, 32, 24, 4)
     assert chosen == [("forward", want), ("backward", planner.choose("backward", M, 32, 24, 4))]
     assert want == ("fused" if M <= 64 else "split")

@@ -129,20 +129,21 @@ def lora_add(base, x, lora_A, lora_B, scaling: float, dropout_p: float, seed) ->
     return _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed)[0]
 
 
-# ---- eager calls without gradients: a per-shape cache ---------------------------------------------
-# An eager no-grad call (HF generate, an eval loop) at decode sizes costs its host time: the checks,
-# the backend and plan choice, the configuration, grid, strides and constexprs of its launch, each a
-# few microseconds. All of them depend only on what `fast_key` reads, so they are worked out once per
-# key (by the full path, whose checks run first) and kept as an entry that allocates the output and
-# launches. Only specializations are kept, never a tensor or an address: every call passes its own
-# tensors, so a weight changed in place or replaced is read as it is. The key holds every property the
-# checks, the planner, the configuration and the launch read: each tensor's type, shape, strides,
-# dtype, device and address modulo 16 (Triton specializes on 16-byte alignment), whether bias is
-# given, the types of scaling and dropout_p and the value of dropout_p, whether a seed is given, the
+# ---- eager calls: a per-shape cache ---------------------------------------------------------------
+# An eager call at decode sizes (HF generate, an eval loop, a small training step) costs its host time:
+# the checks, the backend and plan choice, the configuration, grid, strides and constexprs of its
+# launch, each a few microseconds. All of them depend only on what `fast_key` reads, so they are worked
+# out once per key (by the full path, whose checks run first) and kept as an entry that allocates the
+# output and launches. Only specializations are kept, never a tensor or an address: every call passes
+# its own tensors, so a weight changed in place or replaced is read as it is. The key holds every
+# property the checks, the planner, the configuration and the launch read: each tensor's type, shape,
+# strides, dtype, device and address modulo 16 (Triton specializes on 16-byte alignment), whether bias
+# is given, the types of scaling and dropout_p and the value of dropout_p, whether a seed is given, the
 # raw FUSEDLORA_BACKEND and FUSEDLORA_PLAN settings, and for float32 x torch's tf32 switch for fp32
 # matmuls (which chooses the dots' precision). The scaling and seed are per-call values, checked on
-# every call. kernels/configs.clear_caches clears it too. Calls that need a gradient, and
-# torch.compile, take the full path.
+# every call. kernels/configs.clear_caches clears it too. A lora_linear call that needs a gradient is
+# keyed also by which inputs need one (_Train, _Full); lora_add's such calls, and torch.compile, take
+# the full path.
 FAST_MAX_ENTRIES = 4096
 _FAST = {}
 configs.CLEAR_HOOKS.append(_FAST.clear)
@@ -160,12 +161,15 @@ def _fp32_precision():
 
 
 def fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """The cache key of an eager lora_linear call, or None when the call needs a gradient or is not one
-    the cache can key (an argument that is not a tensor: the full path names it)."""
+    """The cache key of an eager lora_linear call, or None when the call is not one the cache can key (an
+    argument that is not a tensor: the full path names it). A call that needs gradients is keyed with
+    which of its inputs need one."""
     try:
+        needs = None
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                         or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-            return None
+            needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                     lora_A.requires_grad, lora_B.requires_grad)
         dtype = x.dtype
         return (type(x), x.shape, x.stride(), dtype, x.device, x.data_ptr() & 15,
                 type(weight), weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() & 15,
@@ -174,7 +178,7 @@ def fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
                 None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype, bias.device,
                                            bias.data_ptr() & 15),
                 type(scaling), type(dropout_p), dropout_p, seed is None, knobs.call_state(),
-                _fp32_precision() if dtype is torch.float32 else None)
+                _fp32_precision() if dtype is torch.float32 else None, needs)
     except (AttributeError, TypeError, RuntimeError):  # not tensors, or tensors without storage
         return None
 
@@ -217,6 +221,18 @@ class _Planned:
         return y
 
 
+class _Full:
+    """An entry for calls with gradients that no one-launch entry serves: the full path's launches, its
+    checks skipped."""
+    __slots__ = ("p",)
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+        scaling = _finite(scaling)
+        if scaling is None:
+            return None
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, self.p, seed)
+
+
 class _TorchBackend:
     """An entry for the PyTorch backend (FUSEDLORA_BACKEND=torch, or auto off CUDA)."""
     __slots__ = ("p",)
@@ -226,6 +242,84 @@ class _TorchBackend:
         if scaling is None:
             return None
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, self.p, seed)
+
+
+class _Train:
+    """An entry for calls with gradients at the one-launch sizes: the forward's launch bound with S
+    written, and the backward's bound once per (strides, dtype, alignment) of the dY it is given, from
+    the first backward's saved tensors (the key fixes theirs). It keeps no tensor."""
+    __slots__ = ("run", "y_shape", "s_shape", "dtype", "device", "p", "keep", "threshold", "needs", "backward",
+                 "settings")
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+        if type(scaling) is not float or not -math.inf < scaling < math.inf:
+            scaling = _finite(scaling)
+            if scaling is None:
+                return None
+        return _TrainedLoRA.apply(x, weight, bias, lora_A, lora_B, self, scaling / self.keep,
+                                  0 if seed is None and not self.p else _int_seed(seed, self.p))
+
+    def bound_backward(self, dy, x, weight, lora_A, lora_B, S):
+        """The backward's launcher for this dY, or None when dY's rows are not a view of it."""
+        spec = (dy.stride(), dy.dtype, dy.data_ptr() & 15)
+        run = self.backward.get(spec, False)
+        if run is False:
+            g, x2 = dy.reshape(-1, dy.shape[-1]), _rows(x)
+            need_x, _, _, need_A, need_B = self.needs
+            run = (plans.backward_launcher(g, weight, lora_A, lora_B, x2, S, self.p > 0, need_x, need_A, need_B,
+                                           x.shape, self.dtype) if g.data_ptr() == dy.data_ptr() else None)
+            self.backward[spec] = run
+        return run
+
+
+class _TrainedLoRA(torch.autograd.Function):
+    """lora_linear with gradients through a _Train entry: one launch each way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, entry, scale, seed):
+        y = torch.empty(entry.y_shape, dtype=entry.dtype, device=entry.device)
+        S = torch.empty(entry.s_shape, dtype=torch.float32, device=entry.device)
+        entry.run(x, weight, bias, lora_A, lora_B, y, seed, entry.threshold, scale, S)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S)
+        ctx.entry, ctx.scale, ctx.seed = entry, scale, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, S = saved = ctx.saved_tensors
+        entry = ctx.entry
+        # The settings the backward was bound under (a plan or tf32 switch changed since the forward is
+        # read by the full path, as it would be without the cache), and a dY the entry can bind.
+        run = entry.bound_backward(dy, *saved) if _settings(x.dtype) == entry.settings else None
+        if run is None:  # the full path's backward
+            grads = _linear_backward(dy, x, weight, lora_A, lora_B, S, ctx.scale * entry.keep, entry.p, ctx.seed,
+                                     entry.needs)
+            return (*grads, None, None, None)
+        dx, dA, dB = run(dy, weight, lora_A, lora_B, x, S, ctx.scale, ctx.seed, entry.threshold)
+        return dx, None, None, dA, dB, None, None, None
+
+
+def _settings(dtype):
+    """What a call's launches depend on beyond its tensors: the raw FUSEDLORA_BACKEND and FUSEDLORA_PLAN,
+    and for fp32 torch's fp32 matmul precision (as in fast_key)."""
+    return knobs.call_state(), _fp32_precision() if dtype is torch.float32 else None
+
+
+def _train_entry(x, x2, weight, bias, lora_A, lora_B, dropout_p, needs):
+    """A _Train entry for a call whose forward and backward are one launch each, or None when the base
+    weight or bias needs a gradient (the full path computes dW and db)."""
+    if needs[1] or needs[2] or not plans.fits(x2.shape[0], lora_A.shape[0]):
+        return None
+    entry = _Train()
+    M, N = x2.shape[0], weight.shape[0]
+    entry.y_shape, entry.s_shape = (*x.shape[:-1], N), (M, lora_A.shape[0])
+    entry.dtype, entry.device, entry.needs, entry.backward = x.dtype, x.device, needs, {}
+    entry.keep, entry.threshold = 1.0 - dropout_p, keep_threshold(dropout_p)
+    entry.settings = _settings(x.dtype)
+    entry.run = plans.gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B,
+                                           torch.empty(entry.s_shape, dtype=torch.float32, device=x.device),
+                                           torch.empty((M, N), dtype=x.dtype, device=x.device), dropout=dropout_p > 0)
+    return entry
 
 
 def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: float, seed):
@@ -240,7 +334,12 @@ def fast_entry(key, backend: str, x, weight, bias, lora_A, lora_B, dropout_p: fl
         plan = _plan("forward", x2, weight, lora_A)
         # The one-launch kernel takes x itself (any (*, K) tensor whose rows x2 views) and writes y in its
         # final shape: a reshape that copied, or an empty call, takes the planned entry.
-        if plans.one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr():
+        one = plans.one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr()
+        needs = key[-1]
+        if needs is not None:
+            entry = (_train_entry(x, x2, weight, bias, lora_A, lora_B, dropout_p, needs)
+                     if one and _plan("backward", x2, weight, lora_A) == "fused" else None) or _Full()
+        elif one:
             entry = _OneLaunch()
             entry.y_shape = (*x.shape[:-1], N)
             entry.dtype, entry.device = x.dtype, x.device

@@ -21,7 +21,7 @@ import torch
 from fusedlora.core.dropout import keep_threshold
 from fusedlora.kernels import configs
 from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher, lora_expand, lora_gemm, lora_gemm_shrink
-from fusedlora.kernels.lora_backward import fits, lora_backward
+from fusedlora.kernels.lora_backward import backward_launcher, fits, lora_backward
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 
 
