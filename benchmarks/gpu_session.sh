@@ -4,13 +4,15 @@
 #     benchmarks/gpu_session.sh OUTDIR            on the GPU machine (one 600 s device call)
 #     benchmarks/gpu_session.sh --dry-run OUTDIR  every step through the Triton interpreter at tiny sizes
 #
-# Steps, in order: versions; the headline benchmark (run.py); serving (serve.py); the plan crossover
-# (run.py --plans); kernel tuning (tune.py, which writes kernels/configs/<gpu>.json into OUTDIR); the
-# training step (train.py); the CUDA test suite. Each step runs under `timeout` for at most its cap and
-# at most what is left of the budget; a step with under 20 s left is skipped. `timeout` sends SIGTERM
-# first: every Python step then writes the JSON (and markdown) of its finished rows, marked partial,
-# and every finished row is already in its .jsonl (benchmarks/record.py), so a cut-off step still
-# yields what it measured. The tests print one line per finished test (-v).
+# Steps, in order: versions; the headline benchmark (run.py); host time per eager call (host.py);
+# serving (serve.py); the plan crossover (run.py --plans); kernel tuning (tune.py, which writes
+# kernels/configs/<gpu>.json into OUTDIR); the training step (train.py); the CUDA test suite; the kernel
+# tests again with plain Triton launches (FUSEDLORA_FAST_LAUNCH=0), if budget is left. Each step runs
+# under `timeout` for at most its cap and at most what is left of the budget; a step with under 20 s
+# left is skipped. `timeout` sends SIGTERM first: every Python step but host.py (seconds long, its JSON
+# written at the end) then writes the JSON (and markdown) of its finished rows, marked partial, and
+# every finished row is already in its .jsonl (benchmarks/record.py), so a cut-off step still yields
+# what it measured. The tests print one line per finished test (-v).
 #
 # Writes into OUTDIR: session.log (every step's output, then the summary), versions.txt, the steps'
 # .jsonl/.json/.md, and the tuned table. The last lines give each step's exit status (124: timed out);
@@ -101,24 +103,34 @@ cat "$0"
 exit $rc
 EOF_VERSIONS
 
+# The kernel tests again with every launch through Triton's plain kernel[grid] path
+# (FUSEDLORA_FAST_LAUNCH=0), since the suite's launches take the fast path after each first sight.
+PLAIN_TESTS=(tests/test_lora_linear.py tests/test_lora_add.py tests/test_multi_lora.py tests/test_fast_path_train.py)
 if [ "$DRY" = 1 ]; then
     DRYARG=(--dry-run)
     # One small file, collected only: running the suite is CI's job; the dry run checks the step's command.
     TESTS=(--collect-only -q tests/test_dropout.py)
+    PLAIN=(--collect-only -q "${PLAIN_TESTS[0]}")
+    # host.py measures Triton's GPU launch path: without a GPU, the sm_90 host path (not the interpreter).
+    HOST=(env -u TRITON_INTERPRET -u FUSEDLORA_BACKEND "$PY" benchmarks/host.py --repeats 1 --calls 1)
 else
     DRYARG=()
     TESTS=(-n 8 -v --durations=15 tests)
+    PLAIN=(-n 8 -q "${PLAIN_TESTS[@]}")
+    HOST=("$PY" benchmarks/host.py)
 fi
 
 step versions 30 bash -c "$VERSIONS" "$OUT/versions.txt" "$PY"
 # Caps: the headline benchmark took ~150 s on an H200 at commit 8bd3736 with fewer providers.
 step benchmark 200 "$PY" benchmarks/run.py "${DRYARG[@]}" --out "$OUT"
+step host 40 "${HOST[@]}" --json "$OUT/host.json"
 step serve 110 "$PY" benchmarks/serve.py "${DRYARG[@]}" --out "$OUT"
 step plans 90 "$PY" benchmarks/run.py --plans "${DRYARG[@]}" --out "$OUT"
 step tune 60 "$PY" benchmarks/tune.py "${DRYARG[@]}" --out "$OUT"
 step train 80 "$PY" benchmarks/train.py "${DRYARG[@]}" --out "$OUT"
 # tests/conftest.py drops the repository root from sys.path (kernels/ would shadow the PyPI `kernels`).
 step tests 600 "$PY" -m pytest -p no:cacheprovider --ignore=tests/test_peft_suite.py "${TESTS[@]}"
+step plain 60 env FUSEDLORA_FAST_LAUNCH=0 "$PY" -m pytest -p no:cacheprovider "${PLAIN[@]}"
 
 {
     echo "=== summary ($SECONDS s of the $BUDGET s budget; results in $OUT)"

@@ -27,7 +27,7 @@ def test_dry_run_takes_every_step(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=900)
     summary = proc.stdout[proc.stdout.rindex("=== summary"):]
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
-    for name in ("versions", "benchmark", "serve", "plans", "tune", "train", "tests"):
+    for name in ("versions", "benchmark", "host", "serve", "plans", "tune", "train", "plain", "tests"):
         assert f"{name:10} exit   0" in summary, summary
     for stem in ("cpu-check", "cpu-check-plans", "serve-cpu-check", "cpu-check-train", "tune-cpu-check"):
         record = json.loads((tmp_path / f"{stem}.json").read_text())
@@ -35,6 +35,7 @@ def test_dry_run_takes_every_step(tmp_path):
         assert rows and "partial" not in record, stem
     assert (tmp_path / "cpu-check.md").read_text().startswith("# fusedlora benchmark")
     assert "commit" in (tmp_path / "versions.txt").read_text()
+    assert json.loads((tmp_path / "host.json").read_text())["rows"]
 
 
 def test_a_step_stopped_midway_leaves_a_valid_partial_record(tmp_path):
