@@ -195,14 +195,14 @@ class _OneLaunch:
     follows, so the kernel writes no S (and none is allocated)."""
     __slots__ = ("run", "y_shape", "dtype", "device", "p", "keep", "threshold")
 
-    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed):
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, addend=None):
         if type(scaling) is not float or not -math.inf < scaling < math.inf:
             scaling = _finite(scaling)
             if scaling is None:
                 return None
         seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
         y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
-        self.run(x, weight, bias, lora_A, lora_B, y, seed, self.threshold, scaling / self.keep)
+        self.run(x, weight, bias, lora_A, lora_B, y, seed, self.threshold, scaling / self.keep, addend=addend)
         return y
 
 
@@ -385,20 +385,13 @@ class _Added:
         return _add_forward(base, x, lora_A, lora_B, scaling, self.p, _int_seed(seed, self.p))[0]
 
 
-class _AddedOneLaunch:
+class _AddedOneLaunch(_OneLaunch):
     """A lora_add entry whose call is one launch (the single-adapter plan's one-launch rows): the shrink
     inside the expand's K loop, no S written."""
-    __slots__ = ("run", "y_shape", "dtype", "device", "p", "keep", "threshold")
+    __slots__ = ()
 
     def __call__(self, base, x, lora_A, lora_B, scaling, seed):
-        if type(scaling) is not float or not -math.inf < scaling < math.inf:
-            scaling = _finite(scaling)
-            if scaling is None:
-                return None
-        seed = 0 if seed is None and not self.p else _int_seed(seed, self.p)
-        y = torch.empty(self.y_shape, dtype=self.dtype, device=self.device)
-        self.run(x, None, None, lora_A, lora_B, y, seed, self.threshold, scaling / self.keep, addend=base)
-        return y
+        return _OneLaunch.__call__(self, x, None, None, lora_A, lora_B, scaling, seed, base)
 
 
 def add_fast_entry(key, backend: str, base, x, lora_A, lora_B, dropout_p: float, seed):

@@ -87,28 +87,29 @@ def masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, out_dtype):
     return dx if weight is None else dx.addmm_(g, weight)
 
 
-def _one_launch_backward(g, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B,
-                         dx_dtype):
-    """(dX, dA, dB) from kernels/lora_backward.py's single launch (fits(M, r) rows)."""
-    return lora_backward(g, weight, lora_A, lora_B, x2, S, scaling / (1.0 - dropout_p), seed,
-                         keep_threshold(dropout_p), dropout=dropout_p > 0, compute_dx=need_x, compute_da=need_A,
-                         compute_db=need_B, dx_dtype=dx_dtype)
+def _input_and_adapter_grads(plan, g, x, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x,
+                             need_A, need_B):
+    """(dX, dA, dB), each None unless needed, of either op (weight None: lora_add's, whose base layer adds
+    its own dX). The fused plan at up to 64 rows (one row block) is one launch (kernels/lora_backward.py);
+    otherwise dU and dB, dA and dX take a launch each."""
+    if plan == "fused" and fits(g.shape[0], lora_A.shape[0]) and (need_x or need_A or need_B):
+        dx, dA, dB = lora_backward(g, weight, lora_A, lora_B, x2, S, scaling / (1.0 - dropout_p), seed,
+                                   keep_threshold(dropout_p), dropout=dropout_p > 0, compute_dx=need_x,
+                                   compute_da=need_A, compute_db=need_B, dx_dtype=x.dtype)
+        return (dx.view(x.shape) if need_x else None), dA, dB
+    dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
+    dx = masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
+    return dx, dA, dB
 
 
 def backward(plan: str, dy, x, weight, lora_A, lora_B, S, scaling: float, dropout_p: float, seed: int, needs):
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere.
-    x: (*, K), dy: (*, N). The fused plan at up to 64 rows (one row block) runs dX, dA and dB as one
-    launch (kernels/lora_backward.py); otherwise dU and dB, dA and dX take a launch each."""
+    x: (*, K), dy: (*, N)."""
     need_x, need_w, need_b, need_A, need_B = needs
     K, N = x.shape[-1], weight.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-    if plan == "fused" and fits(g.shape[0], lora_A.shape[0]) and (need_x or need_A or need_B):
-        dx, dA, dB = _one_launch_backward(g, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed, need_x,
-                                          need_A, need_B, x.dtype)
-        dx = dx.view(x.shape) if need_x else None
-    else:
-        dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-        dx = masked_dx(g, weight, dU, lora_A, dropout_p, seed, plan, x.dtype).reshape(x.shape) if need_x else None
+    dx, dA, dB = _input_and_adapter_grads(plan, g, x, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
+                                          need_x, need_A, need_B)
     # dW through the library GEMM in both plans: it is a plain (N, M)·(M, K) product.
     dw = torch.mm(g.t(), x2).to(weight.dtype) if need_w else None
     db = g.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
@@ -122,11 +123,6 @@ def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, see
     need_base, need_x, need_A, need_B = needs
     K, N = x.shape[-1], lora_B.shape[0]
     g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
-    if plan == "fused" and fits(g.shape[0], lora_A.shape[0]) and (need_x or need_A or need_B):
-        dx, dA, dB = _one_launch_backward(g, x2, None, lora_A, lora_B, S, scaling, dropout_p, seed, need_x,
-                                          need_A, need_B, x.dtype)
-        dx = dx.view(x.shape) if need_x else None
-    else:
-        dU, dA, dB = _low_rank_grads(g, x2, lora_A, lora_B, S, scaling, dropout_p, seed, need_x, need_A, need_B)
-        dx = masked_dx(g, None, dU, lora_A, dropout_p, seed, "split", x.dtype).reshape(x.shape) if need_x else None
+    dx, dA, dB = _input_and_adapter_grads(plan, g, x, x2, None, lora_A, lora_B, S, scaling, dropout_p, seed,
+                                          need_x, need_A, need_B)
     return (dy if need_base else None), dx, dA, dB
