@@ -7,6 +7,7 @@ from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_dora_magnitude, check_lora_add, check_lora_linear, require_scalar
 from fusedlora.ops import dora as dora_ops
+from fusedlora.ops import eager_cache as cache
 from fusedlora.ops import single as ops
 
 Seed = Union[int, torch.Tensor, None]
@@ -33,14 +34,14 @@ def lora_linear(
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
     (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
-    An eager call is served from a per-shape cache after its first call (fusedlora/ops/single.py says
+    An eager call is served from a per-shape cache after its first call (fusedlora/ops/eager_cache.py says
     what the key holds; a call with gradients is keyed with which inputs need one): the same result and
     gradients, less host time.
     """
     key = None
     if not torch.compiler.is_compiling():
-        key = ops.fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        entry = ops.fast_lookup(key)
+        key = cache.fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        entry = cache.fast_lookup(key)
         if entry is not None:
             y = entry(x, weight, bias, lora_A, lora_B, scaling, seed)
             if y is not None:  # None: a scaling that is not finite, which the checks below report
@@ -50,7 +51,7 @@ def lora_linear(
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     backend = backend_for(x)
     if key is not None:
-        return ops.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p, seed)(
+        return cache.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p, seed)(
             x, weight, bias, lora_A, lora_B, scaling, seed)
     if backend == "torch":
         return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
@@ -79,8 +80,8 @@ def lora_add(
     """
     key = None
     if not torch.compiler.is_compiling():
-        key = ops.add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed)
-        entry = ops.fast_lookup(key)
+        key = cache.add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+        entry = cache.fast_lookup(key)
         if entry is not None:
             y = entry(base, x, lora_A, lora_B, scaling, seed)
             if y is not None:
@@ -90,7 +91,7 @@ def lora_add(
     dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
     backend = backend_for(x)
     if key is not None:
-        entry = ops.add_fast_entry(key, backend, base, x, lora_A, lora_B, dropout_p, seed)
+        entry = cache.add_fast_entry(key, backend, base, x, lora_A, lora_B, dropout_p, seed)
         return entry(base, x, lora_A, lora_B, scaling, seed)
     if backend == "torch":
         return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)

@@ -56,7 +56,7 @@ class Launched(Exception):
 def launches(monkeypatch):
     """Records launcher calls instead of running them."""
     import fusedlora.plans.single as plans
-    from fusedlora.ops.single import _FAST
+    from fusedlora.ops.eager_cache import _FAST
     _FAST.clear()  # the per-shape cache of no-grad calls keeps launchers made before the stubs
     launched = []
 

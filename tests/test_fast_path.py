@@ -1,4 +1,4 @@
-"""The per-shape cache of eager no-grad lora_linear calls (fusedlora/ops/single.py): a call served from
+"""The per-shape cache of eager no-grad lora_linear calls (fusedlora/ops/eager_cache.py): a call served from
 it gives the full path's result (and the float64 oracle's), a key is never served to a call that
 differs in anything the checks, the planner or the launch read, and bad input still gets the full
 path's error after the cache is warm."""
@@ -14,6 +14,7 @@ from test_bad_input import BAD, call, good
 
 import fusedlora
 import fusedlora.functional
+from fusedlora.ops import eager_cache as cache
 from fusedlora.ops import single as ops
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -21,9 +22,9 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
 @pytest.fixture(autouse=True)
 def cold_cache():
-    ops._FAST.clear()
+    cache._FAST.clear()
     yield
-    ops._FAST.clear()
+    cache._FAST.clear()
 
 
 def served(monkeypatch):
@@ -52,13 +53,13 @@ def test_served_call_matches_full_path_and_oracle(M, K, N, r, dtype, adapter_dty
     inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, bias, device)
     with torch.no_grad():
         first = fusedlora.lora_linear(*args_of(inputs), 2.0, p, seed)  # a miss: checks, then the new entry
-        (entry,) = ops._FAST.values()
+        (entry,) = cache._FAST.values()
         assert type(entry).__name__ == kind
         full = ops.lora_linear(*args_of(inputs), 2.0, p, seed)  # the eager path without the cache
         with monkeypatch.context() as m:
             served(m)
             again = fusedlora.lora_linear(*args_of(inputs), 2.0, p, seed)
-    assert len(ops._FAST) == 1
+    assert len(cache._FAST) == 1
     assert torch.equal(first, full) and torch.equal(again, full)
     assert again.shape == (*inputs["x"].shape[:-1], N) and again._base is None
     keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
@@ -85,7 +86,7 @@ def test_per_call_values_are_read_on_every_call(device, monkeypatch):
     inputs["lora_B"].mul_(-2.0)  # a weight changed in place is read as it is now
     got = fusedlora.lora_linear(*args_of(inputs), 1.0, 0.3, seed=1)
     assert torch.equal(got, ops.lora_linear(*args_of(inputs), 1.0, 0.3, 1))
-    assert len(ops._FAST) == 1
+    assert len(cache._FAST) == 1
 
 
 def _variants(inputs):
@@ -108,9 +109,9 @@ def test_key_covers_every_specialization(device):
     with torch.no_grad():
         fusedlora.lora_linear(*args_of(base), 2.0)
         for name, (args, scaling, p) in _variants(base).items():
-            before = len(ops._FAST)
+            before = len(cache._FAST)
             got = fusedlora.lora_linear(*args, scaling, p, seed=4)
-            assert len(ops._FAST) == before + 1, f"{name}: served by another call's entry"
+            assert len(cache._FAST) == before + 1, f"{name}: served by another call's entry"
             assert torch.equal(got, ops.lora_linear(*args, float(scaling), p, 4)), name
 
 
@@ -119,14 +120,14 @@ def test_settings_are_in_the_key(device, monkeypatch):
     next call, as on the full path."""
     inputs = make_inputs(16, 32, 24, 4, f32, device=device)
     fusedlora.lora_linear(*args_of(inputs), 2.0)
-    assert type(next(iter(ops._FAST.values()))).__name__ == "_OneLaunch"
+    assert type(next(iter(cache._FAST.values()))).__name__ == "_OneLaunch"
     monkeypatch.setenv("FUSEDLORA_PLAN", "split")
     fusedlora.lora_linear(*args_of(inputs), 2.0)
-    assert [type(e).__name__ for e in ops._FAST.values()] == ["_OneLaunch", "_Planned"]
-    assert ops._FAST[ops.fast_key(*args_of(inputs), 2.0, 0.0, None)].plan == "split"
+    assert [type(e).__name__ for e in cache._FAST.values()] == ["_OneLaunch", "_Planned"]
+    assert cache._FAST[cache.fast_key(*args_of(inputs), 2.0, 0.0, None)].plan == "split"
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     fusedlora.lora_linear(*args_of(inputs), 2.0)
-    assert type(list(ops._FAST.values())[-1]).__name__ == "_TorchBackend"
+    assert type(list(cache._FAST.values())[-1]).__name__ == "_TorchBackend"
     monkeypatch.setenv("FUSEDLORA_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="FUSEDLORA_BACKEND"):
         fusedlora.lora_linear(*args_of(inputs), 2.0)
@@ -137,10 +138,10 @@ def test_settings_are_in_the_key(device, monkeypatch):
         keys = set()
         for precision in ("ieee", "tf32"):
             matmul.fp32_precision = precision
-            keys.add(ops.fast_key(*args_of(inputs), 2.0, 0.0, None))
+            keys.add(cache.fast_key(*args_of(inputs), 2.0, 0.0, None))
         assert len(keys) == 2
         half = make_inputs(16, 32, 24, 4, f16, device=device)  # half precision ignores the switch
-        assert ops.fast_key(*args_of(half), 2.0, 0.0, None) == ops.fast_key(*args_of(half), 2.0, 0.0, None)
+        assert cache.fast_key(*args_of(half), 2.0, 0.0, None) == cache.fast_key(*args_of(half), 2.0, 0.0, None)
     finally:
         matmul.fp32_precision = previous
 
@@ -151,10 +152,10 @@ def test_calls_needing_gradients_have_their_own_entries(device):
     inputs = make_inputs(8, 32, 24, 4, f32, device=device)
     inputs["lora_A"].requires_grad_()
     y = fusedlora.lora_linear(*args_of(inputs), 2.0)
-    assert y.requires_grad and [type(e).__name__ for e in ops._FAST.values()] == ["_Train"]
+    assert y.requires_grad and [type(e).__name__ for e in cache._FAST.values()] == ["_Train"]
     with torch.no_grad():
         assert not fusedlora.lora_linear(*args_of(inputs), 2.0).requires_grad
-    assert len(ops._FAST) == 2
+    assert len(cache._FAST) == 2
 
 
 def test_configs_clear_caches_clears_it(device):
@@ -162,7 +163,7 @@ def test_configs_clear_caches_clears_it(device):
     inputs = make_inputs(8, 32, 24, 4, f32, device=device)
     fusedlora.lora_linear(*args_of(inputs), 2.0)
     configs.clear_caches(tables=False)
-    assert not ops._FAST
+    assert not cache._FAST
 
 
 @pytest.mark.parametrize("change,error,words", BAD)
@@ -177,7 +178,7 @@ def test_bad_input_after_a_warm_cache(change, error, words, device):
     cold = message()
     for _ in range(2):
         call(good(device))  # the good call's entry, and every specialization a bad call shares with it
-    assert ops._FAST
+    assert cache._FAST
     assert message() == cold
     assert all(w in cold for w in words)
 
@@ -191,7 +192,7 @@ import torch
 from triton.runtime.jit import JITFunction
 import fusedlora
 from fusedlora.kernels import launch
-from fusedlora.ops import multi, single
+from fusedlora.ops import eager_cache, multi
 
 g = torch.Generator().manual_seed(0)
 flat = torch.randn(64 * 96 + 1, generator=g)
@@ -215,6 +216,7 @@ def calls(dtype):
             base = flat[offset:offset + M * 80].to(dtype).view(M, 80)
             for p, seed in ((0.0, None), (0.1, 3), (0.1, 2**40 + 16)):
                 yield fusedlora.lora_add, (base, x, A, B, 2.0, p, seed)
+            yield add_train_step, (base, x, Ag, Bg, gy, 0.1, 5)
             batch = fusedlora.AdapterBatch(torch.arange(M) % 4 - 1, 3)
             for bias, r in ((b, ranks), (None, None)):
                 yield fusedlora.multi_lora_linear, (x, W, bias, mA.to(dtype), mB.to(dtype), s, batch, r)
@@ -222,6 +224,10 @@ def calls(dtype):
 def train_step(x, W, b, A, B, gy, p, seed):
     with torch.enable_grad():  # a call with gradients: forward and backward
         torch.autograd.grad(fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed), (A, B), gy)
+
+def add_train_step(base, x, A, B, gy, p, seed):
+    with torch.enable_grad():
+        torch.autograd.grad(fusedlora.lora_add(base, x, A, B, 2.0, p, seed), (A, B), gy)
 
 def comparable(args):
     return tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args)
@@ -244,7 +250,7 @@ def record(fast):
             for dtype in (torch.float32, torch.bfloat16):
                 for fn, args in calls(dtype):
                     if not fast:
-                        single._FAST.clear()
+                        eager_cache._FAST.clear()
                         multi._FAST.clear()
                         launch.set_fast_launch(False)
                     fn(*args)
@@ -268,8 +274,8 @@ print("OK", len(fast), "launches")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above launch for real")
 def test_cached_launch_matches_tritons_binder():
-    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's with and
-    without gradients, lora_add's and multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
+    """On benchmarks/host.py's sm_90 host path, calls served from the caches (lora_linear's and
+    lora_add's, with and without gradients, and multi_lora_linear's) launch the compiled kernel Triton's binder picks, with the arguments it is
     given on the full path with the plain launch."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_FAST_LAUNCH",
@@ -290,7 +296,7 @@ def test_bad_per_call_values_after_a_warm_cache(device):
         fusedlora.lora_linear(*args_of(inputs), 1.0, 0.3, seed=-1)
     with pytest.raises(ValueError, match="seed must be an int in"):
         fusedlora.lora_linear(*args_of(inputs), 1.0, 0.3, seed=2**63)
-    assert len(ops._FAST) == 1
+    assert len(cache._FAST) == 1
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -309,12 +315,12 @@ def test_lora_add_served(backend, device, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(fusedlora.functional, "check_lora_add", lambda *a: pytest.fail("the full path ran"))
             again = fusedlora.lora_add(*args, 1.5, 0.2, seed=9)
-        assert len(ops._FAST) == 1 and torch.equal(first, full) and torch.equal(again, full)
+        assert len(cache._FAST) == 1 and torch.equal(first, full) and torch.equal(again, full)
         # Ten rows take the one-launch forward (the shrink inside the expand's K loop) on the kernels.
-        assert type(next(iter(ops._FAST.values()))).__name__ == ("_AddedOneLaunch" if backend == "triton"
+        assert type(next(iter(cache._FAST.values()))).__name__ == ("_AddedOneLaunch" if backend == "triton"
                                                                   else "_Added")
         fusedlora.lora_add(args[0].float(), *args[1:], 1.5, 0.2, seed=9)
-        assert len(ops._FAST) == 2
+        assert len(cache._FAST) == 2
         with pytest.raises(ValueError, match="lora_B"):
             fusedlora.lora_add(args[0], args[1], args[2], args[3][:, :3], 1.5, 0.2, seed=9)
         with pytest.raises(ValueError, match="scaling must be finite"):

@@ -1,4 +1,4 @@
-"""Eager lora_linear calls that need gradients, served from the per-shape cache (fusedlora/ops/single.py).
+"""Eager lora_linear calls that need gradients, served from the per-shape cache (fusedlora/ops/eager_cache.py).
 At the one-launch sizes (up to 64 rows, rank up to 64, the frozen base of LoRA training) an entry binds
 the forward and the backward, one launch each; elsewhere the entry runs the full path without its
 checks. Either way the output and every gradient equal the uncached path's bitwise and the float64
@@ -10,16 +10,16 @@ from oracle import NAMES, check_lora_linear, make_inputs
 
 import fusedlora
 import fusedlora.functional
-from fusedlora.ops import single as ops
+from fusedlora.ops import eager_cache as cache
 
 f32, bf16 = torch.float32, torch.bfloat16
 
 
 @pytest.fixture(autouse=True)
 def cold_cache():
-    ops._FAST.clear()
+    cache._FAST.clear()
     yield
-    ops._FAST.clear()
+    cache._FAST.clear()
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_served_matches_full_path_and_oracle(M, K, N, r, dtype, adapter_dtype, n
                                              device, monkeypatch, launches):
     inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, True, device)
     first = call(fusedlora.lora_linear, inputs, needs, dy_kind, p, seed)  # a miss: checks, then the entry
-    (entry,) = ops._FAST.values()
+    (entry,) = cache._FAST.values()
     assert type(entry).__name__ == kind
     with monkeypatch.context() as m:
         m.setattr(fusedlora.functional, "check_lora_linear", lambda *a: pytest.fail("the full path ran"))
@@ -84,7 +84,7 @@ def test_served_matches_full_path_and_oracle(M, K, N, r, dtype, adapter_dtype, n
         if kind == "_Train":
             assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
     full = call(full_path, inputs, needs, dy_kind, p, seed)
-    assert len(ops._FAST) == 1
+    assert len(cache._FAST) == 1
     for y, grads, _ in (first, again):
         assert torch.equal(y, full[0])
         assert grads.keys() == set(needs) and all(torch.equal(grads[n], full[1][n]) for n in needs)
@@ -103,7 +103,7 @@ def test_entry_keeps_no_tensor_and_sees_in_place_writes(device):
         with torch.no_grad():
             A -= 0.1 * A.grad
         A.grad = None
-    (entry,) = ops._FAST.values()
+    (entry,) = cache._FAST.values()
     assert type(entry).__name__ == "_Train"
     assert not any(isinstance(getattr(entry, name), torch.Tensor) for name in type(entry).__slots__)
 
@@ -116,7 +116,7 @@ def test_the_key_holds_which_inputs_need_gradients(device):
     with torch.no_grad():
         fusedlora.lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], 2.0)
     fusedlora.lora_linear(inputs["x"].requires_grad_(), inputs["weight"], None, A, inputs["lora_B"], 2.0)
-    assert sorted(type(e).__name__ for e in ops._FAST.values()) == ["_OneLaunch", "_Train", "_Train"]
+    assert sorted(type(e).__name__ for e in cache._FAST.values()) == ["_OneLaunch", "_Train", "_Train"]
 
 
 def test_settings_changed_before_backward_are_read(monkeypatch, device, launches):
@@ -134,4 +134,56 @@ def test_settings_changed_before_backward_are_read(monkeypatch, device, launches
         monkeypatch.delenv("FUSEDLORA_PLAN")
         assert "_lora_backward_kernel" not in launches and launches.get("_lora_dy_kernel") == 1
         check_lora_linear(y.detach(), {n: leaves[n].grad for n in ("lora_A", "lora_B")}, inputs, 1.5, None, 0.0, dy)
-    assert [type(e).__name__ for e in ops._FAST.values()] == ["_Train"]
+    assert [type(e).__name__ for e in cache._FAST.values()] == ["_Train"]
+
+
+ADD_NAMES = ("base", "x", "lora_A", "lora_B")
+ADD_CASES = [
+    # (lead, K, N, r, dtype, adapter dtype, needs, p, seed, dY, entry)
+    pytest.param(16, 70, 45, 3, bf16, f32, ("base", "x", "lora_A", "lora_B"), 0.1, 5, "contiguous", "_AddTrain",
+                 id="all-bf16-dropout"),
+    pytest.param((2, 5), 40, 24, 8, f32, f32, ("lora_A", "lora_B"), 0.0, None, "sum", "_AddTrain", id="3d-sum"),
+    pytest.param(12, 40, 24, 8, f32, f32, ("x", "lora_B"), 0.25, 3, "transposed", "_AddTrain", id="x-B-transposed"),
+    pytest.param(70, 40, 24, 8, f32, f32, ("base", "lora_A"), 0.1, 2, "contiguous", "_Added", id="split-rows"),
+]
+
+
+def add_call(fn, inputs, needs, dy_kind, p, seed):
+    leaves = {n: t.detach().clone().requires_grad_(n in needs) for n, t in inputs.items()}
+    y = fn(*(leaves[n] for n in ADD_NAMES), 1.5, p, seed)
+    if dy_kind == "sum":
+        dy = torch.ones_like(y)
+        y.sum().backward()
+    else:
+        gen = torch.Generator().manual_seed(4)
+        shape = y.shape[::-1] if dy_kind == "transposed" else y.shape
+        dy = torch.randn(shape, generator=gen).to(y.dtype).to(y.device)
+        dy = dy.t() if dy_kind == "transposed" else dy
+        y.backward(dy)
+    return y.detach(), {n: leaves[n].grad for n in needs}, dy
+
+
+@pytest.mark.parametrize("lead,K,N,r,dtype,adapter_dtype,needs,p,seed,dy_kind,kind", ADD_CASES)
+def test_lora_add_served_with_gradients(lead, K, N, r, dtype, adapter_dtype, needs, p, seed, dy_kind, kind, device,
+                                        monkeypatch, launches):
+    """lora_add's calls with gradients: the same bitwise as its uncached path, the oracle's, one launch
+    each way at the one-launch sizes; the base's gradient is dY itself."""
+    from oracle import check_lora_add
+    from test_lora_add import add_inputs
+    inputs = add_inputs(lead, K, N, r, dtype, adapter_dtype, device)
+    first = add_call(fusedlora.lora_add, inputs, needs, dy_kind, p, seed)
+    (entry,) = cache._FAST.values()
+    assert type(entry).__name__ == kind
+    with monkeypatch.context() as m:
+        m.setattr(fusedlora.functional, "check_lora_add", lambda *a: pytest.fail("the full path ran"))
+        launches.clear()
+        again = add_call(fusedlora.lora_add, inputs, needs, dy_kind, p, seed)
+        if kind == "_AddTrain":
+            assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
+    full = add_call(fusedlora.ops.single.lora_add, inputs, needs, dy_kind, p, seed)
+    assert len(cache._FAST) == 1
+    for y, grads, _ in (first, again):
+        assert torch.equal(y, full[0])
+        assert grads.keys() == set(needs) and all(torch.equal(grads[n], full[1][n]) for n in needs)
+    keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
+    check_lora_add(again[0], again[1], inputs, 1.5, keep, p, again[2])

@@ -20,7 +20,7 @@ import torch
 from fusedlora.core import knobs
 from fusedlora.core.adapter_batch import AdapterBatch, group_by_adapter
 from fusedlora.kernels import configs
-from fusedlora.ops.single import _fp32_precision
+from fusedlora.ops.eager_cache import _fp32_precision
 from fusedlora.plans import multi as plans
 from fusedlora.plans.planner import choose_multi
 
@@ -79,7 +79,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterB
 
 
 # ---- eager calls without gradients over an AdapterBatch: a per-shape cache ------------------------
-# As for lora_linear (fusedlora/ops/single.py): the checks, plan, grids, strides and constexprs of a call
+# As for lora_linear (fusedlora/ops/eager_cache.py): the checks, plan, grids, strides and constexprs of a call
 # depend only on what `fast_key` reads, so they are worked out once per key by the full path and kept
 # as an entry; every call passes its own tensors. The key: each tensor's type, shape, strides, dtype,
 # device and address modulo 16 (x, weight, bias, lora_A, lora_B, scalings, the batch's flat ids,
