@@ -47,6 +47,19 @@ class OneProjection:
     without the gradients of leaves(), the float64 result of _exact(), and the operation count. A subclass
     sets forwards, backward, dy, M, K, N, r and defines leaves() and _exact()."""
 
+    def _shapes(self, M, K, N, r, dtype, device, backward, scaling):
+        """Keep the shapes and options; returns (rnd, gen): rnd(*shape, scale=1.0, grad=False) draws normal
+        tensors in dtype on device from gen, a CPU generator seeded 0, in call order."""
+        self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
+        self.backward, self.scaling = backward, scaling
+        gen = torch.Generator().manual_seed(0)
+
+        def rnd(*shape, scale=1.0, grad=False):
+            t = torch.randn(*shape, generator=gen) * scale
+            return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+        return rnd, gen
+
     def call(self, name, x):
         if not self.backward:
             with torch.no_grad():
@@ -69,14 +82,7 @@ class OneProjection:
 
 class DoRABench(OneProjection):
     def __init__(self, M, K, N, r, dtype, device, backward=False, scaling=2.0, rotate=True):
-        self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
-        self.backward, self.scaling = backward, scaling
-        gen = torch.Generator().manual_seed(0)
-
-        def rnd(*shape, scale=1.0, grad=False):
-            t = torch.randn(*shape, generator=gen) * scale
-            return t.to(device=device, dtype=dtype).requires_grad_(grad)
-
+        rnd, gen = self._shapes(M, K, N, r, dtype, device, backward, scaling)
         self.weight = rnd(N, K, scale=K ** -0.5)
         self.lora_A = rnd(r, K, scale=K ** -0.5, grad=backward)
         self.lora_B = rnd(N, r, scale=r ** -0.5, grad=backward)

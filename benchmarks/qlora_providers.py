@@ -87,14 +87,7 @@ def peft_qlora_layer(base, lora_A, lora_B, scaling, magnitude=None):
 
 class QLoRABench(OneProjection):
     def __init__(self, M, K, N, r, dtype, device, backward=False, scaling=2.0, rotate=True):
-        self.M, self.K, self.N, self.r, self.dtype = M, K, N, r, dtype
-        self.backward, self.scaling = backward, scaling
-        gen = torch.Generator().manual_seed(0)
-
-        def rnd(*shape, scale=1.0, grad=False):
-            t = torch.randn(*shape, generator=gen) * scale
-            return t.to(device=device, dtype=dtype).requires_grad_(grad)
-
+        rnd, gen = self._shapes(M, K, N, r, dtype, device, backward, scaling)
         self.base = linear_4bit(rnd(N, K, scale=K ** -0.5), dtype)
         for p in self.base.parameters():
             p.requires_grad_(False)
