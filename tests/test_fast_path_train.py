@@ -38,25 +38,42 @@ def launches(monkeypatch):
     return seen
 
 
-def call(fn, inputs, needs, dy_kind, p, seed):
-    """(y, {name: grad}, dy) of fn on fresh leaves, `needs` naming those that require a gradient."""
+def call(fn, names, inputs, needs, dy_kind, p, seed):
+    """(y, {name: grad}, dy) of fn(*inputs in `names` order, 1.5, p, seed) on fresh leaves, `needs` naming
+    those that require a gradient."""
     leaves = {n: (t.detach().clone().requires_grad_(n in needs) if t is not None else None)
               for n, t in inputs.items()}
-    y = fn(*(leaves[n] for n in NAMES), 1.5, p, seed)
-    shape = y.shape
+    y = fn(*(leaves[n] for n in names), 1.5, p, seed)
     if dy_kind == "sum":  # the engine passes an expanded tensor of ones (zero strides)
-        dy = torch.ones(shape, dtype=y.dtype, device=y.device)
+        dy = torch.ones_like(y)
         y.sum().backward()
     else:
         gen = torch.Generator().manual_seed(4)
-        dy = torch.randn(shape[::-1] if dy_kind == "transposed" else shape, generator=gen).to(y.dtype).to(y.device)
+        dy = torch.randn(y.shape[::-1] if dy_kind == "transposed" else y.shape, generator=gen).to(y.dtype).to(y.device)
         dy = dy.t() if dy_kind == "transposed" else dy
         y.backward(dy)
     return y.detach(), {n: leaves[n].grad for n in needs}, dy
 
 
-def full_path(*args):
-    return fusedlora.ops.single.lora_linear(*args)  # the eager autograd path without the cache
+def served(public, uncached, checks, one_launch, names, inputs, needs, dy_kind, p, seed, kind, monkeypatch, launches):
+    """The public call twice (a miss, then served without running `checks`) and the uncached path:
+    the entry is of `kind`, one launch each way when it is `one_launch`, every result bitwise the
+    uncached one's. Returns the served call's (y, grads, dy)."""
+    first = call(public, names, inputs, needs, dy_kind, p, seed)
+    (entry,) = cache._FAST.values()
+    assert type(entry).__name__ == kind
+    with monkeypatch.context() as m:
+        m.setattr(fusedlora.functional, checks, lambda *a: pytest.fail("the full path ran"))
+        launches.clear()
+        again = call(public, names, inputs, needs, dy_kind, p, seed)
+        if kind == one_launch:
+            assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
+    full = call(uncached, names, inputs, needs, dy_kind, p, seed)
+    assert len(cache._FAST) == 1
+    for y, grads, _ in (first, again):
+        assert torch.equal(y, full[0])
+        assert grads.keys() == set(needs) and all(torch.equal(grads[n], full[1][n]) for n in needs)
+    return again
 
 
 CASES = [
@@ -74,22 +91,10 @@ CASES = [
 def test_served_matches_full_path_and_oracle(M, K, N, r, dtype, adapter_dtype, needs, p, seed, dy_kind, kind,
                                              device, monkeypatch, launches):
     inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, True, device)
-    first = call(fusedlora.lora_linear, inputs, needs, dy_kind, p, seed)  # a miss: checks, then the entry
-    (entry,) = cache._FAST.values()
-    assert type(entry).__name__ == kind
-    with monkeypatch.context() as m:
-        m.setattr(fusedlora.functional, "check_lora_linear", lambda *a: pytest.fail("the full path ran"))
-        launches.clear()
-        again = call(fusedlora.lora_linear, inputs, needs, dy_kind, p, seed)
-        if kind == "_Train":
-            assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
-    full = call(full_path, inputs, needs, dy_kind, p, seed)
-    assert len(cache._FAST) == 1
-    for y, grads, _ in (first, again):
-        assert torch.equal(y, full[0])
-        assert grads.keys() == set(needs) and all(torch.equal(grads[n], full[1][n]) for n in needs)
+    y, grads, dy = served(fusedlora.lora_linear, fusedlora.ops.single.lora_linear, "check_lora_linear", "_Train",
+                          NAMES, inputs, needs, dy_kind, p, seed, kind, monkeypatch, launches)
     keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
-    check_lora_linear(again[0], again[1], inputs, 1.5, keep, p, again[2])
+    check_lora_linear(y, grads, inputs, 1.5, keep, p, dy)
 
 
 def test_entry_keeps_no_tensor_and_sees_in_place_writes(device):
@@ -148,21 +153,6 @@ ADD_CASES = [
 ]
 
 
-def add_call(fn, inputs, needs, dy_kind, p, seed):
-    leaves = {n: t.detach().clone().requires_grad_(n in needs) for n, t in inputs.items()}
-    y = fn(*(leaves[n] for n in ADD_NAMES), 1.5, p, seed)
-    if dy_kind == "sum":
-        dy = torch.ones_like(y)
-        y.sum().backward()
-    else:
-        gen = torch.Generator().manual_seed(4)
-        shape = y.shape[::-1] if dy_kind == "transposed" else y.shape
-        dy = torch.randn(shape, generator=gen).to(y.dtype).to(y.device)
-        dy = dy.t() if dy_kind == "transposed" else dy
-        y.backward(dy)
-    return y.detach(), {n: leaves[n].grad for n in needs}, dy
-
-
 @pytest.mark.parametrize("lead,K,N,r,dtype,adapter_dtype,needs,p,seed,dy_kind,kind", ADD_CASES)
 def test_lora_add_served_with_gradients(lead, K, N, r, dtype, adapter_dtype, needs, p, seed, dy_kind, kind, device,
                                         monkeypatch, launches):
@@ -171,19 +161,7 @@ def test_lora_add_served_with_gradients(lead, K, N, r, dtype, adapter_dtype, nee
     from oracle import check_lora_add
     from test_lora_add import add_inputs
     inputs = add_inputs(lead, K, N, r, dtype, adapter_dtype, device)
-    first = add_call(fusedlora.lora_add, inputs, needs, dy_kind, p, seed)
-    (entry,) = cache._FAST.values()
-    assert type(entry).__name__ == kind
-    with monkeypatch.context() as m:
-        m.setattr(fusedlora.functional, "check_lora_add", lambda *a: pytest.fail("the full path ran"))
-        launches.clear()
-        again = add_call(fusedlora.lora_add, inputs, needs, dy_kind, p, seed)
-        if kind == "_AddTrain":
-            assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
-    full = add_call(fusedlora.ops.single.lora_add, inputs, needs, dy_kind, p, seed)
-    assert len(cache._FAST) == 1
-    for y, grads, _ in (first, again):
-        assert torch.equal(y, full[0])
-        assert grads.keys() == set(needs) and all(torch.equal(grads[n], full[1][n]) for n in needs)
+    y, grads, dy = served(fusedlora.lora_add, fusedlora.ops.single.lora_add, "check_lora_add", "_AddTrain",
+                          ADD_NAMES, inputs, needs, dy_kind, p, seed, kind, monkeypatch, launches)
     keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
-    check_lora_add(again[0], again[1], inputs, 1.5, keep, p, again[2])
+    check_lora_add(y, grads, inputs, 1.5, keep, p, dy)
