@@ -3,6 +3,7 @@ from fusedlora.core import reference
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.peft.adapter_io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from fusedlora.core.dropout import dropout_mask
+from fusedlora.core.moe_routing import ExpertRouting
 from fusedlora.functional import dora_linear, lora_add, lora_linear
 from fusedlora.modules.inject import inject, print_trainable_parameters, trainable_parameters
 from fusedlora.modules.lora_linear import LoRALinear
@@ -14,5 +15,6 @@ __all__ = [
     "lora_linear", "lora_add", "dora_linear", "multi_lora_linear", "dropout_mask", "reference", "LoRALinear", "inject",
     "trainable_parameters", "print_trainable_parameters", "save_adapter", "load_adapter", "read_adapter",
     "AdapterFileError", "patch_peft", "unpatch_peft", "AdapterPool", "MultiLoRALinear", "AdapterBatch",
+    "ExpertRouting",
 ]
 __version__ = "0.1.0"

@@ -127,3 +127,50 @@ def dora_linear(
         base = xd @ weight.to(lora_A.dtype).t()
     low_rank = ((xd @ lora_A.t()) @ lora_B.t()) * scaling
     return (out.to(low_rank.dtype) + (g - 1) * base + g * low_rank).to(x.dtype)
+
+
+def moe_lora_linear(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling,
+    keep_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    adapter_ids: Optional[torch.Tensor] = None,
+    ranks: Optional[torch.Tensor] = None,
+    gather: bool = True,
+) -> torch.Tensor:
+    """One projection of Mixture-of-Experts layer with LoRA on its experts, pair by pair.
+
+    Pair p = t·k + j is token t routed to expert e = top_k_index[t, j] (routing order), with adapter
+    a = adapter_ids[t] (0 when adapter_ids is None; -1: no adapter). With x_p = x[t] (gather=True, x: (T, K))
+    or x_p = x[p] (gather=False, x: (P, K) in routing order, as the down projection's input):
+        y[p] = x_p·W_eᵀ + b_e + s_a·(D(x_p)·A_{a,e}ᵀ)·B_{a,e}ᵀ        (no low-rank term when a = -1)
+    top_k_index: (T, k); weight: (E, N, K) (any strides: a (E, K, N) parameter transposed); bias: (E, N) or
+    None; lora_A: (L, E, R, K); lora_B: (L, E, N, R); scaling: a float, or (L,) per adapter; keep_mask:
+    (P, K) bool in routing order or None; ranks: (L,) or None (= R), entries past a rank unused.
+    -> (P, N) in routing order, in x's dtype; the low-rank path runs in the adapters' dtype, as lora_linear.
+    """
+    T, k = top_k_index.shape
+    experts = top_k_index.reshape(-1)
+    xp = x.repeat_interleave(k, dim=0) if gather else x
+    adapters = (torch.zeros_like(experts) if adapter_ids is None
+                else adapter_ids.reshape(-1).repeat_interleave(k))
+    out = []
+    for p in range(T * k):
+        e, a = int(experts[p]), int(adapters[p])
+        y = xp[p] @ weight[e].t()
+        if bias is not None:
+            y = y + bias[e]
+        if a < 0:
+            out.append(y.to(x.dtype))
+            continue
+        r = lora_A.shape[2] if ranks is None else int(ranks[a])
+        s = scaling if isinstance(scaling, (int, float)) else scaling[a].to(lora_A.dtype)
+        xd = dropout(xp[p], None if keep_mask is None else keep_mask[p], dropout_p).to(lora_A.dtype)
+        low_rank = ((xd @ lora_A[a, e, :r].t()) @ lora_B[a, e, :, :r].t()) * s
+        out.append((y.to(low_rank.dtype) + low_rank).to(x.dtype))
+    return torch.stack(out) if out else x.new_empty((0, weight.shape[1]))
