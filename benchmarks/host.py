@@ -256,6 +256,26 @@ def cases(device) -> Dict[str, tuple]:
     out["multi_lora_linear, bare ids"] = (multi, no_grad(lambda: fusedlora.multi_lora_linear(xm, Wm, None, Am, Bm, s, ids)))
     out["multi_lora_linear, AdapterBatch"] = (multi, no_grad(
         lambda: fusedlora.multi_lora_linear(xm, Wm, None, Am, Bm, s, batch)))
+    xmg, Amg, Bmg, gym = rand(Mm, d, grad=True), rand(L, r, d, grad=True), rand(L, d, r, grad=True), rand(Mm, d)
+
+    def multi_fwd_bwd():
+        y = fusedlora.multi_lora_linear(xmg, Wm, None, Amg, Bmg, s, batch)
+        return torch.autograd.grad(y, (xmg, Amg, Bmg), gym)
+    out["multi_lora_linear, forward+backward, AdapterBatch"] = (multi + ", W frozen", multi_fwd_bwd)
+
+    # DoRA: the row norms take library ops (W's row norms, A·Aᵀ), which run on the CPU here: a small width.
+    dd = 64 if not CUDA else 4096
+    xd, Wd, bd, Ad, Bd = rand(M, dd), rand(dd, dd), rand(dd), rand(r, dd), rand(dd, r)
+    md = rand(dd) + 1.0
+    dora = f"M={M} K=N={dd} r={r} bf16"
+    out["dora_linear, no grad"] = (dora, no_grad(lambda: fusedlora.dora_linear(xd, Wd, bd, Ad, Bd, md, 2.0)))
+    xdg, Adg, Bdg, gyd = rand(M, dd, grad=True), rand(r, dd, grad=True), rand(dd, r, grad=True), rand(M, dd)
+    mdg = (rand(dd) + 1.0).requires_grad_()
+
+    def dora_fwd_bwd():
+        y = fusedlora.dora_linear(xdg, Wd, bd, Adg, Bdg, mdg, 2.0)
+        return torch.autograd.grad(y, (xdg, Adg, Bdg, mdg), gyd)
+    out["dora_linear, forward+backward"] = (dora + ", W frozen", dora_fwd_bwd)
 
     # Layers against the same layer unpatched: the base layer runs its own F.linear there (on the CPU
     # here), so these use a small width.

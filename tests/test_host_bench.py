@@ -18,7 +18,10 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "host.p
 #   forward    one LoRA GEMM with the shrink in its K loop (S, and x·Wᵀ + b + S·Bᵀ)
 #   backward   one launch (kernels/lora_backward.py: dX, dA and dB, with dU recomputed per column block)
 #   lora_add   the forward's one launch without the base product, onto the base output
-#   multi      the decode shrink, the decode GEMM (x·Wᵀ + b + each row's S·B_lᵀ); no library op
+#   multi      the decode shrink, the decode GEMM (x·Wᵀ + b + each row's S·B_lᵀ); no library op; its
+#              backward the same two for dX and dU, and a scan each for dA and dB
+#   dora       W·Aᵀ for the row norms, the shrink, the LoRA GEMM with g in its epilogue; its backward
+#              dU and GᵀS, dA, the recomputed x·Wᵀ for dm, the dX GEMM
 EXPECTED = {
     "lora_linear, no grad": 1,
     "lora_linear, forward+backward, p=0.0": 2,
@@ -26,6 +29,9 @@ EXPECTED = {
     "lora_add, no grad": 1,
     "multi_lora_linear, bare ids": 2,
     "multi_lora_linear, AdapterBatch": 2,
+    "multi_lora_linear, forward+backward, AdapterBatch": 6,
+    "dora_linear, no grad": 3,
+    "dora_linear, forward+backward": 7,
     "PEFT LoRA Linear, unpatched": 0,
     "PEFT LoRA Linear, patch_peft": 1,
     "PEFT LoRA Linear, forward+backward, unpatched": 0,
