@@ -1,13 +1,10 @@
-"""The public functional API: validate, pick the backend, call the op."""
+"""The public functional API: each function documents its op and calls it (fusedlora/ops/), whose call plan
+checks the inputs, picks the backend and the plan, and launches."""
 from typing import Callable, Optional, Union
 
 import torch
 
-from fusedlora.core import torch_backend
-from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_dora_magnitude, check_lora_add, check_lora_linear, require_scalar
 from fusedlora.ops import dora as dora_ops
-from fusedlora.ops import eager_cache as cache
 from fusedlora.ops import single as ops
 
 Seed = Union[int, torch.Tensor, None]
@@ -34,27 +31,10 @@ def lora_linear(
     Differentiable in x, weight, bias, lora_A and lora_B. Runs under torch.compile(fullgraph=True)
     (the kernels are the custom op fusedlora::lora_linear) and activation checkpointing. The
     execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
-    An eager call is served from a per-shape cache after its first call (fusedlora/ops/eager_cache.py says
-    what the key holds; a call with gradients is keyed with which inputs need one): the same result and
-    gradients, less host time.
+    Every call runs the call plan of its specialization (fusedlora/core/specialization.py says what
+    that is), built by its first call: the checks, the backend and plan choice and the bound launches
+    are made once per specialization, the tensors and per-call values (scaling, seed) read every call.
     """
-    key = None
-    if not torch.compiler.is_compiling():
-        key = cache.fast_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        entry = cache.fast_lookup(key)
-        if entry is not None:
-            y = entry(x, weight, bias, lora_A, lora_B, scaling, seed)
-            if y is not None:  # None: a scaling that is not finite, which the checks below report
-                return y
-    check_lora_linear(x, weight, bias, lora_A, lora_B)
-    scaling = require_scalar("scaling", scaling)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    backend = backend_for(x)
-    if key is not None:
-        return cache.fast_entry(key, backend, x, weight, bias, lora_A, lora_B, dropout_p, seed)(
-            x, weight, bias, lora_A, lora_B, scaling, seed)
-    if backend == "torch":
-        return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -75,26 +55,8 @@ def lora_add(
     Differentiable in base (its gradient is the output's), x, lora_A and lora_B: the base layer's own
     autograd carries the gradient of x through base. Up to 64 rows (rank up to 64) each direction is
     one launch, as lora_linear's; above, a shrink and an expand kernel (and dU's pass in backward);
-    x·Wᵀ is whatever the base layer computes. Eager calls without gradients are served from the
-    per-shape cache lora_linear's are.
+    x·Wᵀ is whatever the base layer computes. Calls run call plans, as lora_linear's do.
     """
-    key = None
-    if not torch.compiler.is_compiling():
-        key = cache.add_fast_key(base, x, lora_A, lora_B, scaling, dropout_p, seed)
-        entry = cache.fast_lookup(key)
-        if entry is not None:
-            y = entry(base, x, lora_A, lora_B, scaling, seed)
-            if y is not None:
-                return y
-    check_lora_add(base, x, lora_A, lora_B)
-    scaling = require_scalar("scaling", scaling)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    backend = backend_for(x)
-    if key is not None:
-        entry = cache.add_fast_entry(key, backend, base, x, lora_A, lora_B, dropout_p, seed)
-        return entry(base, x, lora_A, lora_B, scaling, seed)
-    if backend == "torch":
-        return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
     return ops.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -124,12 +86,4 @@ def dora_linear(
     reference to weight for backward and call weight_fn there, so no N×K tensor lives from the forward
     to the backward. The PyTorch backend ignores it.
     """
-    check_lora_linear(x, weight, bias, lora_A, lora_B)
-    check_dora_magnitude(magnitude, weight, lora_A)
-    scaling = require_scalar("scaling", scaling)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    if weight_fn is not None and not callable(weight_fn):
-        raise TypeError(f"weight_fn must be None or a function returning the weight, got {type(weight_fn).__name__}")
-    if backend_for(x) == "torch":
-        return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed)
     return dora_ops.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)

@@ -1,35 +1,16 @@
 """multi_lora_linear: one batch, many adapters, each token with its own (or none).
 
-The public function validates, makes the AdapterBatch (fusedlora/core/adapter_batch.py) unless given
-one, picks the backend (fusedlora/core/backend.py) and calls the kernels' op (fusedlora/ops/multi.py,
-over the plans of fusedlora/plans/multi.py) or the PyTorch backend (fusedlora/core/torch_backend.py).
+The public function makes the AdapterBatch (fusedlora/core/adapter_batch.py) unless given one and
+calls the op (fusedlora/ops/multi.py), whose call plan (fusedlora/plans/multi.py) checks the inputs,
+picks the backend (the kernels or fusedlora/core/torch_backend.py) and the plan, and launches.
 """
 from typing import Optional, Union
 
 import torch
 
-from fusedlora.core import torch_backend
-from fusedlora.core.adapter_batch import AdapterBatch, values_checked
-from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_multi, check_ranks_values, describe
+from fusedlora.core.adapter_batch import AdapterBatch
+from fusedlora.core.checks import check_multi
 from fusedlora.ops import multi as ops
-
-
-def _batch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks) -> AdapterBatch:
-    """The call's AdapterBatch after the checks: adapter_ids itself when it is one (its ids were checked
-    when it was built; here only its shape and adapter count are compared with the layer's), else one
-    built over the bare ids, which checks their values."""
-    given = isinstance(adapter_ids, AdapterBatch)
-    check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids.ids if given else adapter_ids, ranks,
-                values=False)
-    L, R = lora_A.shape[:2]
-    if given and adapter_ids.num_adapters != L:
-        raise ValueError(f"the AdapterBatch was built for {adapter_ids.num_adapters} adapters, but "
-                         f"{describe('lora_A', lora_A)} holds L = {L}")
-    batch = adapter_ids if given else AdapterBatch(adapter_ids, L)
-    if ranks is not None and values_checked(ranks):
-        check_ranks_values(ranks, R)
-    return batch
 
 
 def multi_lora_linear(
@@ -56,22 +37,12 @@ def multi_lora_linear(
     Runs under torch.compile(fullgraph=True) (the kernels are the custom op fusedlora::multi_lora_linear)
     and in CUDA graphs: on CUDA, without FUSEDLORA_DEBUG, nothing in it reads a value back to the host.
     The execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
-    An eager call without gradients over an AdapterBatch is served from a per-shape cache after its
-    first call (fusedlora/ops/multi.py says what the key holds): the same result, less host time.
+    Every call runs the call plan of its specialization (fusedlora/core/specialization.py), built by
+    its first call, as lora_linear's.
     """
-    key = None
-    if type(adapter_ids) is AdapterBatch and not torch.compiler.is_compiling():
-        key = ops.fast_key(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-        entry = ops.fast_lookup(key)
-        if entry is not None:
-            if ranks is not None and values_checked(ranks):
-                check_ranks_values(ranks, lora_A.shape[1])
-            return entry(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-    batch = _batch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
-    if backend_for(x) == "torch":
-        return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks)
-    if key is not None:
-        return ops.fast_entry(key, x, weight, bias, lora_A, lora_B, scalings, batch, ranks)(
-            x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
-    return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
-
+    if not isinstance(adapter_ids, AdapterBatch):
+        # Bare ids: checked with the call's other inputs (their values where that costs no GPU sync),
+        # then made a batch; an AdapterBatch's ids were checked when it was built.
+        check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, values=False)
+        adapter_ids = AdapterBatch(adapter_ids, lora_A.shape[0])
+    return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)

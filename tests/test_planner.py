@@ -4,6 +4,7 @@ import torch
 from oracle import NAMES, make_inputs
 
 import fusedlora
+import fusedlora.kernels.configs
 import fusedlora.plans.single
 from fusedlora.plans import planner
 
@@ -36,28 +37,41 @@ def test_unknown_plan_is_refused(monkeypatch, device):
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """Records the plan each forward and backward sequence receives."""
+    """Records the plan each direction's launches are built for (a call plan asks the planner when it is
+    built; its backward, when it binds the launches for a dY), and the kernels that then run."""
+    from fusedlora.kernels import configs
+    configs.clear_caches(tables=False)
     seen = []
-    for name in ("forward", "backward"):
-        real = getattr(fusedlora.plans.single, name)
-        monkeypatch.setattr(fusedlora.plans.single, name,
-                            lambda plan, *a, _real=real, _name=name: seen.append((_name, plan)) or _real(plan, *a))
+    real = fusedlora.plans.single.choose
+    monkeypatch.setattr(fusedlora.plans.single, "choose",
+                        lambda direction, *a: seen.append((direction, real(direction, *a))) or seen[-1][1])
+    yield seen
+    configs.clear_caches(tables=False)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    from fusedlora.kernels.lora_gemm import _lora_gemm_kernel
+    kind, seen = type(_lora_gemm_kernel), []
+    real = kind.run
+    monkeypatch.setattr(kind, "run", lambda self, *a, **k: seen.append(self.fn.__name__) or real(self, *a, **k))
     return seen
 
 
 @pytest.mark.parametrize("M", [16, 80])
-def test_calls_run_the_chosen_plan(M, chosen, monkeypatch, device):
-    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape. (The eager
-    path itself: a call served from the per-shape cache runs launches bound from it, which
-    tests/test_fast_path_train.py checks.)"""
+def test_calls_run_the_chosen_plan(M, chosen, kernels, monkeypatch, device):
+    """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape: at 16 rows
+    the fused plan's one launch each way, at 80 the split plan's shrink, expand (and the library GEMM),
+    then dU and dB, and dA (lora_A alone needs a gradient)."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_inputs(M, 32, 24, 4, torch.float32, device=device)
     A = inputs["lora_A"].requires_grad_()
-    fusedlora.ops.single.lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], 1.0, 0.0,
-                                     None).sum().backward()
+    fusedlora.lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], 1.0).sum().backward()
     want = planner.choose("forward", M, 32, 24, 4)
     assert chosen == [("forward", want), ("backward", planner.choose("backward", M, 32, 24, 4))]
     assert want == ("fused" if M <= 64 else "split")
+    assert kernels == (["_lora_gemm_kernel", "_lora_backward_kernel"] if M <= 64 else
+                       ["_lora_shrink_kernel", "_lora_gemm_kernel", "_lora_dy_kernel", "_lora_shrink_kernel"])
 
 
 def test_backward_may_take_the_other_plan(chosen, monkeypatch, device):
@@ -66,6 +80,7 @@ def test_backward_may_take_the_other_plan(chosen, monkeypatch, device):
     inputs = make_inputs(24, 32, 20, 4, torch.float32, device=device)
     grads = {}
     for fwd, bwd in (("fused", "split"), ("split", "fused"), ("fused", "fused")):
+        fusedlora.kernels.configs.clear_caches(tables=False)  # each forward builds its plan (and asks)
         leaves = {n: inputs[n].detach().clone().requires_grad_() for n in NAMES}
         monkeypatch.setenv("FUSEDLORA_PLAN", fwd)
         y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.5, 0.2, seed=3)

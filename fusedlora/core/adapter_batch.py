@@ -43,9 +43,9 @@ class AdapterBatch:
     not per layer; the grouping by adapter (a sort on the device, no host sync) is made on first need
     and kept. Immutable: write new ids into a new batch (CUDA graphs read the ids tensor in place)."""
 
-    __slots__ = ("ids", "flat", "num_adapters", "_groups")
+    __slots__ = ("ids", "flat", "num_adapters", "spec", "_groups")
 
-    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int):
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, *, check_values: bool = True):
         require_tensor("adapter_ids", adapter_ids)
         if adapter_ids.dtype not in INT_DTYPES:
             raise TypeError(f"{describe('adapter_ids', adapter_ids)} must be an integer tensor")
@@ -53,11 +53,24 @@ class AdapterBatch:
             raise ValueError(f"num_adapters must be a non-negative int, got {num_adapters!r}")
         self.ids = adapter_ids
         flat = adapter_ids.reshape(-1)
-        self.flat = flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
+        self.flat = flat = flat if flat.numel() < 2 or flat.stride(0) == 1 else flat.contiguous()
         self.num_adapters = num_adapters
+        # What the kernels read of the batch, for a call's key (fusedlora/core/specialization.py): the flat
+        # ids' specialization and the adapter count. Fixed: the batch is immutable. A traced batch has no
+        # storage to align and no key to make (compiled calls are keyed inside their custom ops).
+        self.spec = None if torch.compiler.is_compiling() else (
+            type(flat), flat.shape, flat.stride(), flat.dtype, flat.device, flat.data_ptr() & 15, num_adapters)
         self._groups: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        if values_checked(adapter_ids):
+        if check_values and values_checked(adapter_ids):
             check_ids_values(adapter_ids, num_adapters)
+
+    @classmethod
+    def grouped(cls, adapter_ids: torch.Tensor, num_adapters: int, groups=None) -> "AdapterBatch":
+        """A batch over ids whose values are not checked here (a torch.compile op's ids, which are never
+        checked: see values_checked), with group_by_adapter's grouping of them when one was made."""
+        batch = cls(adapter_ids, num_adapters, check_values=False)
+        batch._groups = groups
+        return batch
 
     def groups(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """group_by_adapter's (order, sorted_ids, starts) for these ids, computed on first need and kept."""

@@ -110,3 +110,12 @@ def seed_tensor(seed, dropout_p: float) -> torch.Tensor:
         return draw_seed() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
     check_seed(seed)
     return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def int_seed(seed, dropout_p: float) -> int:
+    """The seed as a Python int for an eager call: as given (checked), drawn from torch's generator when
+    dropout_p > 0 and seed is None (a new mask every call), else 0 (no mask is drawn)."""
+    if seed is None:
+        return int(draw_seed()) if dropout_p > 0 else 0
+    check_seed(seed)
+    return int(seed)

@@ -62,8 +62,8 @@ def debug() -> bool:
                      f"got {raw!r}")
 
 
-# The raw values of FUSEDLORA_BACKEND and FUSEDLORA_PLAN, for the per-shape caches of eager calls
-# (fusedlora/ops/eager_cache.py, ops/multi.py) to key on: a changed setting is a new key, so it takes
+# The raw values of FUSEDLORA_BACKEND and FUSEDLORA_PLAN, for the keys of call plans
+# (fusedlora/core/specialization.py): a changed setting is a new key, so it takes
 # effect on the next call as it does for every other. CPython's os.environ keeps its encoded entries in a dict (`_data`):
 # reading that directly costs ~0.1 µs against ~1.2 µs for os.environ.get of an unset variable (2-core
 # CPU), and sees every change made through os.environ (as os.environ.get does). Elsewhere, the get.

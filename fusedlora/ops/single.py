@@ -1,140 +1,102 @@
-"""lora_linear and lora_add over the plans, in two wrappers that share one implementation.
+"""lora_linear and lora_add: every call runs its call plan (fusedlora/plans/single.py), eager or compiled.
 
-- Eager (the common case: training loops, HF generate): a plain torch.autograd.Function, or no
-  autograd at all when nothing needs a gradient. The seed is a Python int and nothing is allocated
-  for it; the host work per call is a few checks and the kernel launches, and less for calls served
-  from the per-shape cache (fusedlora/ops/eager_cache.py).
-- Under torch.compile: the custom ops fusedlora::lora_linear / fusedlora::lora_add and their
-  backward ops, with fake implementations and registered autograd, so that
-  torch.compile(fullgraph=True) traces through them (a raw Triton launch or a plain
-  autograd.Function breaks the graph). There the seed is a 0-d int64 CPU tensor, so that a seed
-  drawn inside a compiled region stays a graph value and is saved for backward like any other.
-Both call fusedlora/plans/single.py; each op picks its plan per direction from the shapes
-(fusedlora/plans/planner.py), inside the op, so the choice adds no guard to a compiled graph.
+- Eager (training loops, HF generate): the call's key (fusedlora/core/specialization.py) finds its plan,
+  or the plan is built (checks, backend, plan choice, bound launches) and kept; a call without
+  gradients runs it directly, a call with gradients through PlannedCall (fusedlora/ops/call.py). The
+  seed is a Python int and nothing is allocated for it.
+- Under torch.compile: the custom ops fusedlora::lora_linear / fusedlora::lora_add and their backward
+  ops, with fake implementations and registered autograd, so that torch.compile(fullgraph=True) traces
+  through them (a raw Triton launch or a plain autograd.Function breaks the graph). Each op's body looks
+  its plan up (or builds it) with the tensors it is given and runs it. There the seed is a 0-d int64 CPU
+  tensor, so that a seed drawn inside a compiled region stays a graph value and is saved for backward.
+Each plan picks its launches per direction from the shapes, inside the op, so the choice adds no guard
+to a compiled graph.
 """
 import math
 from typing import List, Optional, Tuple
 
 import torch
 
-from fusedlora.core.dropout import check_seed, draw_seed, seed_tensor
-from fusedlora.plans import single as plans
-from fusedlora.plans.planner import choose
+from fusedlora.core import torch_backend
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
+from fusedlora.core.dropout import seed_tensor
+from fusedlora.core.specialization import OPTIONAL, PER_CALL, TENSOR, VALUE, Signature
+from fusedlora.ops.call import PlannedCall, planned
+from fusedlora.plans.single import add_plan, linear_plan
+
+LINEAR = Signature("lora_linear", x=TENSOR, weight=TENSOR, bias=OPTIONAL, lora_A=TENSOR, lora_B=TENSOR,
+                   scaling=PER_CALL, dropout_p=VALUE, seed=PER_CALL)
+ADD = Signature("lora_add", base=TENSOR, x=TENSOR, lora_A=TENSOR, lora_B=TENSOR, scaling=PER_CALL, dropout_p=VALUE,
+                seed=PER_CALL)
 
 
-def _rows(x) -> torch.Tensor:
-    """x as (M, K): itself when 2-D (a reshape is a dispatch even when it is a view)."""
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-
-
-def _plan(direction, x2, weight, lora_A):
-    return choose(direction, x2.shape[0], x2.shape[1], weight.shape[0], lora_A.shape[0])
-
-
-def _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
-    # that returned a view could not have its output modified in place.
-    x2, N = _rows(x), weight.shape[0]
-    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    S = plans.forward(_plan("forward", x2, weight, lora_A), x2, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                      seed, y.view(-1, N))
-    return y, S
-
-
-def _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
-    return plans.backward(_plan("backward", _rows(x), weight, lora_A), dy, x, weight, lora_A, lora_B, S,
-                          scaling, dropout_p, seed, needs)
-
-
-def _add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs):
-    return plans.add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, seed, needs,
-                              _plan("backward", _rows(x), lora_B, lora_A))
-
-
-def _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed):
-    # lora_add follows the single-adapter plan's choice for its rows (B gives N), in both directions.
-    N, x2 = base.shape[-1], _rows(x)
-    y = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    S = plans.add_forward(_plan("forward", x2, lora_B, lora_A), _rows(base), x2, lora_A, lora_B, scaling, dropout_p,
-                          seed, y.view(-1, N))
-    return y, S
-
-
-# ---- eager -------------------------------------------------------------------------------------
-
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        y, S = _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, S = ctx.saved_tensors
-        grads = _linear_backward(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
-                                 ctx.needs_input_grad[:5])
-        return (*grads, None, None, None)
-
-
-class _LoRAAdd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, base, x, lora_A, lora_B, scaling, dropout_p, seed):
-        y, S = _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, lora_A, lora_B, S)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, lora_A, lora_B, S = ctx.saved_tensors
-        grads = _add_backward(dy, x, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
-                              ctx.needs_input_grad[:4])
-        return (*grads, None, None, None)
-
-
-def _int_seed(seed, dropout_p: float) -> int:
-    """The seed as a Python int for the eager path: as given, drawn from torch's generator when
-    dropout_p > 0 and seed is None, else 0 (no mask is drawn)."""
-    if seed is None:
-        return int(draw_seed()) if dropout_p > 0 else 0
-    check_seed(seed)
-    return int(seed)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:
-    """The kernels' lora_linear for validated inputs (fusedlora.functional checks them)."""
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> torch.Tensor:
+    """fusedlora.lora_linear (fusedlora/functional.py documents it)."""
     if torch.compiler.is_compiling():
-        return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed, dropout_p))[0]
-    seed = _int_seed(seed, dropout_p)
-    if _needs_grad(x, weight, bias, lora_A, lora_B):
-        return _LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        return _compiled_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    key = LINEAR.key(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    plan = LINEAR.plans.get(key)
+    if plan is None:
+        plan = planned(LINEAR, key, linear_plan, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed))
+    if plan.run is not None:
+        return plan.run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return PlannedCall.apply(plan, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def lora_add(base, x, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:
-    """The kernels' lora_add for validated inputs (fusedlora.functional checks them)."""
+def lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed) -> torch.Tensor:
+    """fusedlora.lora_add (fusedlora/functional.py documents it)."""
     if torch.compiler.is_compiling():
-        return lora_add_op(base, x, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed, dropout_p))[0]
-    seed = _int_seed(seed, dropout_p)
-    if _needs_grad(base, x, lora_A, lora_B):
-        return _LoRAAdd.apply(base, x, lora_A, lora_B, scaling, dropout_p, seed)
-    return _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        return _compiled_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+    key = ADD.key(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+    plan = ADD.plans.get(key)
+    if plan is None:
+        plan = planned(ADD, key, add_plan, (base, x, lora_A, lora_B, scaling, dropout_p, seed))
+    if plan.run is not None:
+        return plan.run(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+    return PlannedCall.apply(plan, base, x, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-# ---- torch.compile: custom ops -----------------------------------------------------------------
+# ---- torch.compile ------------------------------------------------------------------------------
+# The checks and the backend choice are traced (plain Python on shapes); the kernels run in custom ops.
+# A custom op's body is autograd's business from outside, so it asks for the plan with gradients
+# (forward saves S) whatever the tensors say; the backward op is told which gradients to compute.
+_ALL = (True,) * 5
+
+
+def _compiled_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    check_lora_linear(x, weight, bias, lora_A, lora_B)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if backend_for(x) == "torch":
+        return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed, dropout_p))[0]
+
+
+def _compiled_add(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+    check_lora_add(base, x, lora_A, lora_B)
+    scaling = require_scalar("scaling", scaling)
+    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if backend_for(x) == "torch":
+        return torch_backend.lora_add(base, x, lora_A, lora_B, scaling, dropout_p, seed)
+    return lora_add_op(base, x, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed, dropout_p))[0]
+
+
+def _op_plan(signature, build, args, tensors: int):
+    """The plan with gradients of an op's first `tensors` arguments."""
+    needs = _ALL[:tensors]
+    key = signature.key(*args, needs=needs)
+    return signature.plans.get(key) or planned(signature, key, build, args, needs=needs)
+
 
 @torch.library.custom_op("fusedlora::lora_linear", mutates_args=())
 def lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                    lora_B: torch.Tensor, scaling: float, dropout_p: float,
                    seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y: (*, N), S: (M, r) fp32); seed: 0-d int64 CPU tensor. Inputs validated by the caller."""
-    return _linear_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    plan = _op_plan(LINEAR, linear_plan, (x, weight, bias, lora_A, lora_B, scaling, dropout_p, None), 5)
+    y, saved, _ = plan.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return y, saved[-1]
 
 
 @lora_linear_op.register_fake
@@ -149,8 +111,9 @@ def lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                             seed: torch.Tensor, needs: List[bool]) -> List[torch.Tensor]:
     """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order
     (a custom op cannot return None)."""
-    grads = _linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, int(seed), tuple(needs))
-    return [g for g in grads if g is not None]
+    plan = _op_plan(LINEAR, linear_plan, (x, weight, None, lora_A, lora_B, scaling, dropout_p, None), 5)
+    grads = plan.backward(dy, (x, weight, lora_A, lora_B, S), (scaling, int(seed)), tuple(needs))
+    return [g for g in grads[:5] if g is not None]
 
 
 @lora_linear_backward_op.register_fake
@@ -180,7 +143,9 @@ lora_linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup)
 def lora_add_op(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 dropout_p: float, seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(base + s·D(x)·Aᵀ·Bᵀ: base's shape and dtype, S: (M, r) fp32). Inputs validated by the caller."""
-    return _add_forward(base, x, lora_A, lora_B, scaling, dropout_p, int(seed))
+    plan = _op_plan(ADD, add_plan, (base, x, lora_A, lora_B, scaling, dropout_p, None), 4)
+    y, saved, _ = plan.forward(base, x, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return y, saved[-1]
 
 
 @lora_add_op.register_fake
@@ -195,8 +160,10 @@ def lora_add_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor
                          needs: List[bool]) -> List[torch.Tensor]:
     """The gradients of (x, lora_A, lora_B) whose flag in `needs` is set, in that order. The gradient
     of base is dy itself and never passes through the op (an op's output may not alias its input)."""
-    grads = _add_backward(dy, x, lora_A, lora_B, S, scaling, dropout_p, int(seed), (False, *needs))
-    return [g for g in grads[1:] if g is not None]
+    base = dy  # the base's specialization is dY's (same shape and dtype); the plan reads no base in backward
+    plan = _op_plan(ADD, add_plan, (base, x, lora_A, lora_B, scaling, dropout_p, None), 4)
+    grads = plan.backward(dy, (x, None, lora_A, lora_B, S), (scaling, int(seed)), (False, *needs))
+    return [g for g in grads[1:4] if g is not None]
 
 
 @lora_add_backward_op.register_fake

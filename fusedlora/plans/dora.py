@@ -27,10 +27,15 @@ G ⊙ g are transients of the backward pass, as the dX GEMM's output is.
 """
 import torch
 
-from fusedlora.core.dropout import dropout_mask, keep_threshold
+from fusedlora.core import torch_backend
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_dora_magnitude, check_lora_linear
+from fusedlora.core.dropout import dropout_mask, int_seed, keep_threshold
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
-from fusedlora.plans.single import masked_dx, shrink
+from fusedlora.plans.callplan import CallPlan, with_contiguous
+from fusedlora.plans.planner import choose
+from fusedlora.plans.single import checked_scalars, masked_dx, rows, scale_of, shrink
 
 
 def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
@@ -117,3 +122,60 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, g, n, scaling: float, 
         dx = dx.reshape(x.shape)
     db = G.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
     return dx, dw, db, dA, dB, dm
+
+
+# ---- the call plan (fusedlora/plans/callplan.py) --------------------------------------------------
+# dora_linear's arguments: (x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed,
+# weight_fn). With gradients forward saves (x, weight, lora_A, lora_B, S, g, n), weight None when
+# weight_fn will make it again in backward, and keeps (scaling, seed) as its state.
+
+def dora_plan(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn, needs) -> CallPlan:
+    """dora_linear's plan for this call's specialization: the checks, the backend, the plans of both
+    directions. needs: which of (x, weight, bias, lora_A, lora_B, magnitude) need a gradient, or None."""
+    check_lora_linear(x, weight, bias, lora_A, lora_B)
+    check_dora_magnitude(magnitude, weight, lora_A)
+    p = checked_scalars(scaling, dropout_p, seed)
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be None or a function returning the weight, got {type(weight_fn).__name__}")
+    if backend_for(x) == "torch":  # torch's autograd takes its gradients; it has no use for weight_fn
+        def run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
+            return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale_of(scaling), p, seed)
+        return CallPlan(run=run)
+    return with_contiguous(_kernel_plan(x, weight, lora_A, magnitude, p, needs),
+                           (x, weight, bias, lora_A, lora_B, magnitude), (2,))
+
+
+def _kernel_plan(x, weight, lora_A, magnitude, p: float, needs) -> CallPlan:
+    x2, N = rows(x), weight.shape[0]
+    plan = choose("forward", x2.shape[0], x2.shape[1], N, lora_A.shape[0])
+    y_shape, dtype, device = (*x.shape[:-1], N), x.dtype, x.device
+    m_dtype = magnitude.dtype
+
+    def forward_(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
+        scaling, seed = scale_of(scaling), int_seed(seed, p)
+        y = torch.empty(y_shape, dtype=dtype, device=device)
+        S, g, n = forward(plan, rows(x), weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, y.view(-1, N))
+        return y, (x, weight, lora_A, lora_B, S, g, n), (scaling, seed)
+
+    if needs is None:
+        def run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
+            return forward_(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)[0]
+        return CallPlan(run=run)
+
+    def forward_saving(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
+        y, saved, (scaling, seed) = forward_(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed,
+                                             weight_fn)
+        if weight_fn is not None:  # made again in backward: no N×K tensor lives from forward to backward
+            saved = (x, None, *saved[2:])
+        return y, saved, (scaling, seed, weight_fn)
+
+    def backward_(dy, saved, state, needs):
+        x, weight, lora_A, lora_B, S, g, n = saved
+        scaling, seed, weight_fn = state
+        if weight is None:
+            weight = weight_fn()
+        x2 = rows(x)
+        plan = choose("backward", x2.shape[0], x2.shape[1], N, lora_A.shape[0])
+        *grads, dm = backward(plan, dy, x, weight, lora_A, lora_B, S, g, n, scaling, p, seed, tuple(needs[:6]))
+        return (*grads, None if dm is None else dm.to(m_dtype), None, None, None, None)
+    return CallPlan(forward=forward_saving, backward=backward_)

@@ -23,8 +23,14 @@ Rows with id -1 get the base alone; ids outside [-1, L) give NaN rows.
 """
 import torch
 
+from fusedlora.core import knobs, torch_backend
+from fusedlora.core.adapter_batch import values_checked
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_multi, check_ranks_values, describe
 from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
+from fusedlora.plans.callplan import CallPlan, with_contiguous
+from fusedlora.plans.planner import choose_multi
 
 
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out):
@@ -75,3 +81,85 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids, 
         db = g.sum(0, dtype=torch.float32).to(weight.dtype)
     return dx, dw, db, dA, dB
 
+
+# ---- the call plan (fusedlora/plans/callplan.py) --------------------------------------------------
+# multi_lora_linear's arguments: (x, weight, bias, lora_A, lora_B, scalings, batch, ranks), batch an
+# AdapterBatch (its ids were checked when it was built). With gradients forward saves (x, weight,
+# lora_A, lora_B, scalings, ranks, S) and keeps the batch as its state, so that backward reuses the
+# grouping forward made (or an earlier layer made for the same batch). ranks' values are per-call values:
+# checked on every call where reading them costs no GPU sync (values_checked).
+
+def plan_of(direction: str, x, weight, lora_A) -> str:
+    L, R, K = lora_A.shape
+    return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
+
+
+def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) -> CallPlan:
+    """multi_lora_linear's plan for this call's specialization: the checks, the backend, the plan of each
+    direction, the decode launches bound. needs: which of (x, weight, bias, lora_A, lora_B) need a
+    gradient, or None."""
+    plan = _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs)
+    return with_contiguous(plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks), (2, 5, 7))
+
+
+def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) -> CallPlan:
+    check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
+    L, R, K = lora_A.shape
+    if batch.num_adapters != L:
+        raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
+                         f"{describe('lora_A', lora_A)} holds L = {L}")
+    check_ranks = ranks is not None and values_checked(ranks)
+    if check_ranks:
+        check_ranks_values(ranks, R)
+    cpu_ranks = ranks is not None and ranks.device.type == "cpu"
+    if backend_for(x) == "torch":  # torch's autograd takes its gradients
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+            if ranks is not None and (cpu_ranks or knobs.debug()):
+                check_ranks_values(ranks, R)
+            return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks)
+        return CallPlan(run=run)
+    N = weight.shape[0]
+    M = x.numel() // K if K else 0
+    y_shape, dtype, device = (*x.shape[:-1], N), x.dtype, x.device
+    plan = plan_of("forward", x, weight, lora_A)
+
+    def groups(plan, batch):
+        return None if plan == "decode" else batch.groups()
+
+    if needs is None and plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:
+        # The decode plan's two launches, bound; M within the kernels' bound (the planner's rule).
+        launch = decode_launcher(x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+                                 torch.empty((M, N), dtype=dtype, device=device))
+
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+            if ranks is not None and (cpu_ranks or knobs.debug()):
+                check_ranks_values(ranks, R)
+            # y is new and contiguous: its data starts where its 2-D view's does (the launches' strides are
+            # fixed). x of more dimensions may not be viewable as 2-D: reshaped as forward does.
+            y = torch.empty(y_shape, dtype=dtype, device=device)
+            launch(x if x.dim() == 2 else x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+                   y)
+            return y
+        return CallPlan(run=run)
+
+    def forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, need_S=True):
+        if ranks is not None and (cpu_ranks or knobs.debug()):
+            check_ranks_values(ranks, R)
+        y = torch.empty(y_shape, dtype=dtype, device=device)
+        S = forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                    groups(plan, batch), need_S, y.view(-1, N))
+        return y, (x, weight, lora_A, lora_B, scalings, ranks, S), (batch,)
+
+    if needs is None:
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+            return forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, need_S=False)[0]
+        return CallPlan(run=run)
+
+    def backward_(dy, saved, state, needs):
+        x, weight, lora_A, lora_B, scalings, ranks, S = saved
+        (batch,) = state
+        plan = plan_of("backward", x, weight, lora_A)
+        grads = backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat, groups(plan, batch),
+                         tuple(needs[:5]))
+        return (*grads, None, None, None)
+    return CallPlan(forward=forward_, backward=backward_)

@@ -16,13 +16,21 @@ lora_add (any base layer) is the split plan with the base product computed by so
     y = base + S·Bᵀ;  d(base) = dY;  dX = keep ⊙ (dU·A)  (the base layer's own autograd adds its dX).
 Where the single-adapter plan would run a direction as one launch, lora_add's does too.
 """
+import math
+
 import torch
 
-from fusedlora.core.dropout import keep_threshold
+from fusedlora.core import torch_backend
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
+from fusedlora.core.dropout import check_seed, int_seed, keep_threshold
+from fusedlora.core.specialization import TENSOR, PlanCache, Signature
 from fusedlora.kernels import configs
 from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher, lora_expand, lora_gemm, lora_gemm_shrink
 from fusedlora.kernels.lora_backward import backward_launcher, fits, lora_backward
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
+from fusedlora.plans.callplan import CallPlan, with_contiguous
+from fusedlora.plans.planner import choose
 
 
 def shrink(x2, lora_A, scaling: float, dropout_p: float, seed: int) -> torch.Tensor:
@@ -126,3 +134,175 @@ def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, see
     dx, dA, dB = _input_and_adapter_grads(plan, g, x, x2, None, lora_A, lora_B, S, scaling, dropout_p, seed,
                                           need_x, need_A, need_B)
     return (dy if need_base else None), dx, dA, dB
+
+
+# ---- call plans: what every eager call of one specialization runs (fusedlora/plans/callplan.py) ----
+# lora_linear's arguments: (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed); lora_add's:
+# (base, x, lora_A, lora_B, scaling, dropout_p, seed). A plan with gradients saves (x, weight, lora_A,
+# lora_B, S) (weight None for lora_add) and keeps (scaling, seed) as a float and an int as its state: the
+# torch.compile ops (fusedlora/ops/single.py) pass both to backward themselves. Its backward binds the
+# launches once per specialization of dY (y.sum().backward() passes a stride-0 dY) and of the settings
+# at backward time: a plan or precision switched between forward and backward is honoured, as it is by
+# a backward planned from scratch.
+_DY = Signature("lora_linear backward", dy=TENSOR)
+_INF = math.inf
+
+
+def rows(x) -> torch.Tensor:
+    """x as (M, K): itself when 2-D (a reshape is a dispatch even when it is a view)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def scale_of(scaling) -> float:
+    """The per-call scaling as a float, checked: the one value check a call served by its plan repeats."""
+    if type(scaling) is float and -_INF < scaling < _INF:
+        return scaling
+    return require_scalar("scaling", scaling)
+
+
+def checked_scalars(scaling, dropout_p, seed) -> float:
+    """The scalar checks of a build; returns dropout_p as a float."""
+    require_scalar("scaling", scaling)
+    p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
+    if seed is not None:
+        check_seed(seed)
+    return p
+
+
+def linear_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs) -> CallPlan:
+    """lora_linear's plan for this call's specialization: the checks (user errors raise here), the backend,
+    the plan of each direction, the launches bound. needs: which of (x, weight, bias, lora_A, lora_B)
+    need a gradient, or None."""
+    check_lora_linear(x, weight, bias, lora_A, lora_B)
+    p = checked_scalars(scaling, dropout_p, seed)
+    if backend_for(x) == "torch":  # torch's autograd takes its gradients
+        def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+            return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scale_of(scaling), p, seed)
+        return CallPlan(run=run)
+    return with_contiguous(_kernel_plan(x, weight, bias, lora_A, lora_B, None, p, needs),
+                           (x, weight, bias, lora_A, lora_B), (2,))
+
+
+def add_plan(base, x, lora_A, lora_B, scaling, dropout_p, seed, needs) -> CallPlan:
+    """lora_add's plan, as linear_plan's; needs: of (base, x, lora_A, lora_B), or None. The same launches
+    as lora_linear's without the base product, onto base."""
+    check_lora_add(base, x, lora_A, lora_B)
+    p = checked_scalars(scaling, dropout_p, seed)
+    if backend_for(x) == "torch":
+        def run(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+            return torch_backend.lora_add(base, x, lora_A, lora_B, scale_of(scaling), p, seed)
+        return CallPlan(run=run)
+    linear = _kernel_plan(x, None, None, lora_A, lora_B, base, p,
+                          None if needs is None else (needs[1], False, False, needs[2], needs[3]))
+    if linear.run is not None:
+        run = linear.run
+
+        def run_add(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+            return run(x, None, None, lora_A, lora_B, scaling, dropout_p, seed, base)
+        return CallPlan(run=run_add)
+    forward, backward = linear.forward, linear.backward
+
+    def forward_add(base, x, lora_A, lora_B, scaling, dropout_p, seed):
+        return forward(x, None, None, lora_A, lora_B, scaling, dropout_p, seed, base)
+
+    def backward_add(dy, saved, state, needs):
+        dx, _, _, dA, dB, *_ = backward(dy, saved, state, (needs[1], False, False, needs[2], needs[3]))
+        return dy if needs[0] else None, dx, dA, dB, None, None, None
+    return CallPlan(forward=forward_add, backward=backward_add)
+
+
+def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> CallPlan:
+    """The kernels' plan of lora_linear, or of lora_add (weight None, base given: its closures take the
+    base last). Rows up to ONE_LAUNCH_MAX_M take the one-launch forward, bound here once: the kernel
+    takes x (and base) themselves, so each must be viewable as its rows without a copy."""
+    x2, N, r = rows(x), lora_B.shape[0], lora_A.shape[0]
+    M, K = x2.shape
+    out_dtype, device = (x.dtype if base is None else base.dtype), x.device
+    y_shape = (*x.shape[:-1], N) if base is None else base.shape
+    base2 = None if base is None else rows(base)
+    plan = choose("forward", M, K, N, r)
+    keep, threshold = 1.0 - p, keep_threshold(p)
+    one = (one_launch(plan, x2, lora_A) and M > 0 and N > 0 and x2.data_ptr() == x.data_ptr()
+           and (base is None or base2.data_ptr() == base.data_ptr()))
+    launch = None
+    if one:
+        S = None if needs is None else torch.empty((M, r), dtype=torch.float32, device=device)
+        launch = gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S,
+                                      torch.empty((M, N), dtype=out_dtype, device=device), dropout=p > 0, addend=base2)
+
+    if needs is None:
+        if launch is not None:
+            def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
+                if type(scaling) is not float or not -_INF < scaling < _INF:
+                    scaling = require_scalar("scaling", scaling)
+                y = torch.empty(y_shape, dtype=out_dtype, device=device)
+                launch(x, weight, bias, lora_A, lora_B, y, 0 if seed is None and not p else int_seed(seed, p),
+                       threshold, scaling / keep, addend=base)
+                return y
+        else:
+            def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
+                y = torch.empty(y_shape, dtype=out_dtype, device=device)
+                _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scale_of(scaling), p, int_seed(seed, p),
+                            y.view(-1, N))
+                return y
+        return CallPlan(run=run)
+
+    def forward_(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
+        scaling, seed = scale_of(scaling), int_seed(seed, p)
+        y = torch.empty(y_shape, dtype=out_dtype, device=device)
+        if launch is not None:
+            S = torch.empty((M, r), dtype=torch.float32, device=device)
+            launch(x, weight, bias, lora_A, lora_B, y, seed, threshold, scaling / keep, S, addend=base)
+        else:
+            S = _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scaling, p, seed, y.view(-1, N))
+        return y, (x, weight, lora_A, lora_B, S), (scaling, seed)
+
+    bound = PlanCache(register=False)
+
+    def backward_(dy, saved, state, needs):
+        key = _DY.key(dy, needs=tuple(needs[:5]))
+        run = bound.get(key)
+        if run is None:
+            run = bound.keep(key, _backward_run(dy, *saved, p, tuple(needs[:5])))
+        return run(dy, *saved, *state)
+    return CallPlan(forward=forward_, backward=backward_)
+
+
+def _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scaling, p, seed, out):
+    if base is None:
+        return forward(plan, rows(x), weight, bias, lora_A, lora_B, scaling, p, seed, out)
+    return add_forward(plan, rows(base), rows(x), lora_A, lora_B, scaling, p, seed, out)
+
+
+def _backward_run(dy, x, weight, lora_A, lora_B, S, p: float, needs):
+    """The backward of one dY specialization: run(dy, x, weight, lora_A, lora_B, S, scaling, seed) ->
+    (dx, dweight, dbias, dlora_A, dlora_B, None, None, None). weight None: lora_add's (no dW, db). At up
+    to 64 rows under the fused plan, dX, dA and dB are one launch, bound here."""
+    need_x, need_w, need_b, need_A, need_B = needs
+    N, (M, K), r = lora_B.shape[0], rows(x).shape, lora_A.shape[0]
+    plan = choose("backward", M, K, N, r)
+    g, x2 = rows(dy), rows(x)
+    keep, threshold = 1.0 - p, keep_threshold(p)
+    if (plan == "fused" and fits(M, r) and (need_x or need_A or need_B) and g.data_ptr() == dy.data_ptr()
+            and x2.data_ptr() == x.data_ptr()):
+        launch = backward_launcher(g, weight, lora_A, lora_B, x2, S, p > 0, need_x, need_A, need_B, x.shape, x.dtype)
+
+        def run(dy, x, weight, lora_A, lora_B, S, scaling, seed):
+            dx, dA, dB = launch(dy, weight, lora_A, lora_B, x, S, scaling / keep, seed, threshold)
+            dw = db = None
+            if need_w or need_b:
+                g = rows(dy)
+                dw = torch.mm(g.t(), rows(x)).to(weight.dtype) if need_w else None
+                db = g.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
+            return dx, dw, db, dA, dB, None, None, None
+        return run
+    if weight is None:
+        def run_add(dy, x, weight, lora_A, lora_B, S, scaling, seed):
+            _, dx, dA, dB = add_backward(dy, x, lora_A, lora_B, S, scaling, p, seed, (False, need_x, need_A, need_B),
+                                         plan)
+            return dx, None, None, dA, dB, None, None, None
+        return run_add
+
+    def run(dy, x, weight, lora_A, lora_B, S, scaling, seed):
+        return (*backward(plan, dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs), None, None, None)
+    return run

@@ -1,0 +1,209 @@
+"""Calls with gradients run their call plans through PlannedCall (fusedlora/ops/call.py). At the one-launch
+sizes (up to 64 rows, rank up to 64, the frozen base of LoRA training) the plan binds the forward and,
+per specialization of dY, the backward: one launch each. Either way the output and every gradient equal
+a freshly built plan's bitwise and the float64 oracle's, for each subset of inputs that needs a gradient,
+with dropout, and for any dY the engine passes (contiguous, expanded by a sum, transposed), including a
+dY of another specialization than the previous backward's."""
+import collections
+
+import pytest
+import torch
+from oracle import NAMES, check_lora_add, check_lora_linear, check_multi_lora_linear, make_inputs
+from test_lora_add import add_inputs
+from test_multi_lora import make_multi
+
+import fusedlora
+import fusedlora.ops.multi
+import fusedlora.ops.single
+from fusedlora import AdapterBatch
+from fusedlora.kernels import configs
+
+f32, bf16 = torch.float32, torch.bfloat16
+ADD_NAMES = ("base", "x", "lora_A", "lora_B")
+
+
+@pytest.fixture(autouse=True)
+def cold():
+    configs.clear_caches(tables=False)
+    yield
+    configs.clear_caches(tables=False)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Triton launches by kernel name."""
+    from fusedlora.kernels.lora_backward import _lora_backward_kernel
+    kind = type(_lora_backward_kernel)  # JITFunction, or the interpreter's stand-in
+    seen = collections.Counter()
+    real = kind.run
+
+    def run(self, *args, **kwargs):
+        seen[self.fn.__name__] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "run", run)
+    return seen
+
+
+def _dy(y, dy_kind):
+    if dy_kind == "sum":  # what y.sum().backward() passes: a tensor of ones expanded (zero strides)
+        return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
+    gen = torch.Generator().manual_seed(4)
+    dy = torch.randn(y.shape[::-1] if dy_kind == "transposed" else y.shape, generator=gen).to(y.dtype).to(y.device)
+    return dy.t() if dy_kind == "transposed" else dy
+
+
+def call(fn, names, inputs, needs, dy_kind, p, seed):
+    """(y, {name: grad}, dy) of fn(*inputs in `names` order, 1.5, p, seed) on fresh leaves, `needs` naming
+    those that require a gradient; the backward through y.sum() for dy_kind "sum"."""
+    leaves = {n: (t.detach().clone().requires_grad_(n in needs) if t is not None else None)
+              for n, t in inputs.items()}
+    y = fn(*(leaves[n] for n in names), 1.5, p, seed)
+    dy = _dy(y, dy_kind)
+    if dy_kind == "sum":
+        y.sum().backward()
+    else:
+        y.backward(dy)
+    return y.detach(), {n: leaves[n].grad for n in needs}, dy
+
+
+def served(public, names, inputs, needs, dy_kind, p, seed, one_launch, launches):
+    """The call twice (a build, then served by the kept plan) and once more after the caches are emptied:
+    one launch each way when one_launch, every result bitwise the fresh plan's. Returns the served
+    call's (y, grads, dy)."""
+    first = call(public, names, inputs, needs, dy_kind, p, seed)
+    launches.clear()
+    again = call(public, names, inputs, needs, dy_kind, p, seed)
+    if one_launch:
+        assert launches == {"_lora_gemm_kernel": 1, "_lora_backward_kernel": 1}
+    configs.clear_caches(tables=False)
+    fresh = call(public, names, inputs, needs, dy_kind, p, seed)
+    for y, grads, _ in (first, again):
+        assert torch.equal(y, fresh[0])
+        assert grads.keys() == set(needs) and all(torch.equal(grads[n], fresh[1][n]) for n in needs)
+    return again
+
+
+CASES = [
+    # (M, K, N, r, dtype, adapter dtype, needs, p, seed, dY, one launch each way)
+    pytest.param(16, 70, 45, 3, bf16, f32, ("lora_A", "lora_B"), 0.0, None, "contiguous", True, id="lora-bf16"),
+    pytest.param(16, 70, 45, 3, f32, f32, ("x", "lora_A", "lora_B"), 0.25, 7, "sum", True, id="x-dropout-sum"),
+    pytest.param(24, 64, 40, 16, f32, f32, ("x",), 0.1, 3, "transposed", False, id="x-only-transposed"),
+    pytest.param(9, 40, 24, 8, f32, f32, ("lora_B",), 0.0, None, "contiguous", True, id="B-only"),
+    pytest.param(16, 40, 24, 8, f32, f32, ("weight", "bias", "lora_A"), 0.0, None, "contiguous", True,
+                 id="weight-grad"),
+    pytest.param(70, 40, 24, 8, f32, f32, ("lora_A", "lora_B"), 0.1, 2, "contiguous", False, id="split-rows"),
+]
+
+
+@pytest.mark.parametrize("M,K,N,r,dtype,adapter_dtype,needs,p,seed,dy_kind,one", CASES)
+def test_lora_linear_served_matches_fresh_and_oracle(M, K, N, r, dtype, adapter_dtype, needs, p, seed, dy_kind,
+                                                     one, device, launches):
+    inputs = make_inputs(M, K, N, r, dtype, adapter_dtype, True, device)
+    y, grads, dy = served(fusedlora.lora_linear, NAMES, inputs, needs, dy_kind, p, seed, one, launches)
+    keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
+    check_lora_linear(y, grads, inputs, 1.5, keep, p, dy)
+
+
+ADD_CASES = [
+    # (lead, K, N, r, dtype, adapter dtype, needs, p, seed, dY, one launch each way)
+    pytest.param(16, 70, 45, 3, bf16, f32, ("base", "x", "lora_A", "lora_B"), 0.1, 5, "contiguous", True,
+                 id="all-bf16-dropout"),
+    pytest.param((2, 5), 40, 24, 8, f32, f32, ("lora_A", "lora_B"), 0.0, None, "sum", True, id="3d-sum"),
+    pytest.param(12, 40, 24, 8, f32, f32, ("x", "lora_B"), 0.25, 3, "transposed", False, id="x-B-transposed"),
+    pytest.param(70, 40, 24, 8, f32, f32, ("base", "lora_A"), 0.1, 2, "contiguous", False, id="split-rows"),
+]
+
+
+@pytest.mark.parametrize("lead,K,N,r,dtype,adapter_dtype,needs,p,seed,dy_kind,one", ADD_CASES)
+def test_lora_add_served_matches_fresh_and_oracle(lead, K, N, r, dtype, adapter_dtype, needs, p, seed, dy_kind, one,
+                                                  device, launches):
+    """lora_add's calls with gradients; the base's gradient is dY itself."""
+    inputs = add_inputs(lead, K, N, r, dtype, adapter_dtype, device)
+    y, grads, dy = served(fusedlora.lora_add, ADD_NAMES, inputs, needs, dy_kind, p, seed, one, launches)
+    keep = fusedlora.dropout_mask(seed, inputs["x"].shape, p, device) if p > 0 else None
+    check_lora_add(y, grads, inputs, 1.5, keep, p, dy)
+
+
+@pytest.mark.parametrize("fn,names", [(fusedlora.lora_linear, NAMES), (fusedlora.lora_add, ADD_NAMES)],
+                         ids=["lora_linear", "lora_add"])
+def test_backward_of_another_dy_specialization(fn, names, device):
+    """One plan, backward after backward with dY's strides changing (contiguous, then the zero strides of
+    y.sum(), then transposed, then contiguous again): each backward its own binding, the oracle's
+    gradients."""
+    inputs = (make_inputs(16, 40, 24, 8, f32, device=device) if fn is fusedlora.lora_linear
+              else add_inputs(16, 40, 24, 8, f32, device=device))
+    needs = ("x", "lora_A", "lora_B")
+    check = check_lora_linear if fn is fusedlora.lora_linear else check_lora_add
+    for dy_kind in ("contiguous", "sum", "transposed", "contiguous"):
+        y, grads, dy = call(fn, names, inputs, needs, dy_kind, 0.2, 11)
+        check(y, grads, inputs, 1.5, fusedlora.dropout_mask(11, (16, 40), 0.2, device), 0.2, dy)
+    signature = fusedlora.ops.single.LINEAR if fn is fusedlora.lora_linear else fusedlora.ops.single.ADD
+    assert len(signature.plans) == 1
+
+
+@pytest.mark.parametrize("need", NAMES)
+def test_which_inputs_need_gradients_is_a_key_component(need, device):
+    """After a warm call with lora_A alone needing a gradient, a call where `need` alone needs one: its
+    own plan, and exactly the oracle's gradient of `need` (a plan bound for lora_A's would compute dA)."""
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
+    call(fusedlora.lora_linear, NAMES, inputs, ("lora_A",), "contiguous", 0.0, None)
+    y, grads, dy = call(fusedlora.lora_linear, NAMES, inputs, (need,), "contiguous", 0.0, None)
+    assert len(fusedlora.ops.single.LINEAR.plans) == (1 if need == "lora_A" else 2)
+    check_lora_linear(y, grads, inputs, 1.5, None, 0.0, dy)
+
+
+def test_plan_keeps_no_tensor_and_sees_in_place_writes(device):
+    """A weight written in place between steps (an optimizer step) is what the next call reads."""
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
+    A = inputs["lora_A"].clone().requires_grad_()
+    for step in range(3):
+        y = fusedlora.lora_linear(inputs["x"], inputs["weight"], inputs["bias"], A, inputs["lora_B"], 2.0)
+        y.square().sum().backward()
+        check_lora_linear(y.detach(), None, dict(inputs, lora_A=A.detach().clone()), 2.0, None, 0.0)
+        with torch.no_grad():
+            A -= 0.1 * A.grad
+        A.grad = None
+    assert len(fusedlora.ops.single.LINEAR.plans) == 1
+
+
+def test_settings_changed_before_backward_are_read(monkeypatch, device, launches):
+    """FUSEDLORA_PLAN set between a forward and its backward: the backward runs the plan it names, as a
+    backward planned from scratch would, and the gradients stay the oracle's."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
+    for step in range(2):  # the second forward is served by the kept plan
+        leaves = {n: t.detach().clone().requires_grad_(n in ("lora_A", "lora_B")) for n, t in inputs.items()}
+        y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.5)
+        monkeypatch.setenv("FUSEDLORA_PLAN", "split")
+        launches.clear()
+        dy = torch.ones_like(y)
+        y.backward(dy)
+        monkeypatch.delenv("FUSEDLORA_PLAN")
+        assert "_lora_backward_kernel" not in launches and launches.get("_lora_dy_kernel") == 1
+        check_lora_linear(y.detach(), {n: leaves[n].grad for n in ("lora_A", "lora_B")}, inputs, 1.5, None, 0.0, dy)
+    assert len(fusedlora.ops.single.LINEAR.plans) == 1
+
+
+@pytest.mark.parametrize("M", [16, 70], ids=["decode", "split"])
+def test_multi_with_gradients_served_matches_fresh_and_oracle(M, device):
+    """multi_lora_linear's calls with gradients run their plans too; the batch is the plan's state."""
+    inputs = make_multi(M, 40, 24, 3, 8, f32, ranks=[8, 3, 5], device=device)
+    ids = torch.randint(-1, 3, (M,), generator=torch.Generator().manual_seed(2)).to(device)
+    batch = AdapterBatch(ids, 3)
+    order = ("x", "weight", "bias", "lora_A", "lora_B", "scalings")
+    dy = torch.randn(M, 24, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def step():
+        leaves = {n: inputs[n].detach().clone().requires_grad_(n in ("x", "lora_A", "lora_B")) for n in order}
+        y = fusedlora.multi_lora_linear(*(leaves[n] for n in order), batch, inputs["ranks"])
+        y.backward(dy)
+        return y.detach(), {n: leaves[n].grad for n in ("x", "lora_A", "lora_B")}
+
+    first, again = step(), step()
+    assert len(fusedlora.ops.multi.MULTI.plans) == 1
+    configs.clear_caches(tables=False)
+    fresh = step()
+    for y, grads in (first, again):
+        assert torch.equal(y, fresh[0]) and all(torch.equal(grads[n], fresh[1][n]) for n in grads)
+    check_multi_lora_linear(again[0], again[1], inputs, ids, dy)
