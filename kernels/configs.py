@@ -40,6 +40,7 @@ _INTERPRETER = {
     "decode_shrink": dict(BLOCK_C=32, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4),
     "decode_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, RANK_CAP=64, num_warps=4, num_stages=1),
     "keep_mask": dict(BLOCK_M=32, BLOCK_K=32),
+    "dora_norm": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1),
 }
 
 # Planner thresholds, for every target without its own.
@@ -175,6 +176,18 @@ def lora_expand(M: int, device=None) -> dict:
     return _choose("lora_expand", target(device), M, default)
 
 
+@functools.lru_cache(maxsize=4096)
+def dora_norm(N: int, K: int, R: int, device=None) -> dict:
+    """DoRA's row norms (kernels/dora_norm.py): one pass over W, bound by reading it, so the row block
+    narrows until every SM has about two programs streaming a share of W (BLOCK_N = 16 gives 256
+    programs at N = 4096). The rank block holds every rank (r <= 64): W·Aᵀ and A·Aᵀ accumulate whole."""
+    block_n = 32
+    while block_n > 16 and -(-N // block_n) < 2 * sm_count(device):
+        block_n //= 2
+    default = dict(BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+    return dict(_choose("dora_norm", target(device), N, default), BLOCK_R=rank_block(R))
+
+
 # wide: a dot with an fp32 operand (tf32x3 or ieee), whose operand tiles take three times the
 # registers of a half-precision one: compiled for sm_90 at the half-precision tiles, the shrink, dU/dB and
 # decode kernels spilled (8 to 520 bytes of local memory per thread, cuobjdump on the cubin, triton 3.9),
@@ -284,5 +297,5 @@ def clear_caches(tables: bool = True):
     for hook in CLEAR_HOOKS:
         hook()
     for fn in (lora_gemm, lora_gemm_shrink, lora_backward, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
-               multi_reduce, decode_shrink, decode_gemm) + ((table,) if tables else ()):
+               multi_reduce, decode_shrink, decode_gemm, dora_norm) + ((table,) if tables else ()):
         fn.cache_clear()

@@ -12,7 +12,7 @@ a GEMM with the base product at M >= 2048 that does not use wgmma. Spills are re
 (stack frame) cuobjdump reports for the cubin.
 
 Sizes: K = N = 4096 and 4096 -> 14336; M = 1, 16, 64, 65, 2048, 8192; bf16 x with bf16 and fp32 adapters;
-dropout on and off; forward and backward; single-adapter and 64 adapters; every plan.
+dropout on and off; forward and backward; single-adapter, DoRA and 64 adapters; every plan.
 
     python tests/gpu_compile.py          every variant (by hand: ~180 variants, 10-25 min on 2 cores)
     python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192, the fused at 8192
@@ -52,7 +52,9 @@ def single(plan, M, K, N, adapter_dtype, p):
     fusedlora.lora_linear(x, W, None, A, B, 2.0, p, seed=5).sum().backward()
     base = torch.empty(M, N, dtype=torch.bfloat16, device=META, requires_grad=True)
     fusedlora.lora_add(base, x, A, B, 2.0, p, seed=5).sum().backward()
-    with torch.no_grad():  # eager inference: the per-shape cache's launches (the decode forward writes no S)
+    m = torch.empty(N, dtype=adapter_dtype, device=META, requires_grad=True)
+    fusedlora.dora_linear(x, W, None, A, B, m, 2.0, p, seed=5).sum().backward()
+    with torch.no_grad():  # eager inference: the call plans' launches (the decode forward writes no S)
         fusedlora.lora_linear(x, W, None, A, B, 2.0, p, seed=5)
         fusedlora.lora_add(base, x, A, B, 2.0, p, seed=5)
 

@@ -249,3 +249,34 @@ def test_compiled_call_runs_whole_and_matches_reference():
     args = dict(inputs, scaling=scaling, keep_mask=fusedlora.dropout_mask(seed, (M, K), p), dropout_p=p,
                 weight_norm=n64)
     check_dora(y.detach(), {n: t.grad for n, t in leaves.items()}, args, dy, dora_lengths(M, K, N, r, kappa))
+
+
+@pytest.mark.parametrize("N,K,r,wdtype,adtype,strided", [
+    (45, 70, 3, torch.float32, torch.float32, False),
+    (45, 70, 3, torch.bfloat16, torch.float32, True),
+    (40, 96, 64, torch.bfloat16, torch.bfloat16, False),
+    (24, 40, 65, torch.float32, torch.float32, False),  # above the kernel's rank: the torch sequence
+])
+def test_norms_against_float64(N, K, r, wdtype, adtype, strided, device):
+    """The row norms n = ‖W + s·B·A‖ and g = m / n of plans/dora.norms (kernels/dora_norm.py up to rank
+    64) against float64. n² sums K + 2r + 3 products per term and takes 3 more roundings to combine, so
+    its error is at most γ_{K+2r+6}·mag², mag = ‖|W| + |s|·|B|·|A|‖ (the sum of the terms' magnitudes);
+    the square root halves it relative to n and rounds once more, the division by m once more."""
+    from fusedlora.plans.dora import norms
+    scaling = -1.75
+    inputs = make_inputs(8, K, N, r, wdtype, adtype, False, device, seed=3)
+    W, A, B = inputs["weight"], inputs["lora_A"], inputs["lora_B"]
+    if strided:  # B as PEFT never stores it, A through a transposed copy: the kernel takes strides
+        A, B = A.t().contiguous().t(), B.t().contiguous().t()
+    m = (torch.rand(N, generator=torch.Generator().manual_seed(4)) + 0.5).to(adtype).to(device)
+    n, g = norms(W, A, B, m, scaling)
+    exact, kappa = norm_condition(dict(weight=W, lora_A=A, lora_B=B), scaling)
+    u = 3 * 2.0 ** -22 if torch.cuda.is_available() else 2.0 ** -24  # tf32x3 products, else IEEE fp32
+    length = K + 2 * r + 6
+    rel = length * u / (1 - length * u) * kappa / 2 + u
+    assert n.dtype == g.dtype == torch.float32 and n.shape == g.shape == (N,)
+    err_n = ((n.double() - exact.to(device)).abs() / exact.to(device)).max().item()
+    assert err_n <= rel, f"n: relative error {err_n:.3e} > bound {rel:.3e} (κ = {kappa:.2f})"
+    g64 = m.double() / exact.to(device)
+    err_g = ((g.double() - g64).abs() / g64.abs()).max().item()
+    assert err_g <= rel + 2 * u, f"g: relative error {err_g:.3e} > bound {rel + 2 * u:.3e}"

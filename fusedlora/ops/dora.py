@@ -10,7 +10,7 @@ import torch
 from fusedlora.core import torch_backend
 from fusedlora.core.specialization import NONE, OPTIONAL, PER_CALL, TENSOR, VALUE, Signature
 from fusedlora.ops.call import PlannedCall, planned
-from fusedlora.plans.dora import dora_plan
+from fusedlora.plans.dora import check_dora, dora_plan
 
 DORA = Signature("dora_linear", x=TENSOR, weight=TENSOR, bias=OPTIONAL, lora_A=TENSOR, lora_B=TENSOR,
                  magnitude=TENSOR, scaling=PER_CALL, dropout_p=VALUE, seed=PER_CALL, weight_fn=NONE)
@@ -20,9 +20,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, 
     """fusedlora.dora_linear (fusedlora/functional.py documents it)."""
     args = (x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)
     if torch.compiler.is_compiling():
-        dora_plan(*args, needs=None)  # the checks, traced; the plan itself is not run
-        return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), float(dropout_p),
-                                         seed)
+        p = check_dora(*args)  # traced with the PyTorch backend's ops
+        return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, seed)
     key = DORA.key(*args)
     plan = DORA.plans.get(key)
     if plan is None:

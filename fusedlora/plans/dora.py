@@ -4,9 +4,10 @@ With x: (M, K), W: (N, K), A: (r, K), B: (N, r), magnitude m: (N,), s the scalin
 mask and D(x) = keep ⊙ x / (1 - p):
     norms     n² = ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ from W·Aᵀ (N, r) and A·Aᵀ (r, r),
               so no N×K matrix W + s·B·A is ever formed; g = m / n in fp32, a constant for autograd
-              (DoRA detaches the norm). ‖W_n‖² is one streaming pass over W, recomputed on every call:
-              nothing cheap tells that W is unchanged (`.data` writes do not bump its version), and the
-              pass costs what one decode-sized GEMM costs.
+              (DoRA detaches the norm). One launch reads W once for ‖W_n‖² and W·Aᵀ together
+              (kernels/dora_norm.py), recomputed on every call: nothing cheap tells that W is unchanged
+              (`.data` writes do not bump its version), and the pass costs what one decode-sized GEMM
+              costs.
     forward   S = s·D(x)·Aᵀ (the LoRA shrink; (M, r) fp32, saved);  y = x·Wᵀ
               no dropout  out = g ⊙ (y + S·Bᵀ) + b          g and b in the epilogue of the fused GEMM
                                                               (fused plan) or of the expand (split plan)
@@ -31,6 +32,8 @@ from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_dora_magnitude, check_lora_linear
 from fusedlora.core.dropout import dropout_mask, int_seed, keep_threshold
+from fusedlora.kernels.dora_norm import MAX_RANK as DORA_NORM_MAX_RANK
+from fusedlora.kernels.dora_norm import dora_norm
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
 from fusedlora.plans.callplan import CallPlan, with_contiguous
@@ -49,6 +52,15 @@ def weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return n2.clamp_min(0.0).sqrt()
 
 
+def norms(weight, lora_A, lora_B, magnitude, scaling: float):
+    """(n, g): the row norms ‖W + s·B·A‖ and g = m / n, (N,) fp32 each. One launch up to rank 64
+    (kernels/dora_norm.py: one pass over W), weight_norm's sequence above it."""
+    if lora_A.shape[0] <= DORA_NORM_MAX_RANK:
+        return dora_norm(weight, lora_A, lora_B, magnitude, scaling)
+    n = weight_norm(weight, lora_A, lora_B, scaling)
+    return n, (magnitude.detach().to(torch.float32) / n).contiguous()
+
+
 def _dropped(x2, dropout_p: float, seed: int):
     """(keep, D(x)) for x2: (M, K); D(x) in x's dtype, as the reference rounds it."""
     keep = dropout_mask(seed, x2.shape, dropout_p, x2.device)
@@ -58,8 +70,7 @@ def _dropped(x2, dropout_p: float, seed: int):
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float, seed: int,
             out):
     """out: (M, N) in x's dtype, written; returns (S, g, n) for backward. Inputs already validated."""
-    n = weight_norm(weight, lora_A, lora_B, scaling)
-    g = (magnitude.detach().to(torch.float32) / n).contiguous()
+    n, g = norms(weight, lora_A, lora_B, magnitude, scaling)
     S = shrink(x2, lora_A, scaling, dropout_p, seed)
     if dropout_p == 0:
         if plan == "fused":
@@ -129,14 +140,20 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, g, n, scaling: float, 
 # weight_fn). With gradients forward saves (x, weight, lora_A, lora_B, S, g, n), weight None when
 # weight_fn will make it again in backward, and keeps (scaling, seed) as its state.
 
-def dora_plan(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn, needs) -> CallPlan:
-    """dora_linear's plan for this call's specialization: the checks, the backend, the plans of both
-    directions. needs: which of (x, weight, bias, lora_A, lora_B, magnitude) need a gradient, or None."""
+def check_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn) -> float:
+    """dora_linear's checks (a build runs them; so does a traced call); returns dropout_p as a float."""
     check_lora_linear(x, weight, bias, lora_A, lora_B)
     check_dora_magnitude(magnitude, weight, lora_A)
     p = checked_scalars(scaling, dropout_p, seed)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be None or a function returning the weight, got {type(weight_fn).__name__}")
+    return p
+
+
+def dora_plan(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn, needs) -> CallPlan:
+    """dora_linear's plan for this call's specialization: the checks, the backend, the plans of both
+    directions. needs: which of (x, weight, bias, lora_A, lora_B, magnitude) need a gradient, or None."""
+    p = check_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)
     if backend_for(x) == "torch":  # torch's autograd takes its gradients; it has no use for weight_fn
         def run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
             return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale_of(scaling), p, seed)
