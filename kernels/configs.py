@@ -40,6 +40,15 @@ _INTERPRETER = {
     "decode_shrink": dict(BLOCK_C=32, PROGRAMS_PER_SM=2, RANK_CAP=64, num_warps=4),
     "decode_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, RANK_CAP=64, num_warps=4, num_stages=1),
     "keep_mask": dict(BLOCK_M=32, BLOCK_K=32),
+    # MoE: 16-row tiles so that a few pairs per expert still make several tiles, and an 8-segment search
+    # chunk so that test groupings of more segments take the schedule's loop more than once (a chunk's
+    # prefix sum costs ~30 ms in the interpreter).
+    "moe_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4,
+                     num_stages=1),
+    "moe_decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4,
+                       num_stages=1),
+    "moe_shrink": dict(BLOCK_M=16, BLOCK_C=32, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4, num_stages=1),
+    "moe_reduce": dict(BLOCK_A=32, BLOCK_B=32, BLOCK_T=16, num_warps=4, num_stages=1),
 }
 
 # Planner thresholds, for every target without its own.
@@ -54,7 +63,15 @@ _INTERPRETER = {
 # A, r×K, once per column block from L2) should cost less than a second launch, whose host time alone
 # (~20 µs measured by benchmarks/host.py on CPU) exceeds the GEMM's ~8 µs at K = N = 4096 on an H200.
 # Untimed on a GPU.
-PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64}
+# moe_decode_max_pairs: (token, expert) pairs up to which a MoE projection runs the decode plan (one
+# program per segment and column block, no tile search): 16 decode tokens at top-8 are 128 pairs, about
+# one per expert of 128; at 256 pairs an expert averages 2 (E = 128) to 32 (E = 8) rows, a 16-row
+# tile or two. moe_split_from_pairs: pairs from which the split plan (the library grouped GEMM) serves,
+# per direction; between the two the fused plan. Untimed: the dense split plan's library GEMM beat the
+# Triton GEMM (1.13x against 1.45x cuBLAS at M = 2048 and 8192 on the H200), so split starts where
+# decode ends until benchmarks/tune.py measures the MoE crossover.
+PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64,
+           "moe_decode_max_pairs": 256, "moe_split_from_pairs": {"forward": 257, "backward": 257}}
 DECODE_MAX_ROWS = 64
 # The largest rank the one-launch forward holds in one rank block (rank_block's default cap).
 SHRINK_MAX_R = 64
@@ -236,6 +253,57 @@ def decode_gemm(M: int, N: int, R: int, device=None) -> dict:
     return _with_rank(_choose("decode_gemm", target(device), M, default), R)
 
 
+# ---- MoE (kernels/moe_lora.py, kernels/moe_reduce.py) -------------------------------------------
+# SEGMENT_CHUNK: segments the tile search reads per step (the search loops over E·(L+1) / SEGMENT_CHUNK
+# steps); RANK_CAP: the rank block of a low-rank term read from memory (larger ranks loop). None of the
+# GPU defaults is measured: they follow the dense kernels' (an H200 at commit 8bd3736) and
+# benchmarks/tune.py's MoE rows measure them.
+
+@functools.lru_cache(maxsize=4096)
+def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None) -> dict:
+    """The grouped GEMM over M sorted pairs in `groups` segments (fused and split plans). Tiles never
+    span two experts, so a segment wastes up to BLOCK_M - 1 rows: the row block follows the mean rows
+    per segment (256 at Qwen3-30B-A3B's 4096 tokens, top-8 of 128 experts). With the shrink in the K
+    loop the reduction block is halved, as the dense one-launch forward's (lora_gemm_shrink)."""
+    mean = M / max(groups, 1)
+    if mean >= 192:
+        default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    elif mean >= 48:
+        default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                       num_stages=4)
+    if shrink:
+        default["BLOCK_K"] = min(default["BLOCK_K"], 64)
+    default.update(SEGMENT_CHUNK=1024, RANK_CAP=64)
+    return _choose("moe_gemm", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_decode(M: int, N: int, device=None) -> dict:
+    """The decode schedule (a program per segment and column block, looping over its rows): bound by
+    reading the active experts' W, as the dense decode GEMM; the one-launch forward's tiles."""
+    default = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64, num_warps=4,
+                   num_stages=4)
+    return _choose("moe_decode", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    """U = c·D(X)·Qᵀ per segment tile (the split plan's S and dU): the dense shrink's tiles."""
+    default = dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=64 if wide else 128, SEGMENT_CHUNK=1024, RANK_CAP=64,
+                   num_warps=8 if wide else 4, num_stages=3)
+    return _with_rank(_choose("moe_shrink", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_reduce(M: int, device=None) -> dict:
+    """dA, dB, dW and db per segment: the multi-adapter reduction's tiles (the launcher narrows a block
+    to its dimension, at least 16)."""
+    default = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_T=64, num_warps=4, num_stages=3)
+    return _choose("moe_reduce", target(device), M, default)
+
+
 def keep_mask(device=None) -> dict:
     """The materialized dropout mask (tests and debugging only)."""
     return _choose("keep_mask", target(device), 1, dict(BLOCK_M=32, BLOCK_K=32))
@@ -284,5 +352,6 @@ def clear_caches(tables: bool = True):
     for hook in CLEAR_HOOKS:
         hook()
     for fn in (lora_gemm, lora_gemm_shrink, lora_backward, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
-               multi_reduce, decode_shrink, decode_gemm) + ((table,) if tables else ()):
+               multi_reduce, decode_shrink, decode_gemm, moe_gemm, moe_decode, moe_shrink,
+               moe_reduce) + ((table,) if tables else ()):
         fn.cache_clear()
