@@ -72,12 +72,11 @@ class Groups(NamedTuple):
 @triton.jit
 def segment_tile(starts_ptr, tile, G, seg_step, seg_off, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """(group g, first sorted row, end of its segment) of tile `tile`; the first row is at or past the
-    end when the tile is past the work. Exactly one group holds a given tile: the one whose tiles
-    [before, before + count) contain it, before being the tiles of the groups ahead of it."""
+    end when the tile is past the work. With last_g the tiles of groups 0..g (nondecreasing in g), the
+    tile belongs to the first group whose last_g passes it: g is the number of groups with last_g <= tile,
+    and the tiles before it are the largest such last_g."""
     offs = tl.arange(0, BLOCK_G)
     group = 0
-    start = 0
-    end = 0
     before = 0
     running = 0
     for g0 in range(0, G, BLOCK_G):
@@ -85,17 +84,16 @@ def segment_tile(starts_ptr, tile, G, seg_step, seg_off, BLOCK_M: tl.constexpr, 
         c = (g0 + offs) * seg_step + seg_off
         lo = tl.load(starts_ptr + c, mask=g_ok, other=0)
         hi = tl.load(starts_ptr + c + 1, mask=g_ok, other=0)
-        count = (hi - lo + BLOCK_M - 1) // BLOCK_M
-        last = tl.cumsum(count, 0) + running  # tiles up to and including each group
-        first = last - count
-        mine = g_ok & (first <= tile) & (tile < last)
-        group += tl.sum(tl.where(mine, g0 + offs, 0), 0)
-        start += tl.sum(tl.where(mine, lo, 0), 0)
-        end += tl.sum(tl.where(mine, hi, 0), 0)
-        before += tl.sum(tl.where(mine, first, 0), 0)
-        running += tl.sum(count, 0)
-    row0 = tl.where(tile < running, start + (tile - before) * BLOCK_M, end)
-    return group, row0, end
+        last = tl.cumsum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0) + running
+        done = g_ok & (last <= tile)
+        group += tl.sum(done.to(tl.int32), 0)
+        before = tl.maximum(before, tl.max(tl.where(done, last, 0), 0))
+        running = tl.max(last, 0)  # groups past G count no tiles
+    seg = group * seg_step + seg_off
+    inside = group < G
+    start = tl.load(starts_ptr + seg, mask=inside, other=0)
+    end = tl.load(starts_ptr + seg + 1, mask=inside, other=0)
+    return group, tl.where(inside, start + (tile - before) * BLOCK_M, end), end
 
 
 @triton.jit

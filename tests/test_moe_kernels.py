@@ -32,7 +32,8 @@ def make_moe(T, k, E, K, N, R, dtype, adapter_dtype=None, L=1, ranks=None, mixed
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dt)
 
     choices = torch.tensor(experts if experts is not None else range(E))
-    top_k_index = torch.stack([choices[torch.randperm(len(choices), generator=gen)[:k]] for _ in range(T)])
+    top_k_index = torch.stack([choices[torch.randperm(len(choices), generator=gen)[:k]] for _ in range(T)]) if T else \
+        torch.empty(0, k, dtype=torch.int64)
     weight = rnd(E, K, N, scale=K ** -0.5).transpose(1, 2) if transposed else rnd(E, N, K, scale=K ** -0.5)
     if peft:
         lora_A = rnd(E * R, K, scale=K ** -0.5, dt=adapter_dtype).view(1, E, R, K)
@@ -81,7 +82,7 @@ CASES = [
     pytest.param((10, 2, 4, 48, 32, 8), (bf16, f32), 0.1, False, {}, LORA, id="fp32-adapters-sorted-input"),
     pytest.param((9, 2, 4, 40, 48, 8), (bf16, bf16), 0.0, True, dict(transposed=True), NAMES, id="gpt-oss-layout"),
     pytest.param((9, 3, 4, 48, 40, 8), (f32, f32), 0.1, True, dict(peft=True), LORA, id="peft-strided-adapters"),
-    pytest.param((12, 2, 4, 40, 36, 8), (f32, f32), 0.2, True, dict(L=3, ranks=[3, 5, 8], mixed=True), LORA,
+    pytest.param((12, 2, 4, 40, 36, 8), (f32, f32), 0.2, True, dict(L=3, ranks=[3, 5, 8], mixed=True), NAMES,
                  id="mixed-adapters-ranks"),
     pytest.param((7, 2, 8, 40, 32, 8), (f32, f32), 0.0, True, dict(experts=[1, 6]), NAMES, id="empty-experts"),
     pytest.param((40, 1, 4, 32, 40, 8), (f32, f32), 0.1, True, dict(experts=[2]), NAMES, id="one-expert-top-1"),
@@ -103,3 +104,150 @@ def test_matches_reference(shape, dtypes, p, gather, options, grad, plan, device
     # low-rank term added onto it) before the sum over the token's pairs rounds it a third time.
     roundings = {"x": 3} if plan == "split" and gather and k > 1 else None
     check_moe_lora_linear(y, grads, inputs, keep, p, dy.to(device), gather, roundings)
+
+
+class LargeTensors(TorchDispatchMode):
+    """Records every new tensor of at least `limit` elements made by an aten op: outputs that alias an
+    input (views, in-place results: an alias annotation in the op's schema) are not new."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.seen = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t, ret in zip(outs, func._schema.returns):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.limit and ret.alias_info is None:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _unwatched(launch):
+    """A launch run with the dispatch modes off: the Triton interpreter copies its arguments (the
+    weight included), which a GPU launch never does."""
+    def run(*args, **kwargs):
+        with _disable_current_modes():
+            launch(*args, **kwargs)
+    return run
+
+
+@pytest.mark.parametrize("plan,gather", [("fused", True), ("split", True), ("decode", True), ("split", False)],
+                         ids=["fused-gate_up", "split-gate_up", "decode-gate_up", "split-down"])
+def test_no_tensor_of_the_experts_size_is_made(plan, gather, monkeypatch, device):
+    """Forward and backward (LoRA gradients, dropout on) make no tensor of E·N·K elements: sizes chosen so
+    that E·N·K exceeds every legitimate buffer (P·K, P·N, the adapters' gradients)."""
+    for module in (fusedlora.kernels.moe_lora, fusedlora.kernels.moe_reduce):
+        monkeypatch.setattr(module, "launch", _unwatched(module.launch))
+    T, k, E, K, N, R = 6, 2, 8, 40, 48, 8
+    inputs = make_moe(T, k, E, K, N, R, f32, gather=gather, device=device)
+    routing = routing_of(inputs, E)
+    dy = torch.randn(T * k, N, device=device)
+    limit = E * N * K
+    assert limit > max(T * k * max(K, N), E * R * (K + N))
+    with LargeTensors(limit) as mode:
+        inputs["weight"].clone()  # the mode sees what it is there to see
+        assert mode.seen == [("aten.clone.default", (E, N, K))]
+        mode.seen.clear()
+        run(plan, inputs, routing, gather, 0.1, 5, dy, LORA)
+    assert mode.seen == []
+
+
+def test_split_takes_the_library_grouped_gemm_where_it_serves(monkeypatch, device):
+    """Forward and dX each call the library once when the operands fit its rules (fp32 on CPU, rows of
+    16-byte multiples), and never when they do not (K = 70 fp32: 280-byte rows are not multiples of 16)."""
+    calls = []
+    library = moe._GROUPED_MM
+    monkeypatch.setattr(moe, "_GROUPED_MM", lambda *a, **kw: calls.append(a[0].shape) or library(*a, **kw))
+    for K, expected in ((64, 2), (70, 0)):
+        calls.clear()
+        inputs = make_moe(7, 2, 4, K, 32, 8, f32, device=device)
+        run("split", inputs, routing_of(inputs, 4), True, 0.0, 0, torch.randn(14, 32, device=device), LORA)
+        assert len(calls) == expected, (K, calls)
+
+
+def test_library_rules_follow_the_cuda_checks():
+    """On CUDA (and the meta device, whose checks are CUDA's) the library serves bf16 only, in its layouts."""
+    meta = torch.device("meta")
+    w = torch.empty(4, 64, 48, dtype=bf16, device=meta)
+    assert moe.library_serves(bf16, 64, w.transpose(1, 2))  # (E, N, K) contiguous read as (E, K, N)
+    assert moe.library_serves(bf16, 64, torch.empty(4, 48, 64, dtype=bf16, device=meta))  # gpt-oss (E, K, N)
+    assert not moe.library_serves(f32, 64, w.transpose(1, 2).float())
+    assert not moe.library_serves(bf16, 60, torch.empty(4, 60, 45, dtype=bf16, device=meta))  # 90-byte rows
+    assert not moe.library_serves(bf16, 64, w.transpose(1, 2), torch.empty(64, 20, dtype=bf16, device=meta)[:, :16].t())
+    assert not moe.library_serves(torch.float16, 64, w.transpose(1, 2).half())
+
+
+def test_every_plan_saves_the_same_S(device):
+    """S (P, R) fp32 sorted, zero past each rank and on rows without an adapter, whatever the plan: a forward
+    under one plan and a backward under another give the gradients of either alone."""
+    inputs = make_moe(9, 2, 4, 48, 40, 8, f32, L=2, ranks=[8, 3], mixed=True, device=device)
+    routing = routing_of(inputs, 4, 2)
+    args = (inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scaling"], inputs["ranks"])
+    saved = {}
+    for plan in ("fused", "split", "decode"):
+        saved[plan] = moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, torch.empty(18, 40), True)
+    assert (saved["fused"][routing.keys.long() % 3 == 0] == 0).all()  # adapter -1
+    assert (saved["fused"][routing.keys.long() % 3 == 2, 3:] == 0).all()  # adapter 1, rank 3
+    for plan in ("split", "decode"):
+        torch.testing.assert_close(saved[plan], saved["fused"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_expert_no_pair_reaches_is_never_read(plan, device):
+    """NaN in the weights, bias and adapters of experts nobody is routed to changes nothing, and their
+    gradients are zero."""
+    inputs = make_moe(6, 2, 6, 40, 32, 8, f32, experts=[0, 3, 4], device=device)
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        t = inputs[name]
+        for e in (1, 2, 5):
+            (t[:, e] if name.startswith("lora") else t[e]).fill_(NAN)
+    routing = routing_of(inputs, 6)
+    y, grads = run(plan, inputs, routing, True, 0.1, 3, torch.randn(12, 32, device=device), NAMES)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    for name, g in grads.items():
+        if name != "x":
+            unused = g[:, [1, 2, 5]] if name.startswith("lora") else g[[1, 2, 5]]
+            assert (unused == 0).all(), name
+
+
+def test_no_pairs(plan, device):
+    inputs = make_moe(0, 2, 4, 32, 16, 8, f32, device=device)
+    y, grads = run(plan, inputs, routing_of(inputs, 4), True, 0.1, 3, torch.empty(0, 16, device=device), NAMES)
+    assert y.shape == (0, 16) and grads["x"].shape == (0, 32)
+    for name in NAMES[1:]:
+        assert grads[name].shape == inputs[name].shape and (grads[name] == 0).all(), name
+
+
+def test_grids_depend_on_shapes_only(plan, device):
+    """Two routings of the same shapes (one spreading the pairs, one sending all to one expert) launch the
+    same kernels with the same grids and arguments but the routing tensors: nothing is read back from
+    the device to size a launch (CUDA-graph capture, no host sync)."""
+    from sm90 import record_launches
+
+    def launches(experts):
+        inputs = make_moe(12, 2, 4, 40, 32, 8, f32, L=2, mixed=True, experts=experts, device=device)
+        routing = routing_of(inputs, 4, 2)
+        recorded = record_launches(lambda: run(plan, inputs, routing, True, 0.1, 3, torch.randn(24, 32), LORA),
+                                   [fusedlora.kernels.moe_lora._moe_gemm_kernel,
+                                    fusedlora.kernels.moe_lora._moe_shrink_kernel,
+                                    fusedlora.kernels.moe_reduce._moe_reduce_kernel])
+        return [(kernel.fn.__name__, [a for a in args if not isinstance(a, torch.Tensor)], kwargs)
+                for kernel, args, kwargs in recorded]
+
+    spread, piled = launches(None), launches([1, 2])
+    assert spread and spread == piled
+
+
+@pytest.mark.parametrize("forced", ["fused", "split", "decode"])
+def test_choose_moe_serves_the_forced_plan(forced, monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_PLAN", forced)
+    assert planner.choose_moe("forward", 32768, 2048, 1536, 16, 128, 1) == forced
+
+
+def test_choose_moe_by_pairs(monkeypatch):
+    monkeypatch.setenv("FUSEDLORA_PLAN", "auto")
+    decode_max, split_from = planner.moe_thresholds()
+    assert planner.choose_moe("forward", 128, 2048, 1536, 16, 128, 1) == "decode"  # 16 tokens, top-8
+    assert planner.choose_moe("backward", decode_max, 2048, 1536, 16, 128, 1) == "decode"
+    assert planner.choose_moe("forward", 32768, 2048, 1536, 16, 128, 1) == "split"  # 4096 tokens, top-8
+    assert split_from["forward"] == decode_max + 1  # no fused range until measured
