@@ -70,8 +70,14 @@ _INTERPRETER = {
 # per direction; between the two the fused plan. Untimed: the dense split plan's library GEMM beat the
 # Triton GEMM (1.13x against 1.45x cuBLAS at M = 2048 and 8192 on the H200), so split starts where
 # decode ends until benchmarks/tune.py measures the MoE crossover.
+# moe_one_launch_max_pairs: pairs up to which the fused plan computes S (dU) in the grouped GEMM's K loop,
+# every column block recomputing it (one launch a direction), as one_launch_max_m for dense layers; above,
+# the shrink is a launch of its own. Compiled for sm_90 at the large tiles (128x128x64, 8 warps) the
+# in-loop shrink spilled 8 to 352 bytes a thread (the dropout mask and tf32x3 operands beside the
+# accumulator; triton 3.9, tests/gpu_compile.py); the two launches compile without.
 PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64,
-           "moe_decode_max_pairs": 256, "moe_split_from_pairs": {"forward": 257, "backward": 257}}
+           "moe_decode_max_pairs": 256, "moe_split_from_pairs": {"forward": 257, "backward": 257},
+           "moe_one_launch_max_pairs": 256}
 DECODE_MAX_ROWS = 64
 # The largest rank the one-launch forward holds in one rank block (rank_block's default cap).
 SHRINK_MAX_R = 64
@@ -260,31 +266,37 @@ def decode_gemm(M: int, N: int, R: int, device=None) -> dict:
 # benchmarks/tune.py's MoE rows measure them.
 
 @functools.lru_cache(maxsize=4096)
-def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None) -> dict:
+def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool = False) -> dict:
     """The grouped GEMM over M sorted pairs in `groups` segments (fused and split plans). Tiles never
     span two experts, so a segment wastes up to BLOCK_M - 1 rows: the row block follows the mean rows
     per segment (256 at Qwen3-30B-A3B's 4096 tokens, top-8 of 128 experts). With the shrink in the K
-    loop the reduction block is halved, as the dense one-launch forward's (lora_gemm_shrink)."""
+    loop the reduction block is halved, as the dense one-launch forward's (lora_gemm_shrink), and halved
+    again for a wide (fp32-operand) shrink."""
     mean = M / max(groups, 1)
     if mean >= 192:
         default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     elif mean >= 48:
         default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    else:
-        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4,
-                       num_stages=4)
+    else:  # the decode schedule's tiles (moe_decode says why)
+        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                       num_stages=4 if wide else 3)
     if shrink:
-        default["BLOCK_K"] = min(default["BLOCK_K"], 64)
+        default["BLOCK_K"] = min(default["BLOCK_K"], 32 if wide else 64)
     default.update(SEGMENT_CHUNK=1024, RANK_CAP=64)
     return _choose("moe_gemm", target(device), M, default)
 
 
 @functools.lru_cache(maxsize=4096)
-def moe_decode(M: int, N: int, device=None) -> dict:
+def moe_decode(M: int, N: int, device=None, wide: bool = False) -> dict:
     """The decode schedule (a program per segment and column block, looping over its rows): bound by
-    reading the active experts' W, as the dense decode GEMM; the one-launch forward's tiles."""
-    default = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64, num_warps=4,
-                   num_stages=4)
+    reading the active experts' W, as the dense decode GEMM. At 16 tokens of top-8 over 128 experts
+    about 80 experts hold a pair, so 32-column blocks make ~80·N/32 programs, many per SM. Compiled for
+    sm_90, 64-column blocks at 4 stages spilled 8 to 120 bytes a thread with the shrink in the K loop,
+    and 32-column ones 16 to 72 bytes with a wide (fp32-adapter, tf32x3) shrink at BLOCK_K = 64
+    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block, and four stages (at
+    three, two of its variants still took an 8-byte stack frame)."""
+    default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32 if wide else 64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64,
+                   num_warps=4, num_stages=4 if wide else 3)
     return _choose("moe_decode", target(device), M, default)
 
 

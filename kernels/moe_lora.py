@@ -42,7 +42,7 @@ import triton.language as tl
 from . import configs
 from .common import cdiv, check_shapes, dot_dtype, dot_precision
 from .dropout import SEED_ARGS, keep_mask_tile, seed_words
-from .launch import launch
+from .launch import Bound, launch
 from .lora_gemm import grouped_pid
 
 SHRINK_MAX_R = configs.SHRINK_MAX_R
@@ -125,8 +125,8 @@ def _moe_gemm_kernel(
     DECODE: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr, SHRINK: tl.constexpr, STORE_U: tl.constexpr, EXPAND: tl.constexpr,
     HAS_ADDEND: tl.constexpr, DROP_X: tl.constexpr, DROP_OUT: tl.constexpr, HAS_RANKS: tl.constexpr,
-    HAS_SCALES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SHRINK_DTYPE: tl.constexpr,
-    SHRINK_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_SCALES: tl.constexpr, EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -165,8 +165,23 @@ def _moe_gemm_kernel(
         sorted_rows = offs_i.to(tl.int64)
         pairs = tl.load(order_ptr + offs_i, mask=i_ok, other=0).to(tl.int32)
         x_rows = (pairs // TOPK).to(tl.int64) if GATHER else sorted_rows
-        out_rows = pairs.to(tl.int64) if SCATTER else sorted_rows
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if EXPAND:
+            # U read back, over the segment's rank only (rank 0: no LoRA, nothing read), before the base
+            # product: masked here, it then seeds the base product's accumulator, so that no second
+            # BLOCK_M x BLOCK_N accumulator is held beside it (with one, the masked dX spilled 232-288
+            # bytes a thread for sm_90 at 128x128x64 tiles, triton 3.9).
+            u_ptrs = u_ptr + sorted_rows[:, None] * stride_um + offs_r[None, :].to(tl.int64) * stride_ur
+            qb_ptrs = qb_base + offs_r[:, None].to(tl.int64) * stride_qbr + cols[None, :] * stride_qbn
+            for r0 in range(0, rank, BLOCK_R):
+                in_rank = offs_r < rank - r0
+                ut = tl.load(u_ptrs, mask=i_ok[:, None] & in_rank[None, :], other=0.0)
+                qt = tl.load(qb_ptrs, mask=in_rank[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(ut, qt.to(tl.float32), acc, input_precision=LORA_PRECISION)
+                u_ptrs += BLOCK_R * stride_ur
+                qb_ptrs += BLOCK_R * stride_qbr
+            if DROP_OUT:
+                acc = tl.where(keep_mask_tile(seed_lo, seed_hi, pairs, pid_n * BLOCK_N, threshold, BLOCK_N), acc, 0.0)
         if SHRINK:
             # X·W_eᵀ and U = c_a·D(X)·P_{a,e}ᵀ from the same X tiles: one pass over X, one launch.
             x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
@@ -174,7 +189,7 @@ def _moe_gemm_kernel(
             qa_ptrs = qa_base + offs_k[:, None].to(tl.int64) * stride_qak + offs_r[None, :].to(tl.int64) * stride_qar
             u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                k_ok = offs_k < K - k0
+                k_ok = (offs_k < K - k0) | EVEN_K
                 xt = tl.load(x_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
                 if HAS_BASE:
                     wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -201,34 +216,23 @@ def _moe_gemm_kernel(
             x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
             w_ptrs = w_base + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
             for k0 in range(0, K, BLOCK_K):
-                k_ok = offs_k < K - k0
-                xt = tl.load(x_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if EVEN_K:
+                    xt = tl.load(x_ptrs, mask=i_ok[:, None], other=0.0)
+                    wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k < K - k0
+                    xt = tl.load(x_ptrs, mask=i_ok[:, None] & k_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
-        if EXPAND:
-            # U read back, over the segment's rank only (rank 0: no LoRA, nothing read).
-            low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            u_ptrs = u_ptr + sorted_rows[:, None] * stride_um + offs_r[None, :].to(tl.int64) * stride_ur
-            qb_ptrs = qb_base + offs_r[:, None].to(tl.int64) * stride_qbr + cols[None, :] * stride_qbn
-            for r0 in range(0, rank, BLOCK_R):
-                in_rank = offs_r < rank - r0
-                ut = tl.load(u_ptrs, mask=i_ok[:, None] & in_rank[None, :], other=0.0)
-                qt = tl.load(qb_ptrs, mask=in_rank[:, None] & n_ok[None, :], other=0.0)
-                low_rank = tl.dot(ut, qt.to(tl.float32), low_rank, input_precision=LORA_PRECISION)
-                u_ptrs += BLOCK_R * stride_ur
-                qb_ptrs += BLOCK_R * stride_qbr
-            if DROP_OUT:
-                low_rank = tl.where(keep_mask_tile(seed_lo, seed_hi, pairs, pid_n * BLOCK_N, threshold, BLOCK_N),
-                                    low_rank, 0.0)
-            acc += low_rank
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out_mask = i_ok[:, None] & n_ok[None, :]
         if HAS_ADDEND:  # the library grouped GEMM's product, in sorted order; it may be out itself
             acc += tl.load(c_ptr + sorted_rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=out_mask,
                            other=0.0).to(tl.float32)
+        out_rows = pairs.to(tl.int64) if SCATTER else offs_i.to(tl.int64)
         tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -298,19 +302,11 @@ def _check_groups(groups: Groups, launcher: str) -> None:
                  order=groups.order, starts=groups.starts)
 
 
-def moe_gemm(x, weight, bias, qa, qb, groups: Groups, out, *, u=None, addend=None, shrink=False, store_u=False,
-             scale=1.0, scales=None, ranks=None, seed=0, threshold=0, drop_x=False, drop_out=False,
-             gather=False, scatter=False, decode=False):
-    """out_i (+)= X_i·W_eᵀ + b_e + keep ⊙ (U_i·Q_{a,e}ᵀ) + addend_i over the sorted rows i -> out.
-
-    x: (T, C) with gather (row i reads x[order[i] // top_k]) or (P, C) sorted, or None (no base product);
-    weight: (E, N, C) or None; bias: (E, N) or None; qa: (L, E, R, C) (shrink's P), qb: (L, E, N, R) (the
-    expand's Q), any strides. shrink=True: U = scale·s_a·D(X)·qaᵀ in the K loop (R <= SHRINK_MAX_R),
-    written into u: (P, R) fp32 when store_u; otherwise U is read from u (None: no low-rank term).
-    addend: (P, N) sorted, may be out. out: (P, N), sorted, or in routing order with scatter.
-    drop_x masks X in the shrink, drop_out the low-rank term (keep of (seed, threshold) at (pair, column)).
-    scales: (L,) float tensor or None; ranks: (L,) integer or None (R). decode: the decode schedule.
-    Callers validate user input; these checks guard memory only."""
+def _gemm_arguments(x, weight, bias, qa, qb, groups: Groups, out, u, addend, shrink, store_u, scales, ranks,
+                    drop_x, drop_out, gather, scatter, decode):
+    """(grid, pointers, frozen, kwargs) of one _moe_gemm_kernel launch: its tensors, then its shapes and
+    strides, then its constexprs and options. The per-call scalars (scale, seed words, threshold) follow
+    and are not included."""
     _check_groups(groups, "moe_gemm")
     E, L, P = groups.experts, groups.adapters, groups.pairs
     N = out.shape[1]
@@ -324,48 +320,85 @@ def moe_gemm(x, weight, bias, qa, qb, groups: Groups, out, *, u=None, addend=Non
                  and (not shrink or (qa.shape == (L, E, R, C) and R <= SHRINK_MAX_R and (u is not None or not store_u)))
                  and (scales is None or scales.shape == (L,)) and (ranks is None or ranks.shape == (L,)),
                  "moe_gemm", x=x, weight=weight, bias=bias, qa=qa, qb=qb, u=u, addend=addend, out=out)
-    if P == 0 or N == 0:
-        return out
-    cfg = dict(configs.moe_decode(P, N, x.device if x is not None else out.device) if decode
-               else configs.moe_gemm(P, N, groups.schedule()[0], shrink, out.device))
     G, step, offset = groups.schedule()
+    wide = shrink and torch.float32 in (x.dtype, qa.dtype)
+    cfg = dict(configs.moe_decode(P, N, out.device, wide) if decode
+               else configs.moe_gemm(P, N, G, shrink, out.device, wide))
     block_g = min(triton.next_power_of_2(G), cfg.pop("SEGMENT_CHUNK"))
-    if decode:
-        grid = (G * cdiv(N, cfg["BLOCK_N"]),)
-    else:
-        grid = (_tile_grid(groups, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    rank_cap = cfg.pop("RANK_CAP")
+    n_blocks = max(1, cdiv(N, cfg["BLOCK_N"]))  # at least one: the first column block writes U
+    grid = ((G if decode else _tile_grid(groups, cfg["BLOCK_M"])) * n_blocks,)
+    # Pointers a variant does not use still need a tensor; its flag compiles them away.
     dummy = out
-    x_, w_ = (x, weight) if has_base else (dummy, dummy)
-    x_ = x if shrink else x_
-    qa_ = qa if shrink else dummy
-    qb_ = qb if has_lora else dummy
-    u_ = u if u is not None else dummy
-    c_ = addend if addend is not None else dummy
+    x_ = x if has_base or shrink else dummy
+    w_ = weight if has_base else dummy
     ranks_, has_ranks = (ranks, True) if ranks is not None else (groups.starts, False)
     scales_, has_scales = _scales(scales, groups.starts)
-    strides = (*(x_.stride() if x_.dim() == 2 else (0, 0)), *(w_.stride() if has_base else (0, 0, 0)),
-               *(bias.stride() if bias is not None else (0, 0)), *(qa_.stride() if shrink else (0, 0, 0, 0)),
-               *(qb_.stride() if has_lora else (0, 0, 0, 0)), *(u_.stride() if u is not None else (0, 0)),
-               *(c_.stride() if addend is not None else (0, 0)), *out.stride())
-    x_dtype = x_.dtype if (has_base or shrink) else out.dtype
-    launch(
-        _moe_gemm_kernel, grid,
-        x_, w_, bias if bias is not None else dummy, qa_, qb_, u_, c_, out, groups.order, groups.starts, ranks_,
-        scales_,
-        P, N, C, R, L, groups.top_k, G, step, offset, *strides,
-        float(scale), *seed_words(seed), threshold,
+    pointers = (x_, w_, bias if bias is not None else dummy, qa if shrink else dummy, qb if has_lora else dummy,
+                u if u is not None else dummy, addend if addend is not None else dummy, out, groups.order,
+                groups.starts, ranks_, scales_)
+    frozen = (P, N, C, R, L, groups.top_k, G, step, offset, *x_.stride(), *(w_.stride() if has_base else (0, 0, 0)),
+              *(bias.stride() if bias is not None else (0, 0)), *(qa.stride() if shrink else (0, 0, 0, 0)),
+              *(qb.stride() if has_lora else (0, 0, 0, 0)), *(u.stride() if u is not None else (0, 0)),
+              *(addend.stride() if addend is not None else (0, 0)), *out.stride())
+    x_dtype = x_.dtype
+    kwargs = dict(
         DECODE=decode, GATHER=gather, SCATTER=scatter, HAS_BASE=has_base, HAS_BIAS=bias is not None, SHRINK=shrink,
         STORE_U=shrink and store_u, EXPAND=has_lora and not shrink, HAS_ADDEND=addend is not None,
         DROP_X=shrink and drop_x, DROP_OUT=has_lora and drop_out, HAS_RANKS=has_ranks, HAS_SCALES=has_scales,
-        DOT_DTYPE=dot_dtype(x_dtype, w_.dtype) if has_base else tl.float32,
+        EVEN_K=C % cfg["BLOCK_K"] == 0, DOT_DTYPE=dot_dtype(x_dtype, w_.dtype) if has_base else tl.float32,
         PRECISION=dot_precision(x_dtype, w_.dtype) if has_base else "ieee",
         SHRINK_DTYPE=dot_dtype(x_dtype, qa.dtype) if shrink else tl.float32,
         SHRINK_PRECISION=dot_precision(x_dtype, qa.dtype, low_rank=True) if shrink else "ieee",
         LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True),
-        BLOCK_R=configs.rank_block(R, SHRINK_MAX_R if shrink else cfg.pop("RANK_CAP")) if has_lora else 16,
-        BLOCK_G=block_g, **{k: v for k, v in cfg.items() if k != "RANK_CAP"},
-    )
+        BLOCK_R=configs.rank_block(R, SHRINK_MAX_R if shrink else rank_cap) if has_lora else 16,
+        BLOCK_G=block_g, **cfg)
+    return grid, pointers, frozen, kwargs
+
+
+def moe_gemm(x, weight, bias, qa, qb, groups: Groups, out, *, u=None, addend=None, shrink=False, store_u=False,
+             scale=1.0, scales=None, ranks=None, seed=0, threshold=0, drop_x=False, drop_out=False,
+             gather=False, scatter=False, decode=False):
+    """out_i (+)= X_i·W_eᵀ + b_e + keep ⊙ (U_i·Q_{a,e}ᵀ) + addend_i over the sorted rows i -> out.
+
+    x: (T, C) with gather (row i reads x[order[i] // top_k]) or (P, C) sorted, or None (no base product);
+    weight: (E, N, C) or None; bias: (E, N) or None; qa: (L, E, R, C) (shrink's P), qb: (L, E, N, R) (the
+    expand's Q), any strides. shrink=True: U = scale·s_a·D(X)·qaᵀ in the K loop (R <= SHRINK_MAX_R),
+    written into u: (P, R) fp32 when store_u; otherwise U is read from u (None: no low-rank term).
+    addend: (P, N) sorted, may be out. out: (P, N), sorted, or in routing order with scatter.
+    drop_x masks X in the shrink, drop_out the low-rank term (keep of (seed, threshold) at (pair, column)).
+    scales: (L,) float tensor or None; ranks: (L,) integer or None (R). decode: the decode schedule.
+    Callers validate user input; these checks guard memory only."""
+    grid, pointers, frozen, kwargs = _gemm_arguments(x, weight, bias, qa, qb, groups, out, u, addend, shrink, store_u,
+                                                     scales, ranks, drop_x, drop_out, gather, scatter, decode)
+    if groups.pairs == 0:
+        return out
+    launch(_moe_gemm_kernel, grid, *pointers, *frozen, float(scale), *seed_words(seed), threshold, **kwargs)
     return out
+
+
+def gemm_launcher(x, weight, bias, qa, qb, groups: Groups, out, *, u=None, addend=None, shrink=False, store_u=False,
+                  scales=None, ranks=None, drop_x=False, drop_out=False, gather=False, scatter=False, decode=False):
+    """moe_gemm's launch fixed for every call whose tensors (the routing's included) have these ones' shapes,
+    strides, dtypes, devices and 16-byte alignment, and whose groups have these counts (the caller's cache
+    key guarantees it): returns run(x, weight, bias, qa, qb, groups, out, scale, seed, threshold, u=None,
+    addend=None, scales=None, ranks=None), which launches with the grid, strides and constexprs computed
+    here; the tensors given as None here must be None there. Needs at least one pair."""
+    grid, _, frozen, kwargs = _gemm_arguments(x, weight, bias, qa, qb, groups, out, u, addend, shrink, store_u, scales,
+                                              ranks, drop_x, drop_out, gather, scatter, decode)
+    check_shapes(groups.pairs > 0, "gemm_launcher", order=groups.order)
+    bound = Bound(_moe_gemm_kernel, grid, frozen, kwargs)
+
+    def run(x, weight, bias, qa, qb, groups, out, scale, seed, threshold, u=None, addend=None, scales=None, ranks=None):
+        dummy = out
+        bound((x if x is not None else dummy, weight if weight is not None else dummy,
+               bias if bias is not None else dummy, qa if qa is not None else dummy, qb if qb is not None else dummy,
+               u if u is not None else dummy, addend if addend is not None else dummy, out, groups.order,
+               groups.starts, ranks if ranks is not None else groups.starts,
+               scales if scales is not None else groups.starts),
+              (float(scale), 0, 0, threshold) if seed == 0 else (float(scale), *seed_words(seed), threshold))
+
+    return run
 
 
 def moe_shrink(x, q, groups: Groups, scale=1.0, scales=None, ranks=None, seed=0, threshold=0, dropout=False,

@@ -106,6 +106,14 @@ def test_matches_reference(shape, dtypes, p, gather, options, grad, plan, device
     check_moe_lora_linear(y, grads, inputs, keep, p, dy.to(device), gather, roundings)
 
 
+@pytest.mark.parametrize("shape,dtypes,p,gather,options,grad", [CASES[1], CASES[5]])
+def test_fused_plan_in_two_launches(shape, dtypes, p, gather, options, grad, monkeypatch, device):
+    """Above ONE_LAUNCH_MAX_PAIRS the fused plan runs the shrink as a launch of its own and the GEMM reads
+    S (dU) back: the same parity, here forced at test sizes."""
+    monkeypatch.setattr(moe, "ONE_LAUNCH_MAX_PAIRS", 0)
+    test_matches_reference(shape, dtypes, p, gather, options, grad, "fused", device)
+
+
 class LargeTensors(TorchDispatchMode):
     """Records every new tensor of at least `limit` elements made by an aten op: outputs that alias an
     input (views, in-place results: an alias annotation in the op's schema) are not new."""
@@ -256,3 +264,22 @@ def test_choose_moe_by_pairs(monkeypatch):
     assert planner.choose_moe("backward", decode_max, 2048, 1536, 16, 128, 1) == "decode"
     assert planner.choose_moe("forward", 32768, 2048, 1536, 16, 128, 1) == "split"  # 4096 tokens, top-8
     assert split_from["forward"] == decode_max + 1  # no fused range until measured
+
+
+def test_bound_launch_equals_the_launcher(device):
+    """gemm_launcher's run, fixed once for a shape, launches what moe_gemm does for each routing of it."""
+    from fusedlora.kernels.moe_lora import gemm_launcher, moe_gemm
+    shapes = (8, 2, 4, 40, 32, 8)
+    first = make_moe(*shapes, f32, device=device)
+    groups = moe.groups_of(routing_of(first, 4))
+    args = lambda inp: (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"])  # noqa: E731
+    flags = dict(shrink=True, store_u=True, drop_x=True, gather=True, decode=True)
+    out, S = torch.empty(16, 32, device=device), torch.empty(16, 8, device=device)
+    run_bound = gemm_launcher(*args(first), groups, out, u=S, **flags)
+    for seed in (1, 2):
+        inputs = make_moe(*shapes, f32, device=device, seed=seed)
+        groups = moe.groups_of(routing_of(inputs, 4))
+        want_out, want_S = torch.empty_like(out), torch.empty_like(S)
+        moe_gemm(*args(inputs), groups, want_out, u=want_S, scale=1.5, seed=seed, threshold=1 << 22, **flags)
+        run_bound(*args(inputs), groups, out, 1.5, seed, 1 << 22, u=S)
+        assert torch.equal(out, want_out) and torch.equal(S, want_S)

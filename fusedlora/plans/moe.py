@@ -17,25 +17,37 @@ S_i and dU_i are zero past r_a and on rows without an adapter, so every gradient
 Backward keeps x, S and the seed: never a mask, a dropped x, or anything of E·N·K elements.
 
 The plans (fusedlora/plans/planner.py: choose_moe) differ in how y and dX are formed:
-- fused   the Triton grouped GEMM (kernels/moe_lora.py) with the shrink in its K loop and the expand
-          in its epilogue: y and S in one launch, dX and dU in one launch (ranks up to SHRINK_MAX_R;
-          above, a shrink launch first and the expand read back).
+- fused   the Triton grouped GEMM (kernels/moe_lora.py) with the expand in its epilogue (extra K-steps
+          over the rank), after a shrink launch; up to ONE_LAUNCH_MAX_PAIRS pairs (and rank
+          SHRINK_MAX_R) the shrink runs in the GEMM's K loop instead: y and S in one launch, dX and dU
+          in one launch.
 - split   the library grouped GEMM (torch.nn.functional.grouped_mm, else torch._grouped_mm) computes
           X·W_eᵀ (dY·W_e), and a Triton launch adds b_e and the low-rank term onto it, after the
           Triton shrink. Where the library cannot serve the operands (its dtype and 16-byte layout
           rules, below), that product runs as in the fused plan.
-- decode  the fused plan's kernels on the decode schedule: a program per segment and column block,
-          none searching for its tile, those of segments without a pair exiting at once.
+- decode  the fused plan's one-launch kernels on the decode schedule: a program per segment and column
+          block, none searching for its tile, those of segments without a pair exiting at once.
 All three share dA, dB, dW and db (kernels/moe_reduce.py: sums over each segment in a fixed order, no
 atomics) and save the same S, so forward and backward may take different plans.
 """
 import torch
 
 from fusedlora.core.dropout import keep_threshold
+from fusedlora.kernels import configs
 from fusedlora.kernels.moe_lora import SHRINK_MAX_R, Groups, moe_gemm, moe_shrink
 from fusedlora.kernels.moe_reduce import moe_reduce
 
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# Pairs up to which the fused plan runs each direction as one launch (fusedlora/kernels/configs.py says
+# why; untimed on a GPU).
+ONE_LAUNCH_MAX_PAIRS = configs.planner_value("moe_one_launch_max_pairs")
+
+
+def one_launch(plan: str, P: int, R: int) -> bool:
+    """Whether a direction's product runs with the shrink in the GEMM's K loop."""
+    return R <= SHRINK_MAX_R and (plan == "decode" or P <= ONE_LAUNCH_MAX_PAIRS)
 
 
 def groups_of(routing) -> Groups:
@@ -113,7 +125,7 @@ def forward(plan: str, x, routing, weight, bias, lora_A, lora_B, scaling, ranks,
         moe_gemm(None, None, bias, None, lora_B, groups, out, u=S, addend=base, ranks=ranks)
         return S if need_S else None
     decode = plan == "decode"
-    if R <= SHRINK_MAX_R:
+    if one_launch(plan, routing.P, R):
         S = torch.empty((routing.P, R), dtype=torch.float32, device=x.device) if need_S else None
         moe_gemm(x, weight, bias, lora_A, lora_B, groups, out, u=S, shrink=True, store_u=need_S, scale=scale,
                  scales=scales, ranks=ranks, drop_x=dropout, gather=gather, decode=decode, **drop)
@@ -136,7 +148,7 @@ def _dx(plan, dy, routing, groups, weight, lora_A, lora_B, scale, scales, ranks,
                  scatter=scatter, **drop)
         return dU
     decode = plan == "decode"
-    if R <= SHRINK_MAX_R:
+    if one_launch(plan, routing.P, R):
         dU = torch.empty((routing.P, R), dtype=torch.float32, device=dy.device) if need_dU else None
         moe_gemm(dy, weight.transpose(1, 2), None, lora_Bt, lora_At, groups, out, u=dU, shrink=True,
                  store_u=need_dU, scale=scale, scales=scales, ranks=ranks, drop_out=dropout, scatter=scatter,
