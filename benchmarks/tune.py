@@ -87,8 +87,10 @@ GPU_CANDIDATES.update({
         _gemm(16, 64, 64, 4, 4, group=1), _gemm(16, 32, 128, 4, 4, group=1), _gemm(16, 128, 64, 4, 3, group=1),
         _gemm(32, 64, 64, 4, 4, group=1)]),
     "moe_shrink": ((2048, 32768), [
-        dict(BLOCK_M=64, BLOCK_C=128, num_warps=4, num_stages=3), dict(BLOCK_M=16, BLOCK_C=128, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=4), dict(BLOCK_M=32, BLOCK_C=256, num_warps=4, num_stages=3)]),
+        dict(BLOCK_M=64, BLOCK_C=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_C=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_C=256, num_warps=4, num_stages=3)]),
     "moe_reduce": ((128, 32768), [
         dict(BLOCK_A=64, BLOCK_B=64, BLOCK_T=64, num_warps=4, num_stages=3),
         dict(BLOCK_A=64, BLOCK_B=128, BLOCK_T=64, num_warps=4, num_stages=3),
@@ -130,7 +132,8 @@ def moe_inputs(T, dtype):
     top_k_index = torch.rand(T, E, device=DEVICE).topk(k, dim=1).indices
     return (torch.randn(T, K, device=DEVICE, dtype=dtype), ExpertRouting(top_k_index, E),
             torch.randn(E, N, K, device=DEVICE, dtype=dtype) / K ** 0.5,
-            torch.randn(1, E, r, K, device=DEVICE, dtype=dtype) / K ** 0.5, torch.randn(1, E, N, r, device=DEVICE, dtype=dtype))
+            torch.randn(1, E, r, K, device=DEVICE, dtype=dtype) / K ** 0.5,
+            torch.randn(1, E, N, r, device=DEVICE, dtype=dtype))
 
 
 def moe_kernel_call(kernel, P, dtype):
@@ -262,7 +265,8 @@ def moe_crossover(tokens, dtype, record, log):
         for plan in MOE_PLANS:
             for direction, fn in (("forward", forward), ("forward_backward", forward_backward)):
                 fn(plan)
-                ms = triton.testing.do_bench(lambda: fn(plan), warmup=10, rep=40, return_mode="median") if CUDA else None
+                ms = (triton.testing.do_bench(lambda: fn(plan), warmup=10, rep=40, return_mode="median")
+                      if CUDA else None)
                 times[direction, plan, T] = ms
                 record.add(dict(kind="moe_plan", direction=direction, plan=plan, tokens=T, pairs=T * k, E=E, K=K, N=N,
                                 r=r, ms=ms))

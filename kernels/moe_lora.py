@@ -227,7 +227,8 @@ def _moe_gemm_kernel(
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
         out_mask = i_ok[:, None] & n_ok[None, :]
         if HAS_ADDEND:  # the library grouped GEMM's product, in sorted order; it may be out itself
             acc += tl.load(c_ptr + sorted_rows[:, None] * stride_cm + cols[None, :] * stride_cn, mask=out_mask,

@@ -156,7 +156,8 @@ def variants(quick=False, moe_only=False):
     # quick: the default plans, and the fused plan at M = 8192 (a GEMM that must use wgmma).
     runs = ((("auto", dict(shapes=SHAPES[:1], rows=QUICK_ROWS)), ("fused", dict(shapes=SHAPES[:1], rows=(8192,))))
             if quick else tuple((plan, {}) for plan in ("auto", "fused", "split", "decode")))
-    moe_runs = ((("auto", dict(projections=MOE_PROJECTIONS[:2])), ("fused", dict(tokens=(4096,), projections=MOE_PROJECTIONS[:2])))
+    qwen3 = MOE_PROJECTIONS[:2]
+    moe_runs = ((("auto", dict(projections=qwen3)), ("fused", dict(tokens=(4096,), projections=qwen3)))
                 if quick else tuple((plan, {}) for plan in ("auto", "fused", "split", "decode")))
     drives = [] if moe_only else [(plan, lambda plan=plan, sizes=sizes: drive(plan, **sizes)) for plan, sizes in runs]
     drives += [(plan, lambda plan=plan, sizes=sizes: drive_moe(plan, **sizes)) for plan, sizes in moe_runs]

@@ -188,13 +188,17 @@ def test_library_rules_follow_the_cuda_checks():
 
 def test_every_plan_saves_the_same_S(device):
     """S (P, R) fp32 sorted, zero past each rank and on rows without an adapter, whatever the plan: a forward
-    under one plan and a backward under another give the gradients of either alone."""
+    under one plan and a backward under another give the gradients of either alone. A forward that needs
+    no S gives the same y."""
     inputs = make_moe(9, 2, 4, 48, 40, 8, f32, L=2, ranks=[8, 3], mixed=True, device=device)
     routing = routing_of(inputs, 4, 2)
     args = (inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scaling"], inputs["ranks"])
     saved = {}
     for plan in ("fused", "split", "decode"):
-        saved[plan] = moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, torch.empty(18, 40), True)
+        y, y_alone = torch.empty(18, 40), torch.empty(18, 40)
+        saved[plan] = moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, y, True)
+        assert moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, y_alone, False) is None
+        assert torch.equal(y_alone, y), plan  # without gradients S may go unwritten, y is the same
     assert (saved["fused"][routing.keys.long() % 3 == 0] == 0).all()  # adapter -1
     assert (saved["fused"][routing.keys.long() % 3 == 2, 3:] == 0).all()  # adapter 1, rank 3
     for plan in ("split", "decode"):
