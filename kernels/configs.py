@@ -266,7 +266,7 @@ def decode_gemm(M: int, N: int, R: int, device=None) -> dict:
 # benchmarks/tune.py's MoE rows measure them.
 
 @functools.lru_cache(maxsize=4096)
-def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool = False) -> dict:
+def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool = False, has_base: bool = True) -> dict:
     """The grouped GEMM over M sorted pairs in `groups` segments (fused and split plans). Tiles never
     span two experts, so a segment wastes up to BLOCK_M - 1 rows: the row block follows the mean rows
     per segment (256 at Qwen3-30B-A3B's 4096 tokens, top-8 of 128 experts). With the shrink in the K
@@ -278,10 +278,14 @@ def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool 
     elif mean >= 48:
         default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:  # the decode schedule's tiles (moe_decode says why)
-        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4,
-                       num_stages=4 if wide else 3)
+        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if shrink:
         default["BLOCK_K"] = min(default["BLOCK_K"], 32 if wide else 64)
+    if not has_base:
+        # The split plan's expand onto the library GEMM's output: a memory-bound pass whose reduction is
+        # the rank, as the multi-adapter expand (fp32 low-rank dots: 8 warps). At 128x128 tiles its masked
+        # dX variant spilled 40 bytes a thread for sm_90 (gpt-oss-20b's sizes, triton 3.9).
+        default = dict(default, BLOCK_M=min(default["BLOCK_M"], 64), BLOCK_N=128, num_warps=8, num_stages=2)
     default.update(SEGMENT_CHUNK=1024, RANK_CAP=64)
     return _choose("moe_gemm", target(device), M, default)
 
@@ -293,10 +297,9 @@ def moe_decode(M: int, N: int, device=None, wide: bool = False) -> dict:
     about 80 experts hold a pair, so 32-column blocks make ~80·N/32 programs, many per SM. Compiled for
     sm_90, 64-column blocks at 4 stages spilled 8 to 120 bytes a thread with the shrink in the K loop,
     and 32-column ones 16 to 72 bytes with a wide (fp32-adapter, tf32x3) shrink at BLOCK_K = 64
-    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block, and four stages (at
-    three, two of its variants still took an 8-byte stack frame)."""
+    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block."""
     default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32 if wide else 64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64,
-                   num_warps=4, num_stages=4 if wide else 3)
+                   num_warps=4, num_stages=3)
     return _choose("moe_decode", target(device), M, default)
 
 

@@ -324,7 +324,7 @@ def _gemm_arguments(x, weight, bias, qa, qb, groups: Groups, out, u, addend, shr
     G, step, offset = groups.schedule()
     wide = shrink and torch.float32 in (x.dtype, qa.dtype)
     cfg = dict(configs.moe_decode(P, N, out.device, wide) if decode
-               else configs.moe_gemm(P, N, G, shrink, out.device, wide))
+               else configs.moe_gemm(P, N, G, shrink, out.device, wide, has_base))
     block_g = min(triton.next_power_of_2(G), cfg.pop("SEGMENT_CHUNK"))
     rank_cap = cfg.pop("RANK_CAP")
     n_blocks = max(1, cdiv(N, cfg["BLOCK_N"]))  # at least one: the first column block writes U
