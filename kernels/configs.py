@@ -274,7 +274,10 @@ def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool 
     again for a wide (fp32-operand) shrink."""
     mean = M / max(groups, 1)
     if mean >= 192:
-        default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        # 32-deep reduction steps, 4 stages: at the dense GEMM's 64 and 3 the base product with the expand
+        # (fp32 tf32x3 operands) spilled 8 to 64 bytes a thread for sm_90 with triton 3.6 (8 with 3.9); at
+        # 32 and 4 none did with 3.9, one variant 16 bytes with 3.6 (tests/gpu_compile.py).
+        default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
     elif mean >= 48:
         default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:  # the decode schedule's tiles (moe_decode says why)
