@@ -82,7 +82,7 @@ CASES = [
     pytest.param((10, 2, 4, 48, 32, 8), (bf16, f32), 0.1, False, {}, LORA, id="fp32-adapters-sorted-input"),
     pytest.param((9, 2, 4, 40, 48, 8), (bf16, bf16), 0.0, True, dict(transposed=True), NAMES, id="gpt-oss-layout"),
     pytest.param((9, 3, 4, 48, 40, 8), (f32, f32), 0.1, True, dict(peft=True), LORA, id="peft-strided-adapters"),
-    pytest.param((12, 2, 4, 40, 36, 8), (f32, f32), 0.2, True, dict(L=3, ranks=[3, 5, 8], mixed=True), NAMES,
+    pytest.param((12, 2, 4, 40, 36, 8), (f32, f32), 0.2, True, dict(L=2, ranks=[3, 5], mixed=True), NAMES,
                  id="mixed-adapters-ranks"),
     pytest.param((7, 2, 8, 40, 32, 8), (f32, f32), 0.0, True, dict(experts=[1, 6]), NAMES, id="empty-experts"),
     pytest.param((40, 1, 4, 32, 40, 8), (f32, f32), 0.1, True, dict(experts=[2]), NAMES, id="one-expert-top-1"),
@@ -190,12 +190,12 @@ def test_every_plan_saves_the_same_S(device):
     """S (P, R) fp32 sorted, zero past each rank and on rows without an adapter, whatever the plan: a forward
     under one plan and a backward under another give the gradients of either alone. A forward that needs
     no S gives the same y."""
-    inputs = make_moe(9, 2, 4, 48, 40, 8, f32, L=2, ranks=[8, 3], mixed=True, device=device)
+    inputs = make_moe(6, 2, 4, 48, 40, 8, f32, L=2, ranks=[8, 3], mixed=True, device=device)
     routing = routing_of(inputs, 4, 2)
     args = (inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], inputs["scaling"], inputs["ranks"])
     saved = {}
     for plan in ("fused", "split", "decode"):
-        y, y_alone = torch.empty(18, 40), torch.empty(18, 40)
+        y, y_alone = torch.empty(12, 40), torch.empty(12, 40)
         saved[plan] = moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, y, True)
         assert moe.forward(plan, inputs["x"], routing, *args, 0.2, 11, True, y_alone, False) is None
         assert torch.equal(y_alone, y), plan  # without gradients S may go unwritten, y is the same
