@@ -287,3 +287,22 @@ def test_bound_launch_equals_the_launcher(device):
         moe_gemm(*args(inputs), groups, want_out, u=want_S, scale=1.5, seed=seed, threshold=1 << 22, **flags)
         run_bound(*args(inputs), groups, out, 1.5, seed, 1 << 22, u=S)
         assert torch.equal(out, want_out) and torch.equal(S, want_S)
+
+
+def test_seeds_share_one_specialization(device):
+    """The seed words and the dropout threshold are not specialized in the MoE kernels either: every seed
+    shares one compiled variant (Triton's binder for sm_90, launches recorded instead of run)."""
+    from sm90 import bind, record_launches
+    kernels = [fusedlora.kernels.moe_lora._moe_gemm_kernel, fusedlora.kernels.moe_lora._moe_shrink_kernel,
+               fusedlora.kernels.moe_reduce._moe_reduce_kernel]
+    inputs = make_moe(8, 2, 4, 48, 32, 8, f32, device=device)
+    routing = routing_of(inputs, 4)
+    dy = torch.randn(16, 32, device=device)
+    keys = {}
+    for seed in (1, 5, 2**40 + 32, 2**62 + 3):
+        for p in (0.1, 0.5):
+            launches = record_launches(lambda: run("split", inputs, routing, True, p, seed, dy, LORA), kernels)
+            for i, (kernel, args, kwargs) in enumerate(launches):
+                _, _, specialization, options = bind(kernel, args, kwargs)
+                keys.setdefault(i, set()).add((tuple(specialization), tuple(sorted(options.items()))))
+    assert len(keys) >= 4 and all(len(k) == 1 for k in keys.values())
