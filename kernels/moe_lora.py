@@ -17,16 +17,17 @@ pair p, column k), never the sorted position, so it does not depend on the group
 One GEMM body serves every product (_moe_gemm_kernel), specialised by compile-time flags as
 kernels/lora_gemm.py's: out_i (+)= X_i·W_eᵀ + b_e + keep ⊙ (U_i·Q_{a,e}ᵀ), where U is computed in the K
 loop from the X tiles the base product loads (SHRINK: U = c_a·D(X)·P_{a,e}ᵀ, written out for backward)
-or read from memory (EXPAND). Its uses (W, P, Q transposed by strides, never copied):
-- fused forward   X = x, W, P = A, Q = B, SHRINK, dropout on X            y and S in one launch
-- fused dX        X = dY, Wᵀ, P = Bᵀ, Q = Aᵀ, SHRINK, dropout on the term  dX and dU in one launch
-- split           no base product: out = addend + b_e + keep ⊙ (U·Qᵀ), the library grouped GEMM's
-                  output as the addend (y, or dX)
-_moe_shrink_kernel computes U alone (the split plan, and ranks above SHRINK_MAX_R).
+or read from memory (EXPAND: written by _moe_shrink_kernel). Its uses (W, P, Q transposed by strides,
+never copied):
+- forward   X = x, W, P = A, Q = B, dropout on X           y (and S with SHRINK) in one launch
+- dX        X = dY, Wᵀ, P = Bᵀ, Q = Aᵀ, dropout on the term  dX (and dU with SHRINK) in one launch
+- split     no base product: out = addend + b_e + keep ⊙ (U·Qᵀ), the library grouped GEMM's output as
+            the addend (y, or dX)
+SHRINK recomputes U in every column block: the plans take it at decode sizes (fusedlora/plans/moe.py).
 
 Tile schedule, on the device: a tile is BLOCK_M rows of one segment. Tile j belongs to the segment
 where the running count of tiles Σ_c cdiv(len_c, BLOCK_M) passes j, found by every program from
-seg_starts (a prefix sum in chunks of BLOCK_G segments); the grid is the bound cdiv(P, BLOCK_M) +
+seg_starts (a prefix sum in chunks of BLOCK_G segments); the grid is the bound P // BLOCK_M + 1 +
 min(P, G) (each non-empty segment adds at most one partial tile) times the column blocks, and
 programs past the work exit. The decode schedule (DECODE) gives each segment its own programs, one per
 column block, looping over its rows: no search, and programs of segments without a pair exit at once.
@@ -134,7 +135,7 @@ def _moe_gemm_kernel(
     # dX in routing order, summed over each token's pairs by the caller) or i. U (SHRINK: written when
     # STORE_U, by the first column block; EXPAND: read) is (M, R) fp32 in sorted order.
     if DECODE:
-        n_blocks = tl.cdiv(N, BLOCK_N)
+        n_blocks = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # one at N = 0: the first column block writes U
         group = tl.program_id(0) // n_blocks
         pid_n = tl.program_id(0) % n_blocks
         seg = group * seg_step + seg_off
@@ -142,7 +143,8 @@ def _moe_gemm_kernel(
         end = tl.load(starts_ptr + seg + 1)
         last = end
     else:
-        pid_m, pid_n = grouped_pid((M // BLOCK_M + 1 + tl.minimum(G, M)) * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = grouped_pid((M // BLOCK_M + 1 + tl.minimum(G, M)) * BLOCK_M, tl.maximum(N, 1), BLOCK_M,
+                                   BLOCK_N, GROUP_M)
         group, first, end = segment_tile(starts_ptr, pid_m, G, seg_step, seg_off, BLOCK_M, BLOCK_G)
         seg = group * seg_step + seg_off
         last = tl.minimum(first + 1, end)  # one tile: one pass of the loop below, none past the work
@@ -283,7 +285,7 @@ def _moe_shrink_kernel(
 
 
 def _tile_grid(groups: Groups, block_m: int) -> int:
-    """Row tiles to launch: cdiv(P, BLOCK_M) + min(P, G) bounds the tiles of any grouping (each non-empty
+    """Row tiles to launch: P // BLOCK_M + 1 + min(P, G) bounds the tiles of any grouping (each non-empty
     segment adds at most one partial tile). Must match the kernel's own bound."""
     G = groups.schedule()[0]
     return groups.pairs // block_m + 1 + min(G, groups.pairs)
