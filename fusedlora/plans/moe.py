@@ -30,6 +30,8 @@ The plans (fusedlora/plans/planner.py: choose_moe) differ in how y and dX are fo
 All three share dA, dB, dW and db (kernels/moe_reduce.py: sums over each segment in a fixed order, no
 atomics) and save the same S, so forward and backward may take different plans.
 """
+import functools
+
 import torch
 
 from fusedlora.core.dropout import keep_threshold
@@ -67,7 +69,7 @@ def _ranks(ranks):
     return ranks if ranks is None or ranks.stride(0) == 1 else ranks.contiguous()
 
 
-def _library_layout(t: torch.Tensor, rows_dim_size=None) -> bool:
+def _library_layout(t: torch.Tensor) -> bool:
     """The library grouped GEMM's rule for an operand: one of the two innermost dimensions contiguous,
     the other's stride a multiple of 16 bytes (and at least its size), the data 16-byte aligned."""
     if t.device.type != "meta" and t.data_ptr() % 16:
@@ -82,8 +84,8 @@ def _library_layout(t: torch.Tensor, rows_dim_size=None) -> bool:
 
 
 def library_serves(a_dtype: torch.dtype, a_cols: int, b: torch.Tensor, a: torch.Tensor = None) -> bool:
-    """Whether the library grouped GEMM computes a (P, C) sorted operand times b: (E, C, N): same dtype,
-    bf16 on CUDA (its only kernel there; other dtypes and the meta device's checks say so), bf16, fp16
+    """Whether the library grouped GEMM computes a (P, C) sorted operand times b: (E, C, N): the same
+    dtype, bf16 on CUDA from sm_80 (all torch 2.13's CUDA kernel and its meta checks accept), bf16, fp16
     or fp32 on CPU, and every operand in its layout. a: the operand as it will be passed, or None for a
     contiguous copy (a gathered x) with a_cols columns."""
     if _GROUPED_MM is None or b.dtype != a_dtype:
@@ -91,14 +93,19 @@ def library_serves(a_dtype: torch.dtype, a_cols: int, b: torch.Tensor, a: torch.
     if b.device.type == "cpu":
         if a_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return False
-    elif a_dtype != torch.bfloat16:
+    elif a_dtype != torch.bfloat16 or (b.device.type == "cuda" and _capability(b.device) < (8, 0)):
         return False
     if a is not None:
         if not _library_layout(a) or a.stride(-1) != 1:  # mat_a row-major
             return False
-    elif (a_cols * torch.empty((), dtype=a_dtype).element_size()) % 16:
+    elif (a_cols * torch.finfo(a_dtype).bits // 8) % 16:
         return False
     return _library_layout(b)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def _offsets(routing) -> torch.Tensor:
