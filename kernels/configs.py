@@ -281,7 +281,8 @@ def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool 
     elif mean >= 48:
         default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     else:  # the decode schedule's tiles (moe_decode says why)
-        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                       num_stages=2 if wide else 3)
     if shrink:
         default["BLOCK_K"] = min(default["BLOCK_K"], 32 if wide else 64)
     if not has_base:
@@ -300,9 +301,10 @@ def moe_decode(M: int, N: int, device=None, wide: bool = False) -> dict:
     about 80 experts hold a pair, so 32-column blocks make ~80·N/32 programs, many per SM. Compiled for
     sm_90, 64-column blocks at 4 stages spilled 8 to 120 bytes a thread with the shrink in the K loop,
     and 32-column ones 16 to 72 bytes with a wide (fp32-adapter, tf32x3) shrink at BLOCK_K = 64
-    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block."""
+    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block, and two stages (at
+    three, one variant or another took an 8-byte stack frame, on triton 3.9 and 3.6 alike)."""
     default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32 if wide else 64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64,
-                   num_warps=4, num_stages=3)
+                   num_warps=4, num_stages=2 if wide else 3)
     return _choose("moe_decode", target(device), M, default)
 
 
