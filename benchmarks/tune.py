@@ -6,9 +6,15 @@
 1. Plan crossover: fusedlora.lora_linear (bf16, K = N = 4096, r = 16) forward, and forward plus
    backward, under each plan (FUSEDLORA_PLAN) from M = 16 to 2048. split_from_m[direction] is the
    smallest M from which the split plan is at least as fast at that M and every larger one measured.
-2. Kernel tiles: for each kernel and shape bucket below, every candidate configuration is checked
+2. MoE plan crossover: one expert projection with LoRA (plans/moe.py; Qwen3-30B-A3B's gate_up: E = 128,
+   2048 -> 1536, top-8, r = 16, bf16) forward, and forward plus backward, under each plan from 16 to
+   4096 tokens. moe_decode_max_pairs is the most pairs up to which decode is the fastest plan at every
+   count measured, moe_split_from_pairs[direction] the fewest from which split beats fused at every
+   larger count (as split_from_m).
+3. Kernel tiles: for each kernel and shape bucket below, every candidate configuration is checked
    against the default configuration's output on the same inputs, then timed (median of
-   triton.testing.do_bench, L2 flushed); the fastest that agrees goes into the table.
+   triton.testing.do_bench, L2 flushed); the fastest that agrees goes into the table. The MoE kernels'
+   buckets count (token, expert) pairs, at the MoE shape above.
 
 Writes, in DIR (default benchmarks/results): tune-<gpu>.jsonl (one row per measurement, as it
 finishes) and tune-<gpu>.json, and <gpu>-configs.json, the table in kernels/configs.py's format,
@@ -37,6 +43,10 @@ import fusedlora  # noqa: E402
 from fusedlora.kernels import configs  # noqa: E402
 from fusedlora.kernels.lora_gemm import lora_expand, lora_gemm  # noqa: E402
 from fusedlora.kernels.lora_shrink import lora_shrink  # noqa: E402
+from fusedlora.kernels.moe_lora import moe_gemm, moe_shrink  # noqa: E402
+from fusedlora.kernels.moe_reduce import moe_reduce  # noqa: E402
+from fusedlora.core.moe_routing import ExpertRouting  # noqa: E402
+from fusedlora.plans import moe as moe_plans  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
@@ -45,6 +55,10 @@ from record import Record, _atomic_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CROSSOVER_M = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# MoE: (E, K, N, top-k, r) of the tuned projection, tokens of the plan crossover.
+MOE_SHAPE = (128, 2048, 1536, 8, 16)
+MOE_TOKENS = (16, 32, 64, 128, 256, 512, 1024, 4096)
+MOE_PLANS = ("decode", "fused", "split")
 
 
 def _gemm(bm, bn, bk, warps, stages, group=8):
@@ -63,13 +77,41 @@ GPU_CANDIDATES = {
         dict(BLOCK_M=64, BLOCK_C=128, num_warps=4, num_stages=3), dict(BLOCK_M=16, BLOCK_C=128, num_warps=4, num_stages=3),
         dict(BLOCK_M=32, BLOCK_C=256, num_warps=4, num_stages=3), dict(BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=4)]),
 }
+# MoE kernels, buckets in (token, expert) pairs: 16 tokens (128 pairs: decode), 256 and 4096 tokens at top-8.
+# moe_gemm's are tried with the shrink in the K loop (the fused forward), which bounds its tiles.
+GPU_CANDIDATES.update({
+    "moe_gemm": ((2048, 32768), [
+        _gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 4, 4), _gemm(128, 256, 64, 8, 3), _gemm(64, 256, 64, 8, 3),
+        _gemm(128, 128, 32, 8, 4), _gemm(32, 128, 64, 4, 4)]),
+    "moe_decode": ((128, 256), [
+        _gemm(16, 64, 64, 4, 4, group=1), _gemm(16, 32, 128, 4, 4, group=1), _gemm(16, 128, 64, 4, 3, group=1),
+        _gemm(32, 64, 64, 4, 4, group=1)]),
+    "moe_shrink": ((2048, 32768), [
+        dict(BLOCK_M=64, BLOCK_C=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_C=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_C=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_C=256, num_warps=4, num_stages=3)]),
+    "moe_reduce": ((128, 32768), [
+        dict(BLOCK_A=64, BLOCK_B=64, BLOCK_T=64, num_warps=4, num_stages=3),
+        dict(BLOCK_A=64, BLOCK_B=128, BLOCK_T=64, num_warps=4, num_stages=3),
+        dict(BLOCK_A=64, BLOCK_B=64, BLOCK_T=32, num_warps=4, num_stages=4),
+        dict(BLOCK_A=64, BLOCK_B=256, BLOCK_T=32, num_warps=8, num_stages=3)]),
+})
 # Without a GPU: two candidates each, small enough for the interpreter.
 CPU_CANDIDATES = {
     "lora_gemm": ((16,), [_gemm(32, 32, 32, 4, 1, group=4), _gemm(16, 32, 32, 4, 1, group=4)]),
     "lora_expand": ((16,), [_gemm(32, 32, 16, 4, 1, group=4), _gemm(16, 32, 16, 4, 1, group=4)]),
     "lora_shrink": ((16,), [dict(BLOCK_M=32, BLOCK_C=32, num_warps=4, num_stages=1),
                             dict(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1)]),
+    "moe_gemm": ((16,), [_gemm(16, 32, 32, 4, 1, group=4), _gemm(16, 16, 16, 4, 1, group=4)]),
+    "moe_decode": ((16,), [_gemm(16, 32, 32, 4, 1, group=1), _gemm(16, 16, 16, 4, 1, group=1)]),
+    "moe_shrink": ((16,), [dict(BLOCK_M=16, BLOCK_C=32, num_warps=4, num_stages=1),
+                           dict(BLOCK_M=16, BLOCK_C=16, num_warps=4, num_stages=1)]),
+    "moe_reduce": ((16,), [dict(BLOCK_A=16, BLOCK_B=32, BLOCK_T=16, num_warps=4, num_stages=1),
+                           dict(BLOCK_A=16, BLOCK_B=16, BLOCK_T=16, num_warps=4, num_stages=1)]),
 }
+# The MoE shape without a GPU: (E, K, N, top-k, r).
+MOE_CPU_SHAPE = (4, 64, 48, 2, 16)
 
 
 def force(kernel, M, cfg):
@@ -84,8 +126,37 @@ def forget(kernel, M):
     configs.clear_caches(tables=False)
 
 
+def moe_inputs(T, dtype):
+    """x, the routing, W, A, B of the MoE projection (MOE_SHAPE) for T tokens, random routing."""
+    E, K, N, k, r = MOE_SHAPE if CUDA else MOE_CPU_SHAPE
+    top_k_index = torch.rand(T, E, device=DEVICE).topk(k, dim=1).indices
+    return (torch.randn(T, K, device=DEVICE, dtype=dtype), ExpertRouting(top_k_index, E),
+            torch.randn(E, N, K, device=DEVICE, dtype=dtype) / K ** 0.5,
+            torch.randn(1, E, r, K, device=DEVICE, dtype=dtype) / K ** 0.5,
+            torch.randn(1, E, N, r, device=DEVICE, dtype=dtype))
+
+
+def moe_kernel_call(kernel, P, dtype):
+    """A call of a MoE kernel's launcher at P pairs of the MoE shape."""
+    k = (MOE_SHAPE if CUDA else MOE_CPU_SHAPE)[3]
+    x, routing, w, a, b = moe_inputs(P // k, dtype)
+    groups = moe_plans.groups_of(routing)
+    if kernel in ("moe_gemm", "moe_decode"):
+        out = torch.empty(routing.P, w.shape[1], device=DEVICE, dtype=dtype)
+        S = torch.empty(routing.P, a.shape[2], device=DEVICE, dtype=torch.float32)
+        return lambda: moe_gemm(x, w, None, a, b, groups, out, u=S, shrink=True, store_u=True, scale=2.0,
+                                gather=True, decode=kernel == "moe_decode")
+    if kernel == "moe_shrink":
+        return lambda: moe_shrink(x, a, groups, 2.0, gather=True)
+    dU = torch.randn(routing.P, a.shape[2], device=DEVICE)
+    dA = torch.empty(a.shape, device=DEVICE, dtype=dtype)
+    return lambda: moe_reduce(dU, x, groups, dA, gather_z=True)
+
+
 def kernel_call(kernel, M, K, N, r, dtype):
     """A call of the kernel's launcher on fresh random inputs (never zeros)."""
+    if kernel.startswith("moe_"):
+        return moe_kernel_call(kernel, M, dtype)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     w = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
     s = torch.randn(M, r, device=DEVICE, dtype=torch.float32)
@@ -174,6 +245,48 @@ def crossover(shape, ms_list, record, log):
     return found
 
 
+def moe_crossover(tokens, dtype, record, log):
+    """{"moe_decode_max_pairs": ..., "moe_split_from_pairs": {direction: ...}} from timings of each MoE plan
+    (empty where untimed)."""
+    E, K, N, k, r = MOE_SHAPE if CUDA else MOE_CPU_SHAPE
+    times = {}
+    for T in tokens:
+        x, routing, w, a, b = moe_inputs(T, dtype)
+        dy = torch.randn(routing.P, N, device=DEVICE, dtype=dtype)
+        out = torch.empty(routing.P, N, device=DEVICE, dtype=dtype)
+
+        def forward(plan):
+            return moe_plans.forward(plan, x, routing, w, None, a, b, 2.0, None, 0.0, 0, True, out, True)
+
+        def forward_backward(plan):
+            return moe_plans.backward(plan, dy, x, routing, w, a, b, 2.0, None, forward(plan), 0.0, 0, True,
+                                      (True, False, False, True, True))
+
+        for plan in MOE_PLANS:
+            for direction, fn in (("forward", forward), ("forward_backward", forward_backward)):
+                fn(plan)
+                ms = (triton.testing.do_bench(lambda: fn(plan), warmup=10, rep=40, return_mode="median")
+                      if CUDA else None)
+                times[direction, plan, T] = ms
+                record.add(dict(kind="moe_plan", direction=direction, plan=plan, tokens=T, pairs=T * k, E=E, K=K, N=N,
+                                r=r, ms=ms))
+                log(f"moe plan {plan:6} {direction:16} T={T:<5} " + ("untimed" if ms is None else f"{ms:.4f} ms"))
+    if any(ms is None for ms in times.values()):
+        return {}
+    fastest = [min(MOE_PLANS, key=lambda plan: times["forward_backward", plan, T]) == "decode" for T in tokens]
+    decode_up_to = 0
+    while decode_up_to < len(tokens) and fastest[decode_up_to]:
+        decode_up_to += 1
+    found = {"moe_decode_max_pairs": tokens[decode_up_to - 1] * k if decode_up_to else 0, "moe_split_from_pairs": {}}
+    for direction, key in (("forward", "forward"), ("backward", "forward_backward")):
+        wins = [times[key, "split", T] <= times[key, "fused", T] for T in tokens]
+        first = len(tokens)
+        while first > 0 and wins[first - 1]:
+            first -= 1
+        found["moe_split_from_pairs"][direction] = tokens[first] * k if first < len(tokens) else tokens[-1] * k * 2
+    return found
+
+
 def main(argv=None):
     global DEVICE, TABLE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +316,10 @@ def main(argv=None):
     found = crossover(shape, ms_list, record, log)
     TABLE["planner"]["split_from_m"].update(found)
     log(f"split_from_m: {TABLE['planner']['split_from_m']}" + ("" if found else " (the default: nothing timed)"))
+    write_table()
+    moe_found = moe_crossover(MOE_TOKENS if CUDA else (8, 16), shape[3], record, log)
+    TABLE["planner"].update(moe_found)
+    log(f"moe: {moe_found or 'the defaults (nothing timed)'}")
     write_table()
     tune_kernels(candidates, shape, record, write_table, log)
     for path in record.finish() + [table_file]:

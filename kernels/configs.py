@@ -41,6 +41,15 @@ _INTERPRETER = {
     "decode_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, RANK_CAP=64, num_warps=4, num_stages=1),
     "keep_mask": dict(BLOCK_M=32, BLOCK_K=32),
     "dora_norm": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1),
+    # MoE: 16-row tiles so that a few pairs per expert still make several tiles, and an 8-segment search
+    # chunk so that test groupings of more segments take the schedule's loop more than once (a chunk's
+    # prefix sum costs ~30 ms in the interpreter).
+    "moe_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4,
+                     num_stages=1),
+    "moe_decode": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4,
+                       num_stages=1),
+    "moe_shrink": dict(BLOCK_M=16, BLOCK_C=32, SEGMENT_CHUNK=8, RANK_CAP=64, num_warps=4, num_stages=1),
+    "moe_reduce": dict(BLOCK_A=32, BLOCK_B=32, BLOCK_T=16, num_warps=4, num_stages=1),
 }
 
 # Planner thresholds, for every target without its own.
@@ -55,7 +64,21 @@ _INTERPRETER = {
 # A, r×K, once per column block from L2) should cost less than a second launch, whose host time alone
 # (~20 µs measured by benchmarks/host.py on CPU) exceeds the GEMM's ~8 µs at K = N = 4096 on an H200.
 # Untimed on a GPU.
-PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64}
+# moe_decode_max_pairs: (token, expert) pairs up to which a MoE projection runs the decode plan (one
+# program per segment and column block, no tile search): 16 decode tokens at top-8 are 128 pairs, about
+# one per expert of 128; at 256 pairs an expert averages 2 (E = 128) to 32 (E = 8) rows, a 16-row
+# tile or two. moe_split_from_pairs: pairs from which the split plan (the library grouped GEMM) serves,
+# per direction; between the two the fused plan. Untimed: the dense split plan's library GEMM beat the
+# Triton GEMM (1.13x against 1.45x cuBLAS at M = 2048 and 8192 on the H200), so split starts where
+# decode ends until benchmarks/tune.py measures the MoE crossover.
+# moe_one_launch_max_pairs: pairs up to which the fused plan computes S (dU) in the grouped GEMM's K loop,
+# every column block recomputing it (one launch a direction), as one_launch_max_m for dense layers; above,
+# the shrink is a launch of its own. Compiled for sm_90 at the large tiles (128x128x64, 8 warps) the
+# in-loop shrink spilled 8 to 352 bytes a thread (the dropout mask and tf32x3 operands beside the
+# accumulator; triton 3.9, tests/gpu_compile.py); the two launches compile without.
+PLANNER = {"split_from_m": {"forward": 65, "backward": 65}, "multi_decode_max_m": 64, "one_launch_max_m": 64,
+           "moe_decode_max_pairs": 256, "moe_split_from_pairs": {"forward": 257, "backward": 257},
+           "moe_one_launch_max_pairs": 256}
 DECODE_MAX_ROWS = 64
 # The largest rank the one-launch forward holds in one rank block (rank_block's default cap).
 SHRINK_MAX_R = 64
@@ -249,6 +272,71 @@ def decode_gemm(M: int, N: int, R: int, device=None) -> dict:
     return _with_rank(_choose("decode_gemm", target(device), M, default), R)
 
 
+# ---- MoE (kernels/moe_lora.py, kernels/moe_reduce.py) -------------------------------------------
+# SEGMENT_CHUNK: segments the tile search reads per step (the search loops over E·(L+1) / SEGMENT_CHUNK
+# steps); RANK_CAP: the rank block of a low-rank term read from memory (larger ranks loop). None of the
+# GPU defaults is measured: they follow the dense kernels' (an H200 at commit 8bd3736) and
+# benchmarks/tune.py's MoE rows measure them.
+
+@functools.lru_cache(maxsize=4096)
+def moe_gemm(M: int, N: int, groups: int, shrink: bool, device=None, wide: bool = False, has_base: bool = True) -> dict:
+    """The grouped GEMM over M sorted pairs in `groups` segments (fused and split plans). Tiles never
+    span two experts, so a segment wastes up to BLOCK_M - 1 rows: the row block follows the mean rows
+    per segment (256 at Qwen3-30B-A3B's 4096 tokens, top-8 of 128 experts). With the shrink in the K
+    loop the reduction block is halved, as the dense one-launch forward's (lora_gemm_shrink), and halved
+    again for a wide (fp32-operand) shrink."""
+    mean = M / max(groups, 1)
+    if mean >= 192:
+        # 32-deep reduction steps, 4 stages: at the dense GEMM's 64 and 3 the base product with the expand
+        # (fp32 tf32x3 operands) spilled 8 to 64 bytes a thread for sm_90 with triton 3.6 (8 with 3.9); at
+        # 32 and 4 none did with 3.9, one variant 16 bytes with 3.6 (tests/gpu_compile.py).
+        default = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+    elif mean >= 48:
+        default = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    else:  # the decode schedule's tiles (moe_decode says why)
+        default = dict(BLOCK_M=16 if mean <= 16 else 32, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                       num_stages=2 if wide else 3)
+    if shrink:
+        default["BLOCK_K"] = min(default["BLOCK_K"], 32 if wide else 64)
+    if not has_base:
+        # The split plan's expand onto the library GEMM's output: a memory-bound pass whose reduction is
+        # the rank, as the multi-adapter expand (fp32 low-rank dots: 8 warps). At 128x128 tiles its masked
+        # dX variant spilled 40 bytes a thread for sm_90 (gpt-oss-20b's sizes, triton 3.9).
+        default = dict(default, BLOCK_M=min(default["BLOCK_M"], 64), BLOCK_N=128, num_warps=8, num_stages=2)
+    default.update(SEGMENT_CHUNK=1024, RANK_CAP=64)
+    return _choose("moe_gemm", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_decode(M: int, N: int, device=None, wide: bool = False) -> dict:
+    """The decode schedule (a program per segment and column block, looping over its rows): bound by
+    reading the active experts' W, as the dense decode GEMM. At 16 tokens of top-8 over 128 experts
+    about 80 experts hold a pair, so 32-column blocks make ~80·N/32 programs, many per SM. Compiled for
+    sm_90, 64-column blocks at 4 stages spilled 8 to 120 bytes a thread with the shrink in the K loop,
+    and 32-column ones 16 to 72 bytes with a wide (fp32-adapter, tf32x3) shrink at BLOCK_K = 64
+    (triton 3.9, tests/gpu_compile.py): a wide shrink gets half the reduction block, and two stages (at
+    three, one variant or another took an 8-byte stack frame, on triton 3.9 and 3.6 alike)."""
+    default = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32 if wide else 64, GROUP_M=1, SEGMENT_CHUNK=1024, RANK_CAP=64,
+                   num_warps=4, num_stages=2 if wide else 3)
+    return _choose("moe_decode", target(device), M, default)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_shrink(M: int, R: int, device=None, wide: bool = False) -> dict:
+    """U = c·D(X)·Qᵀ per segment tile (the split plan's S and dU): the dense shrink's tiles."""
+    default = dict(BLOCK_M=64 if M > 64 else 16, BLOCK_C=64 if wide else 128, SEGMENT_CHUNK=1024, RANK_CAP=64,
+                   num_warps=8 if wide else 4, num_stages=3)
+    return _with_rank(_choose("moe_shrink", target(device), M, default), R)
+
+
+@functools.lru_cache(maxsize=4096)
+def moe_reduce(M: int, device=None) -> dict:
+    """dA, dB, dW and db per segment: the multi-adapter reduction's tiles (the launcher narrows a block
+    to its dimension, at least 16)."""
+    default = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_T=64, num_warps=4, num_stages=3)
+    return _choose("moe_reduce", target(device), M, default)
+
+
 def keep_mask(device=None) -> dict:
     """The materialized dropout mask (tests and debugging only)."""
     return _choose("keep_mask", target(device), 1, dict(BLOCK_M=32, BLOCK_K=32))
@@ -297,5 +385,6 @@ def clear_caches(tables: bool = True):
     for hook in CLEAR_HOOKS:
         hook()
     for fn in (lora_gemm, lora_gemm_shrink, lora_backward, lora_expand, lora_shrink, lora_dy, multi_shrink, multi_gemm,
-               multi_reduce, decode_shrink, decode_gemm, dora_norm) + ((table,) if tables else ()):
+               multi_reduce, decode_shrink, decode_gemm, dora_norm, moe_gemm, moe_decode, moe_shrink,
+               moe_reduce) + ((table,) if tables else ()):
         fn.cache_clear()

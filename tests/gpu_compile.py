@@ -12,11 +12,16 @@ a GEMM with the base product at M >= 2048 that does not use wgmma. Spills are re
 (stack frame) cuobjdump reports for the cubin.
 
 Sizes: K = N = 4096 and 4096 -> 14336; M = 1, 16, 64, 65, 2048, 8192; bf16 x with bf16 and fp32 adapters;
-dropout on and off; forward and backward; single-adapter, DoRA and 64 adapters; every plan.
+dropout on and off; forward and backward; single-adapter, DoRA and 64 adapters; every plan. MoE (the projection's
+plans, fusedlora/plans/moe.py): Qwen3-30B-A3B's experts (E = 128, H = 2048, I = 768, top-8, r = 16), gate_up
+(2048 -> 1536, x gathered) and down (768 -> 2048, sorted input), 16 and 4096 tokens, adapters contiguous or
+PEFT's layout (fp32), and gpt-oss-20b's transposed experts with biases (E = 32, 2880 -> 5760, top-4).
 
     python tests/gpu_compile.py          every variant (by hand: ~180 variants, 10-25 min on 2 cores)
-    python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192, the fused at 8192
+    python tests/gpu_compile.py --quick  the default plans at K = N = 4096, M = 1, 65, 8192, the fused at 8192,
+                                         and MoE's at 16 and 4096 tokens, its fused at 4096
                                          (tests/test_gpu_compile.py runs it); triton 3.6 and 3.9
+    python tests/gpu_compile.py [--quick] --moe   the MoE variants alone
 """
 import os
 import re
@@ -37,7 +42,7 @@ from fusedlora.kernels.dropout import keep_mask  # noqa: E402
 from sm90 import TARGET, record_launches, source  # noqa: E402
 
 SHARED_LIMIT = 232448  # bytes of shared memory a block may use on an H100/H200 (227 KB)
-GEMMS = ("_lora_gemm_kernel", "_multi_gemm_kernel")
+GEMMS = ("_lora_gemm_kernel", "_multi_gemm_kernel", "_moe_gemm_kernel")
 META = torch.device("meta")
 SHAPES = ((4096, 4096), (4096, 14336))
 ROWS = (1, 16, 64, 65, 2048, 8192)
@@ -86,6 +91,50 @@ def drive(plan, shapes=SHAPES, rows=ROWS):
         del os.environ["FUSEDLORA_PLAN"]
 
 
+# MoE experts: (name, E, K, N, top-k, gather, transposed weight with biases). Qwen3-30B-A3B's gate_up reads the
+# tokens (gather), its down the activation in sorted order; gpt-oss stores (E, K, N) with per-expert biases.
+MOE_PROJECTIONS = (("qwen3-gate_up", 128, 2048, 1536, 8, True, False), ("qwen3-down", 128, 768, 2048, 8, False, False),
+                   ("gpt-oss-gate_up", 32, 2880, 5760, 4, True, True))
+MOE_TOKENS = (16, 4096)
+
+
+def moe(T, E, K, N, k, gather, transposed, adapters, p):
+    """One MoE projection forward and backward (x, lora_A, lora_B) through its plans, rank 16. adapters:
+    "bf16" or "fp32" stacked (1, E, r, K) / (1, E, N, r), or "peft": PEFT's fp32 parameters viewed."""
+    from fusedlora.core.moe_routing import ExpertRouting
+    from fusedlora.plans import moe as plans, planner
+    bf16, r, P = torch.bfloat16, 16, T * k
+    routing = ExpertRouting(torch.empty(T, k, dtype=torch.int64, device=META), E)
+    x = torch.empty(T if gather else P, K, dtype=bf16, device=META)
+    W = torch.empty(E, K, N, dtype=bf16, device=META).transpose(1, 2) if transposed else \
+        torch.empty(E, N, K, dtype=bf16, device=META)
+    bias = torch.empty(E, N, dtype=bf16, device=META) if transposed else None
+    if adapters == "peft":
+        A = torch.empty(E * r, K, device=META).view(1, E, r, K)
+        B = torch.empty(N, E * r, device=META).view(N, r, E).permute(2, 0, 1).unsqueeze(0)
+    else:
+        dtype = bf16 if adapters == "bf16" else torch.float32
+        A, B = torch.empty(1, E, r, K, dtype=dtype, device=META), torch.empty(1, E, N, r, dtype=dtype, device=META)
+    out = torch.empty(P, N, dtype=bf16, device=META)
+    S = plans.forward(planner.choose_moe("forward", P, K, N, r, E, 1), x, routing, W, bias, A, B, 2.0, None, p, 5,
+                      gather, out, True)
+    plans.backward(planner.choose_moe("backward", P, K, N, r, E, 1), torch.empty(P, N, dtype=bf16, device=META), x,
+                   routing, W, A, B, 2.0, None, S, p, 5, gather, (True, False, False, True, True))
+
+
+def drive_moe(plan, tokens=MOE_TOKENS, projections=MOE_PROJECTIONS, adapters=("bf16", "fp32", "peft")):
+    """The MoE projections at real sizes under FUSEDLORA_PLAN=plan, dropout off and on."""
+    os.environ["FUSEDLORA_PLAN"] = plan
+    try:
+        for _, E, K, N, k, gather, transposed in projections:
+            for T in tokens:
+                for kind in adapters:
+                    for p in (0.0, 0.1):
+                        moe(T, E, K, N, k, gather, transposed, kind, p)
+    finally:
+        del os.environ["FUSEDLORA_PLAN"]
+
+
 def resource_usage(cubin: bytes) -> dict:
     """Registers and local memory per thread (spilled registers: ptxas's stack frame) of a compiled
     kernel, from cuobjdump -res-usage on its cubin (Triton ships cuobjdump with ptxas)."""
@@ -98,18 +147,25 @@ def resource_usage(cubin: bytes) -> dict:
     return dict(registers=int(usage.get("REG", -1)), spills=max(int(usage.get("STACK", 0)), int(usage.get("LOCAL", 0))))
 
 
-def variants(quick=False):
+def variants(quick=False, moe_only=False):
     """[(kernel name, src, options, bound args, in a default plan)], one per distinct variant, over every
-    plan; quick: the default plans at K = N = 4096 and M = 1, 65, 8192, and the fused plan at M = 8192."""
+    plan; quick: the default plans at K = N = 4096 and M = 1, 65, 8192, and the fused plan at M = 8192; MoE's
+    default plans at Qwen3-30B-A3B's sizes (16 and 4096 tokens) and its fused plan at 4096; moe_only: MoE's
+    variants alone."""
     seen = {}
     fusedlora.core.backend.interpreting = lambda: True  # let FUSEDLORA_BACKEND=triton through off CUDA
     os.environ["FUSEDLORA_BACKEND"] = "triton"
     # quick: the default plans, and the fused plan at M = 8192 (a GEMM that must use wgmma).
     runs = ((("auto", dict(shapes=SHAPES[:1], rows=QUICK_ROWS)), ("fused", dict(shapes=SHAPES[:1], rows=(8192,))))
             if quick else tuple((plan, {}) for plan in ("auto", "fused", "split", "decode")))
-    for plan, sizes in runs:
-        launches = record_launches(lambda: drive(plan, **sizes))
-        if plan == "auto":
+    qwen3 = MOE_PROJECTIONS[:2]
+    moe_runs = ((("auto", dict(projections=qwen3)), ("fused", dict(tokens=(4096,), projections=qwen3)))
+                if quick else tuple((plan, {}) for plan in ("auto", "fused", "split", "decode")))
+    drives = [] if moe_only else [(plan, lambda plan=plan, sizes=sizes: drive(plan, **sizes)) for plan, sizes in runs]
+    drives += [(plan, lambda plan=plan, sizes=sizes: drive_moe(plan, **sizes)) for plan, sizes in moe_runs]
+    for plan, run in drives:
+        launches = record_launches(run)
+        if plan == "auto" and not moe_only:
             launches += record_launches(lambda: keep_mask(7, 64, 64, 1 << 20, META))
         for kernel, args, kwargs in launches:
             src, options, bound = source(kernel, args, kwargs)
@@ -121,7 +177,7 @@ def variants(quick=False):
 
 def main(argv):
     failed = []
-    found = list(variants(quick="--quick" in argv))
+    found = list(variants(quick="--quick" in argv, moe_only="--moe" in argv))
     print(f"{len(found)} distinct kernel variants at real sizes; compiling each for sm_90", flush=True)
     for name, src, options, bound, default in found:
         flags = " ".join(f"{k}={v}" for k, v in bound.items() if k.isupper() and len(k) > 1 and k != "DOT_DTYPE")

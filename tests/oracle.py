@@ -141,12 +141,14 @@ def _storage(dtype, torch_ops):
     return rule.u * (rule.interpreter if truncates else 1.0), rule.torch_roundings if torch_ops else rule.roundings
 
 
-def assert_oracle(name, got, low, exact, magnitude, n, dtype, torch_ops=False):
+def assert_oracle(name, got, low, exact, magnitude, n, dtype, torch_ops=False, roundings=None):
     """The componentwise rule. got: the tested result; low: the PyTorch reference in the tested dtypes;
     exact: float64 reference; magnitude: float64 reference on |inputs|; n: chain length
-    (chain_lengths); dtype: x's dtype; torch_ops: got comes from the op-by-op PyTorch path."""
+    (chain_lengths); dtype: x's dtype; torch_ops: got comes from the op-by-op PyTorch path; roundings:
+    R for a result rounded to storage more often than the table's (None: the table's)."""
     assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(exact.shape)}"
     us, R = _storage(got.dtype, torch_ops)
+    R = roundings or R
     # The op-by-op path rounds in x's dtype before it casts to fp32 adapters (the dropout of x, the
     # base GEMM): its intermediate roundings are those of the coarser format.
     mid = max(us, TABLE[dtype].u) if torch_ops else us
@@ -317,17 +319,19 @@ def reference_run(inputs, scaling, keep, p, dy, dtype64=False, magnitude=False):
     return run(reference.lora_linear, args, dy, [n for n in NAMES if inputs[n] is not None], mode)
 
 
-def _check(fn, args, y, grads, dy, lengths, torch_ops, out="x"):
-    """The componentwise rule on y and grads; `out`: the argument whose dtype y has."""
+def _check(fn, args, y, grads, dy, lengths, torch_ops, out="x", roundings=None):
+    """The componentwise rule on y and grads; `out`: the argument whose dtype y has; roundings:
+    {result name ("y" or an input's): R} where it exceeds the table's."""
+    roundings = roundings or {}
     dtype = args["x"].dtype
     names = list(grads or {})
     (y_low, g_low), (y64, g64), (y_mag, g_mag) = (run(fn, args, dy if names else None, names, mode)
                                                   for mode in ("low", "exact", "magnitude"))
     assert y.dtype == args[out].dtype, f"y has dtype {y.dtype}, {out} {args[out].dtype}"
-    assert_oracle("y", y, y_low, y64, y_mag, lengths["y"], dtype, torch_ops)
+    assert_oracle("y", y, y_low, y64, y_mag, lengths["y"], dtype, torch_ops, roundings.get("y"))
     for n in names:
         assert grads[n].dtype == args[n].dtype, f"d{n} has dtype {grads[n].dtype}, {n} {args[n].dtype}"
-        assert_oracle(f"d{n}", grads[n], g_low[n], g64[n], g_mag[n], lengths[n], dtype, torch_ops)
+        assert_oracle(f"d{n}", grads[n], g_low[n], g64[n], g_mag[n], lengths[n], dtype, torch_ops, roundings.get(n))
 
 
 def check_lora_linear(y, grads, inputs, scaling, keep, p, dy=None, torch_ops=False):
@@ -353,3 +357,26 @@ def check_multi_lora_linear(y, grads, inputs, ids, dy=None, torch_ops=False):
     args = dict(inputs, adapter_ids=ids)
     _check(reference.multi_lora_linear, args, y, grads, dy, chain_lengths(x.numel() // max(K, 1), K, N, R),
            torch_ops)
+
+
+def moe_chain_lengths(P, K, N, r, k, gather):
+    """chain_lengths for one MoE projection over P (token, expert) pairs (each pair a row of a LoRA
+    layer whose expert and adapter are the pair's): y and a pair's dX as the dense layer's; with
+    gather, a token's dX sums its k pairs' rows (k more roundings); dW, db, dA and dB reduce over at
+    most P rows of one expert or segment."""
+    lengths = chain_lengths(P, K, N, r)
+    if gather:
+        lengths["x"] += k
+    return lengths
+
+
+def check_moe_lora_linear(y, grads, inputs, keep, p, dy, gather, roundings=None, torch_ops=False):
+    """The componentwise rule for one MoE projection (fusedlora.reference.moe_lora_linear). inputs: x,
+    top_k_index, weight, bias, lora_A, lora_B, scaling, adapter_ids, ranks; y: (P, N) and dy in routing
+    order; grads {input name: gradient} with dx (T, K) (gather) or (P, K) in routing order; roundings:
+    {result: R} where a plan rounds more often than the table says."""
+    x, (E, N, K), R = inputs["x"], inputs["weight"].shape, inputs["lora_A"].shape[2]
+    T, k = inputs["top_k_index"].shape
+    args = dict(inputs, keep_mask=keep, dropout_p=p, gather=gather)
+    _check(reference.moe_lora_linear, args, y, grads, dy, moe_chain_lengths(T * k, K, N, R, k, gather), torch_ops,
+           roundings=roundings)

@@ -22,6 +22,8 @@ So small row counts take the fused plan and everything else the split plan. The 
 M = 16 and M = 2048 has not been measured (`python benchmarks/run.py --plans` on a GPU measures it);
 SPLIT_FROM_M sits at the top of the decode range, where the base GEMM is still bound by reading W.
 """
+import functools
+
 from fusedlora.core import knobs
 from fusedlora.kernels import configs
 
@@ -78,3 +80,42 @@ def choose_multi(direction: str, M: int, K: int, N: int, R: int, L: int) -> str:
     if forced == "auto" or forced == "decode":
         return "decode" if decode else "split"
     return forced
+
+
+# ---- LoRA on MoE experts (fusedlora/plans/moe.py) ----------------------------------------------
+# Plans over the P = T·k (token, expert) pairs of a projection:
+# - "decode": the fused kernels on the decode schedule (a program per segment and column block, no
+#   tile search, programs of experts without a pair exit at once): few pairs, each expert a tile or
+#   two, the GEMM bound by reading the active experts' weights. Up to MOE_DECODE_MAX_PAIRS.
+# - "fused": the Triton grouped GEMM with the shrink in its K loop and the expand in its epilogue.
+# - "split": the library grouped GEMM for X·W_eᵀ (dY·W_e) plus the Triton shrink and an expand that
+#   adds onto its output. From MOE_SPLIT_FROM_PAIRS (per direction).
+# What they rest on: nothing MoE has been timed on a GPU. The dense plans' measurements (H200, bf16,
+# K = N = 4096, r = 16) put the Triton GEMM at 1.45x cuBLAS at M = 8192 and 1.46x at M = 2048, and
+# cuBLAS plus separately launched low-rank work at 1.13x; a grouped GEMM at 4096 tokens (top-8 of 128
+# experts: 256 rows per expert) is in that regime, so split takes over where decode ends. Every value
+# of FUSEDLORA_PLAN serves every call: "decode" serves any P (its programs loop over their segment's
+# rows), "split" runs the fused plan's product where the library grouped GEMM cannot serve the operands.
+
+
+@functools.lru_cache(maxsize=1)
+def moe_thresholds() -> tuple:
+    """(MOE_DECODE_MAX_PAIRS, MOE_SPLIT_FROM_PAIRS): the GPU's table or the defaults
+    (fusedlora/kernels/configs.py), read when first asked, after the GPU is known."""
+    return configs.planner_value("moe_decode_max_pairs"), dict(configs.planner_value("moe_split_from_pairs"))
+
+
+def choose_moe(direction: str, P: int, K: int, N: int, R: int, E: int, L: int) -> str:
+    """"decode", "fused" or "split" for one projection of a MoE layer with LoRA on its experts: direction
+    "forward" or "backward", P (token, expert) pairs, x rows of K, weight: (E, N, K), L adapters stacked to
+    rank R. Shapes only, never the routing, so torch.compile and CUDA graphs see one choice per shape."""
+    forced = knobs.plan()
+    if forced != "auto":
+        return forced
+    decode_max, split_from = moe_thresholds()
+    if P <= decode_max:
+        return "decode"
+    return "split" if P >= split_from[direction] else "fused"
+
+
+configs.CLEAR_HOOKS.append(moe_thresholds.cache_clear)
