@@ -152,6 +152,20 @@ def test_dropout_seed_drawn_from_torch():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_expanded_gradient(monkeypatch):
+    """y.sum().backward() hands backward a gradient with zero strides, which grouped_mm refuses: the same
+    gradients as a contiguous one of ones."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    inputs = make(6, 2, 4, 16, 8, 1, 4, f32, f32)
+    routing = ExpertRouting(inputs["top_k_index"], 4)
+    grads = []
+    for reduce in (lambda y: y.sum().backward(), lambda y: y.backward(torch.ones_like(y))):
+        x, A = inputs["x"].clone().requires_grad_(), inputs["lora_A"].clone().requires_grad_()
+        reduce(fusedlora.moe_lora_linear(x, routing, inputs["weight"], None, A, inputs["lora_B"], 2.0, gather=True))
+        grads.append((x.grad, A.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_empty_batch(monkeypatch):
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
     inputs = make(3, 2, 4, 16, 8, 1, 4, f32, f32)
