@@ -125,9 +125,12 @@ def test_against_float64(backend, gather, T, k, E, K, N, L, R, dtype, adapter_dt
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_weight_gradient(backend):
-    """The weight is differentiable too (a full fine-tune of the experts beside the adapters)."""
-    check(make(6, 2, 4, 16, 8, 1, 4, f32, f32), True, grads=("x", "weight", "bias", "lora_A", "lora_B"))
+@pytest.mark.parametrize("grads", [("x", "weight", "bias", "lora_A", "lora_B"), ("lora_A", "lora_B")],
+                         ids=["weight-too", "adapters-only"])
+def test_which_gradients(backend, grads):
+    """The weight is differentiable too (a full fine-tune of the experts beside the adapters); an input that
+    needs no gradient (a first layer's) gets none, and the adapters still get theirs."""
+    check(make(6, 2, 4, 16, 8, 1, 4, f32, f32), True, grads=grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -76,10 +76,11 @@ def segment_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
     return out
 
 
-def _segment_mm_backward(x, w, offs, dy, need_x: bool, need_w: bool):
+def _segment_mm_backward(x, w, offs, dy, groups: int, need_x: bool, need_w: bool):
+    """(dx, dw) of segment_mm_forward; x is needed only for dw, w only for dx."""
     dy = dy.contiguous()
     dx = segment_mm_forward(dy, w.transpose(-1, -2), offs) if need_x else None
-    dw = segment_mm_weight_grad(x, dy, offs, w.shape[0]) if need_w else None
+    dw = segment_mm_weight_grad(x, dy, offs, groups) if need_w else None
     return dx, dw
 
 
@@ -90,13 +91,14 @@ class _SegmentMM(torch.autograd.Function):
     def forward(ctx, x, w, offs):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
+        ctx.groups = w.shape[0]
         return segment_mm_forward(x, w, offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        dx, dw = _segment_mm_backward(x, w, offs, dy, need_x, need_w)
+        dx, dw = _segment_mm_backward(x, w, offs, dy, ctx.groups, need_x, need_w)
         return dx, dw, None
 
 
@@ -124,6 +126,7 @@ def _op_setup(ctx, inputs, output):
     x, w, offs = inputs
     need_x, need_w = ctx.needs_input_grad[:2]
     ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
+    ctx.groups = w.shape[0]
 
 
 def _op_backward(ctx, dy):
@@ -131,7 +134,7 @@ def _op_backward(ctx, dy):
     need_x, need_w = ctx.needs_input_grad[:2]
     dy = dy.contiguous()
     dx = _segment_mm_op(dy, w.transpose(-1, -2), offs) if need_x else None
-    dw = _weight_grad_op(x, dy, offs, w.shape[0]) if need_w else None
+    dw = _weight_grad_op(x, dy, offs, ctx.groups) if need_w else None
     return dx, dw, None
 
 
