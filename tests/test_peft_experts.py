@@ -5,11 +5,12 @@ what the fused path does not serve runs PEFT's forward, saying why.
 
 The runs are on the PyTorch backend; the Triton backend has no MoE op yet, so there the patched layers run
 PEFT's forward (a strict xfail, to flip when the op is wired)."""
+import copy
 import warnings
 
 import pytest
 import torch
-from lora_models import run
+from lora_models import canonical, run
 from moe_models import FAMILIES, LargestTensors, eager_copy, experts_modules, peft_moe, tokens
 from oracle import assert_normwise
 
@@ -103,3 +104,195 @@ def test_peft_alone_makes_expert_sized_tensors():
     with LargestTensors() as seen:
         run(model, tokens())
     assert seen.largest >= smallest_expert_parameter(model)
+
+
+def two_adapters(family="qwen3_moe"):
+    """Adapters "default" (r=4, alpha 8) and "other" (r=2, alpha 6) on both expert parameters."""
+    from peft import LoraConfig
+    from moe_models import TARGETS
+    model = peft_moe(family)
+    torch.manual_seed(2)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_parameters=TARGETS, init_lora_weights=False))
+    return model.eval()
+
+
+def logits_three_ways(model, ids, activations=None, **kwargs):
+    """(patched, PEFT's own forward on the same model, float64 eager copy of PEFT) logits; the patched
+    forward is put back afterwards, the same function (whatever it keeps). activations: the patched call's
+    _activate_lora calls are left there, the other runs' are not."""
+    from peft.tuners.lora.layer import ParamWrapper
+    activations = [] if activations is None else activations
+    with torch.no_grad():
+        activations.clear()
+        got = model(input_ids=ids, **kwargs).logits
+        patched_calls = list(activations)
+        saved = {m: m.__dict__.pop("forward") for m in model.modules()
+                 if isinstance(m, ParamWrapper) and "forward" in m.__dict__}
+        try:
+            peft = model(input_ids=ids, **kwargs).logits
+            exact = eager_copy(model)(input_ids=ids, **kwargs).logits
+        finally:
+            for m, f in saved.items():
+                m.forward = f
+    activations[:] = patched_calls
+    return got, peft, exact
+
+
+def assert_served_as_peft(model, ids, activations, where, served=True):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got, peft, exact = logits_three_ways(model, ids, activations)
+    assert relative(got, peft) <= 1e-4, (where, relative(got, peft))
+    assert_normwise(dict(logits=got), dict(logits=peft), dict(logits=exact.float()), where=where)
+    if served:
+        assert fallback_warnings(record) == [] and activations == [], where
+    return record
+
+
+def _experts(model):
+    return experts_modules(model.base_model.model)[0].base_layer.base_layer
+
+
+CHANGES = {
+    "set_adapter": lambda m: m.set_adapter("other"),
+    "two_active": lambda m: m.base_model.set_adapter(["default", "other"]),
+    "merge": lambda m: m.merge_adapter(),
+    "merge_then_unmerge": lambda m: (m.merge_adapter(), m.unmerge_adapter()),
+    "merge_one_parameter": lambda m: experts_modules(m.base_model.model)[0].base_layer.merge(),
+    "delete_active": lambda m: (m.set_adapter("other"), m.delete_adapter("default")),
+    "add_and_activate": lambda m: (m.add_adapter("third", __import__("peft").LoraConfig(
+        r=3, lora_alpha=5, use_rslora=True, target_parameters=__import__("moe_models").TARGETS,
+        init_lora_weights=False)), m.set_adapter("third")),
+    "train_mode": lambda m: m.train(),
+    "weights_in_place": lambda m: [p.data.mul_(-1.5) for n, p in m.named_parameters() if "lora_B" in n],
+    "parameter_replaced": lambda m: setattr(_experts(m), "down_proj",
+                                            torch.nn.Parameter(_experts(m).down_proj.detach() * 0.5)),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_each_change_is_followed(change, activations):
+    """A warm patched model, changed the way a user or PEFT changes it, computes what PEFT computes next:
+    nothing kept from the earlier state (decision, weights) goes stale."""
+    model = two_adapters()
+    ids = tokens()
+    fusedlora.patch_peft(model)
+    assert_served_as_peft(model, ids, activations, "before")
+    CHANGES[change](model)
+    # merged: no term to add, so PEFT's forward (the merged weights, no parametrization) runs, silently
+    merged = change == "merge"
+    assert_served_as_peft(model, ids, activations, change, served=not merged)
+
+
+def test_disabled_adapters_and_merged_then_disabled(activations):
+    model = two_adapters()
+    ids = tokens()
+    fusedlora.patch_peft(model)
+    assert_served_as_peft(model, ids, activations, "warm")
+    with model.disable_adapter():
+        got, peft, _ = logits_three_ways(model, ids)
+        base = model.base_model.model
+    assert relative(got, peft) <= 1e-4
+    model.merge_adapter()
+    with model.disable_adapter():  # PEFT unmerges a disabled, merged layer in its forward; so does the patch
+        with torch.no_grad():
+            model(input_ids=ids)
+    assert not any(getattr(m, "merged", False) for m in base.modules())
+    assert_served_as_peft(model, ids, activations, "after")
+
+
+def test_hooks_and_backend_switch_fall_back_and_recover(activations, monkeypatch):
+    """A hook on the experts module (PEFT would run it) and the Triton backend (no MoE op yet) make the next
+    call run PEFT's forward, with a warning; undone, the patched path serves again."""
+    model = two_adapters()
+    ids = tokens()
+    fusedlora.patch_peft(model)
+    assert_served_as_peft(model, ids, activations, "warm")
+    calls = []
+    handle = _experts(model).register_forward_hook(lambda *a: calls.append(1))
+    record = assert_served_as_peft(model, ids, activations, "hooked", served=False)
+    assert calls and any("hooks on the experts module" in w for w in fallback_warnings(record))
+    handle.remove()
+    assert_served_as_peft(model, ids, activations, "unhooked")
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "triton")
+    record = assert_served_as_peft(model, ids, activations, "triton", served=False)
+    assert any("Triton MoE op is not wired" in w for w in fallback_warnings(record))
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    assert_served_as_peft(model, ids, activations, "torch again")
+
+
+@pytest.mark.parametrize("options", [{"use_rslora": True, "lora_alpha": 16},
+                                     {"rank_pattern": {"layers.0.mlp.experts.gate_up_proj": 2},
+                                      "alpha_pattern": {"down_proj": 3}}], ids=["rslora", "patterns"])
+def test_options(options, activations):
+    """rsLoRA and PEFT's per-parameter rank_pattern / alpha_pattern (keys matched against
+    "<module>.<parameter>")."""
+    model = peft_moe("qwen3_moe", **options)
+    wrapper = experts_modules(model.base_model.model)[0]
+    if "rank_pattern" in options:
+        assert wrapper.base_layer.r["default"] == 2 and wrapper.lora_alpha["default"] == 3
+    fusedlora.patch_peft(model)
+    assert_served_as_peft(model, tokens(), activations, str(options))
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(activations):
+    """adapter_names=: PEFT refuses it on experts; patched, each sequence gets what running its adapter
+    alone gives (float64, through PEFT's own forward one adapter at a time), including the base."""
+    model = two_adapters("gpt_oss")
+    names = ["other", "__base__", "default", "other"]
+    ids = tokens(seed=5, batch=4)
+    with pytest.raises(ValueError, match="mixed"):
+        # on a copy: PEFT's refusal leaves its adapter_names hooks registered (they are not removed in a finally)
+        copy.deepcopy(model)(input_ids=ids, adapter_names=names)
+    fusedlora.patch_peft(model)
+    activations.clear()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = model(input_ids=ids, adapter_names=names).logits
+    assert fallback_warnings(record) == [] and activations == []
+    fusedlora.unpatch_peft(model)
+    twin = eager_copy(model)
+    for b, name in enumerate(names):
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter(), twin.disable_adapter():
+                    low, exact = model(input_ids=ids[b:b + 1]).logits, twin(input_ids=ids[b:b + 1]).logits
+            else:
+                model.set_adapter(name)
+                twin.set_adapter(name)
+                low, exact = model(input_ids=ids[b:b + 1]).logits, twin(input_ids=ids[b:b + 1]).logits
+        assert_normwise(dict(logits=got[b:b + 1]), dict(logits=low), dict(logits=exact.float()), where=name)
+
+
+def test_mixed_batch_refusals():
+    model = two_adapters()
+    fusedlora.patch_peft(model)
+    with torch.no_grad():
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="merged adapters"):
+            model(input_ids=tokens(), adapter_names=["default", "other"])
+    model = two_adapters()
+    fusedlora.patch_peft(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="adapter_names has 3 names, but the experts got 16 tokens"):
+        model(input_ids=tokens(), adapter_names=["default", "other", "other"])
+
+
+def test_compiles_whole(activations):
+    """The patched PEFT MoE model under torch.compile(fullgraph=True), forward and backward: eager's logits and
+    LoRA gradients."""
+    from oracle import BITWISE, assert_same
+    model = peft_moe("mixtral").train()
+    fusedlora.patch_peft(model)
+    ids = tokens()
+    eager = run(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = run(compiled, ids)
+    torch._dynamo.reset()
+    assert activations == []
+    (y, g), (y_e, g_e) = got, eager
+    g = {canonical(n.removeprefix("_orig_mod.")): t for n, t in g.items()}
+    if BITWISE:
+        assert_same(dict(logits=y, **g), dict(logits=y_e, **g_e))
+    else:
+        assert relative(y, y_e) <= 1e-4 and all(relative(g[n], g_e[n]) <= 1e-3 for n in g)

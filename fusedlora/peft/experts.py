@@ -37,7 +37,6 @@ from fusedlora.core import knobs
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.experts import ExpertLoRA, experts_forward, experts_reason, peft_layout
-from fusedlora.peft.forward import has_hooks
 
 MERGED_ERROR = "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
 
@@ -69,6 +68,27 @@ def routing_args(args, kwargs) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         if not args and set(kwargs) == {index, weights}:
             return kwargs[index], kwargs[weights]
     return None
+
+
+def _names_hook():
+    try:
+        from peft.tuners.lora.model import _adapter_names_pre_forward_hook
+    except ImportError:
+        return None
+    return _adapter_names_pre_forward_hook
+
+
+def hooked(module: nn.Module) -> bool:
+    """has_hooks (fusedlora/peft/forward.py), less the pre-forward hooks PEFT puts on every LoRA layer to
+    pass adapter_names: the patched forward reads those names itself, so skipping an inner wrapper's
+    copy loses nothing."""
+    names_hook = _names_hook()
+    hooks = nn.modules.module
+    return (any(getattr(h, "func", None) is not names_hook for h in module._forward_pre_hooks.values())
+            or bool(module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+                    or "forward" in module.__dict__ or hooks._global_forward_hooks
+                    or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                    or hooks._global_backward_pre_hooks))
 
 
 def active(wrapper) -> List[str]:
@@ -103,7 +123,7 @@ def chain_reason(wrappers, experts, x, args, kwargs, mixed: bool) -> Optional[Tu
     reason = experts_reason(experts)
     if reason is not None:
         return reason, True
-    if has_hooks(experts) or any(has_hooks(w) for w in wrappers[1:]):
+    if hooked(experts) or any(hooked(w) for w in wrappers[1:]):
         return "hooks on the experts module or an inner ParamWrapper", True
     if routing_args(args, kwargs) is None:
         return "experts called with arguments other than (top_k_index, top_k_weights)", True
@@ -140,7 +160,7 @@ def chain_state(wrappers, experts, x):
                                 len(d["_forward_pre_hooks"]), len(d["_backward_hooks"]),
                                 len(d["_backward_pre_hooks"]), "forward" in d))
         e = experts.__dict__
-        params = tuple((n, p, p.dtype, p.device) for n, p in e["_parameters"].items() if p is not None)
+        params = tuple((n, id(p), p.dtype, p.device) for n, p in e["_parameters"].items() if p is not None)
         experts_part = (params, "parametrizations" in e["_modules"], len(e["_forward_hooks"]),
                         len(e["_forward_pre_hooks"]), len(e["_backward_hooks"]), len(e["_backward_pre_hooks"]),
                         "forward" in e, getattr(getattr(experts, "config", None), "_experts_implementation", None),
