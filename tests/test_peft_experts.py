@@ -296,3 +296,37 @@ def test_compiles_whole(activations):
         assert_same(dict(logits=y, **g), dict(logits=y_e, **g_e))
     else:
         assert relative(y, y_e) <= 1e-4 and all(relative(g[n], g_e[n]) <= 1e-3 for n in g)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bf16_base_with_fp32_adapters(family, activations):
+    """PEFT's default dtypes: a bf16 model keeps fp32 adapters. PEFT folds them into bf16 weights; the patched
+    path adds an fp32 low-rank term to bf16 products. One MoE layer's experts on one fixed routing (through a
+    whole bf16 model a near-tie in a router flips experts differently in each run), against float64 by the
+    norm-wise rule, the output and every LoRA gradient."""
+    model = peft_moe(family, dtype=torch.bfloat16)
+    outer = experts_modules(model.base_model.model)[0]
+    assert outer.lora_A["default"].weight.dtype == torch.float32
+    gen = torch.Generator().manual_seed(4)
+    T, k = 24, 2
+    x = torch.randn(T, 64, generator=gen, dtype=torch.float64)
+    top = torch.stack([torch.randperm(8, generator=gen)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64).softmax(-1)
+    dy = torch.randn(T, 64, generator=gen, dtype=torch.float64)
+
+    def layer_run(layer, dtype):
+        params = {n: p for n, p in layer.named_parameters() if ".lora_" in f".{n}"}
+        for p in params.values():
+            p.grad = None
+        xi = x.to(dtype).clone().requires_grad_()
+        y = layer(xi, top, weights.to(dtype))
+        y.backward(dy.to(y.dtype))
+        return dict(y=y.detach(), x=xi.grad, **{n: p.grad for n, p in params.items()})
+
+    exact = layer_run(eager_copy(outer), torch.float64)
+    peft = layer_run(outer, torch.bfloat16)
+    fusedlora.patch_peft(model)
+    activations.clear()
+    got = layer_run(outer, torch.bfloat16)
+    assert activations == [] and got["y"].dtype == torch.bfloat16 and len(got) == 6
+    assert_normwise(got, peft, exact, where=family)
