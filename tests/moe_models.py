@@ -44,7 +44,8 @@ def moe_config(family: str, layers: int = 2):
                                            **common)
     if family == "mixtral":
         return transformers.MixtralConfig(intermediate_size=32, num_local_experts=EXPERTS, **common)
-    if family == "gpt_oss":
+    if family == "gpt_oss":  # its default context length: YaRN checks it against original_max_position_embeddings
+        common.pop("max_position_embeddings")
         return transformers.GptOssConfig(intermediate_size=32, num_local_experts=EXPERTS, **common)
     raise ValueError(family)
 

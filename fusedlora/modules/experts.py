@@ -243,3 +243,42 @@ def targeted_parameters(module_name: str, experts: nn.Module, target_parameters:
     """The module's parameters that PEFT's target_parameters rule selects: "<module>.<parameter>" equal to
     an entry or ending with "." + an entry; in the module's own (registration) order."""
     return [p for p in experts._parameters if matches_target(list(target_parameters), f"{module_name}.{p}")]
+
+
+def plan_experts(model: nn.Module, target_parameters: Sequence[str], r: int, lora_alpha: float, lora_dropout: float,
+                 use_rslora: bool, rank_pattern=None, alpha_pattern=None, skip=lambda name: False):
+    """{module name: (parameter names, {name: r}, {name: alpha})} for the experts modules whose parameters
+    target_parameters selects (PEFT's rule, targeted_parameters), each checked: a targeted module must be
+    one experts_forward serves, and only its projections may be targeted. rank_pattern / alpha_pattern are
+    matched against "<module>.<parameter>", as PEFT matches them. skip(name): modules to leave alone."""
+    if isinstance(target_parameters, str) or not target_parameters or \
+            not all(isinstance(t, str) and t for t in target_parameters):
+        raise TypeError(f"target_parameters must be a non-empty list of parameter names, got {target_parameters!r}")
+    from fusedlora.modules.rules import pattern_value
+    plan = {}
+    inside = [n for n, m in model.named_modules() if isinstance(m, LoRAExperts)]
+    for name, module in model.named_modules():
+        if not name or skip(name) or any(name == n or name.startswith(n + ".") for n in inside):
+            continue
+        params = targeted_parameters(name, module, target_parameters)
+        if not params:
+            continue
+        reason = experts_reason(module)
+        if reason is not None:
+            raise ValueError(f"target_parameters selects {', '.join(f'{name}.{p}' for p in params)}, but "
+                             f"{type(module).__name__} cannot be served: {reason}")
+        others = [p for p in params if p not in projections(module)]
+        if others:
+            raise ValueError(f"target_parameters selects {', '.join(f'{name}.{p}' for p in others)}: only the expert "
+                             f"projections {projections(module)} take LoRA")
+        ranks = {p: pattern_value(rank_pattern or {}, f"{name}.{p}", r) for p in params}
+        alphas = {p: pattern_value(alpha_pattern or {}, f"{name}.{p}", lora_alpha) for p in params}
+        for p in params:
+            try:
+                check_lora_options(ranks[p], alphas[p], lora_dropout, use_rslora)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"inject, parameter {name}.{p}: {e}") from None
+        plan[name] = params, ranks, alphas
+    if not plan:
+        raise ValueError(f"target_parameters {list(target_parameters)} matches no expert parameter of the model")
+    return plan
