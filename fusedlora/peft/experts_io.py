@@ -75,7 +75,8 @@ def resolve_experts(model: nn.Module, entries: Dict[str, Dict[int, dict]], confi
             module = model.get_submodule(name)
         except AttributeError:
             _fail(path, f"{where}: the model has no module {name!r}")
-        experts = getattr(module, "base_layer", None) if hasattr(module, "lora") else module
+        # LoRAExperts and an adapter pool's PooledExperts hold the experts module as base_layer
+        experts = module.base_layer if isinstance(getattr(module, "base_layer", None), nn.Module) else module
         reason = experts_reason(experts) if isinstance(experts, nn.Module) else "not a module"
         if reason is not None:
             _fail(path, f"{where}: the model's {type(module).__name__} cannot take expert LoRA: {reason}")
