@@ -50,7 +50,9 @@ def _ends(offs: torch.Tensor):
 
 def segment_mm_forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x: (P, K) rows grouped in segments; w: (G, K, N) any strides; offs: (G,) int32, segment g is rows
-    [offs[g - 1], offs[g]) (offs[-1] = P) -> (P, N) in x's dtype, row i of segment g = x[i]·w[g]."""
+    [offs[g - 1], offs[g]) (offs[-1] = P) -> (P, N) in w's dtype, row i of segment g = x[i]·w[g]. x in
+    another dtype (bf16 rows, fp32 adapters) is cast here, so the cast copy is never kept for backward."""
+    x = x.to(w.dtype)
     if _grouped_ok(x, w):
         return F.grouped_mm(x, w, offs=offs)
     out = x.new_zeros(x.shape[0], w.shape[2])
@@ -63,8 +65,9 @@ def segment_mm_forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
 
 
 def segment_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, groups: int) -> torch.Tensor:
-    """(G, K, N): segment g's x_gᵀ·dy_g, the gradient of w in segment_mm_forward (zero for empty segments)."""
-    xt = x.t()
+    """(G, K, N): segment g's x_gᵀ·dy_g, the gradient of w in segment_mm_forward (zero for empty segments),
+    in dy's dtype."""
+    xt = x.to(dy.dtype).t()
     if _grouped_ok(xt, dy):
         return F.grouped_mm(xt, dy, offs=offs)
     out = x.new_zeros(groups, x.shape[1], dy.shape[1])
@@ -76,10 +79,10 @@ def segment_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
     return out
 
 
-def _segment_mm_backward(x, w, offs, dy, groups: int, need_x: bool, need_w: bool):
-    """(dx, dw) of segment_mm_forward; x is needed only for dw, w only for dx."""
+def _segment_mm_backward(x, w, offs, dy, groups: int, x_dtype: torch.dtype, need_x: bool, need_w: bool):
+    """(dx, dw) of segment_mm_forward; x is needed only for dw, w only for dx; dx in x's dtype."""
     dy = dy.contiguous()
-    dx = segment_mm_forward(dy, w.transpose(-1, -2), offs) if need_x else None
+    dx = segment_mm_forward(dy, w.transpose(-1, -2), offs).to(x_dtype) if need_x else None
     dw = segment_mm_weight_grad(x, dy, offs, groups) if need_w else None
     return dx, dw
 
@@ -91,14 +94,14 @@ class _SegmentMM(torch.autograd.Function):
     def forward(ctx, x, w, offs):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
-        ctx.groups = w.shape[0]
+        ctx.groups, ctx.x_dtype = w.shape[0], x.dtype
         return segment_mm_forward(x, w, offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        dx, dw = _segment_mm_backward(x, w, offs, dy, ctx.groups, need_x, need_w)
+        dx, dw = _segment_mm_backward(x, w, offs, dy, ctx.groups, ctx.x_dtype, need_x, need_w)
         return dx, dw, None
 
 
@@ -109,7 +112,7 @@ def _segment_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
 
 @_segment_mm_op.register_fake
 def _(x, w, offs):
-    return x.new_empty(x.shape[0], w.shape[2])
+    return w.new_empty(x.shape[0], w.shape[2])
 
 
 @torch.library.custom_op("fusedlora::moe_segment_mm_weight_grad", mutates_args=())
@@ -119,21 +122,21 @@ def _weight_grad_op(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, group
 
 @_weight_grad_op.register_fake
 def _(x, dy, offs, groups):
-    return x.new_empty(groups, x.shape[1], dy.shape[1])
+    return dy.new_empty(groups, x.shape[1], dy.shape[1])
 
 
 def _op_setup(ctx, inputs, output):
     x, w, offs = inputs
     need_x, need_w = ctx.needs_input_grad[:2]
     ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
-    ctx.groups = w.shape[0]
+    ctx.groups, ctx.x_dtype = w.shape[0], x.dtype
 
 
 def _op_backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
     dy = dy.contiguous()
-    dx = _segment_mm_op(dy, w.transpose(-1, -2), offs) if need_x else None
+    dx = _segment_mm_op(dy, w.transpose(-1, -2), offs).to(ctx.x_dtype) if need_x else None
     dw = _weight_grad_op(x, dy, offs, ctx.groups) if need_w else None
     return dx, dw, None
 
@@ -192,7 +195,7 @@ def moe_lora_linear(x, routing: ExpertRouting, weight, bias, lora_A, lora_B, sca
     R_pad = _rank_padding(lora_A.shape[2], dtype)
     stack_A = _segment_stack(lora_A, ranks, 2, R_pad)  # (C, R_pad, K)
     stack_B = _segment_stack(lora_B, ranks, 3, R_pad)  # (C, N, R_pad)
-    xa = rows.to(dtype)
+    xa = rows  # in x's dtype: the shrink reads it in the adapters' dtype without keeping a cast copy
     if dropout_p > 0:
         keep = dropout_mask(seed_tensor(seed, dropout_p), (routing.P, x.shape[1]), dropout_p, x.device)
         xa = torch.where(keep.index_select(0, routing.order), xa, 0)  # selected away: a dropped NaN adds nothing

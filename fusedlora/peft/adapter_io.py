@@ -339,8 +339,8 @@ def save_adapter(model: nn.Module, directory) -> None:
     layers = lora_layers(model)
     expert_tensors, target_parameters, expert_r, expert_alpha, expert_adapters = experts_io.expert_entries(model)
     if not layers and not expert_adapters:
-        raise ValueError("save_adapter: the model has no LoRALinear or LoRAExperts layers (use inject or load_adapter "
-                         "first)")
+        raise ValueError("save_adapter: the model has no LoRALinear layers, nor LoRAExperts (use inject or "
+                         "load_adapter first)")
     every = list(layers.values()) + expert_adapters
     for option in ("lora_dropout", "use_rslora", "use_dora"):
         values = {getattr(layer, option, False) for layer in every}
