@@ -181,23 +181,24 @@ def test_empty_batch(monkeypatch):
     assert x.grad.shape == (0, 16)
 
 
-def test_no_expert_sized_tensor(monkeypatch):
+@pytest.mark.parametrize("adapters", [False, True], ids=["one-adapter", "mixed-adapters"])
+def test_no_expert_sized_tensor(monkeypatch, adapters):
     """Forward and backward (x, lora_A and lora_B trained, the weight frozen, dropout on) make no tensor
     as large as the weight's E·N·K elements; the same count catches a forward that builds W + ΔW."""
     monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
-    T, k, E, K, N, R = 6, 2, 16, 32, 48, 4
-    inputs = make(T, k, E, K, N, 1, R, f32, f32)
-    routing = ExpertRouting(inputs["top_k_index"], E)
+    T, k, E, K, N, R, L = 6, 2, 16, 32, 48, 4, 2 if adapters else 1
+    inputs = make(T, k, E, K, N, L, R, f32, f32, adapters=adapters, layout="plain" if adapters else "peft")
+    routing = ExpertRouting(inputs["top_k_index"], E, inputs["adapter_ids"], L)
     x = inputs["x"].requires_grad_()
     A, B = inputs["lora_A"].requires_grad_(), inputs["lora_B"].requires_grad_()
     with LargestTensors() as seen:
-        y = fusedlora.moe_lora_linear(x, routing, inputs["weight"], inputs["bias"], A, B, 2.0, 0.2, seed=5,
-                                      gather=True)
+        y = fusedlora.moe_lora_linear(x, routing, inputs["weight"], inputs["bias"], A, B, inputs["scaling"], 0.2,
+                                      seed=5, gather=True)
         y.backward(torch.randn_like(y))
     assert seen.largest < E * N * K, seen.report()
     assert seen.count > 10  # the mode saw the ops, forward and backward
     with LargestTensors() as seen:  # the mutant: PEFT's way, W + ΔW for every expert
-        merged = inputs["weight"] + 2.0 * B[0] @ A[0]
+        merged = inputs["weight"] + 2.0 * B[0].detach() @ A[0].detach()
         fusedlora.moe_lora_linear(x, routing, merged, None, None, None, 1.0, gather=True).sum().backward()
     assert seen.largest >= E * N * K
 

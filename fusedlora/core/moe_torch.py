@@ -48,11 +48,15 @@ def _ends(offs: torch.Tensor):
     return [0] + offs.tolist()  # one read back of the segment boundaries
 
 
-def segment_mm_forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def segment_mm_forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compact: bool = False) -> torch.Tensor:
     """x: (P, K) rows grouped in segments; w: (G, K, N) any strides; offs: (G,) int32, segment g is rows
     [offs[g - 1], offs[g]) (offs[-1] = P) -> (P, N) in w's dtype, row i of segment g = x[i]·w[g]. x in
-    another dtype (bf16 rows, fp32 adapters) is cast here, so the cast copy is never kept for backward."""
+    another dtype (bf16 rows, fp32 adapters) is cast here, so the cast copy is never kept for backward.
+    compact: w is adapter-sized, and a layout grouped_mm refuses (PEFT's lora_B view) may be copied here,
+    a copy that lives for this call only; an expert weight is never copied (the per-segment loop reads it)."""
     x = x.to(w.dtype)
+    if compact and not _aligned(w):
+        w = w.contiguous()
     if _grouped_ok(x, w):
         return F.grouped_mm(x, w, offs=offs)
     out = x.new_zeros(x.shape[0], w.shape[2])
@@ -79,10 +83,11 @@ def segment_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
     return out
 
 
-def _segment_mm_backward(x, w, offs, dy, groups: int, x_dtype: torch.dtype, need_x: bool, need_w: bool):
+def _segment_mm_backward(x, w, offs, dy, groups: int, x_dtype: torch.dtype, compact: bool, need_x: bool,
+                         need_w: bool):
     """(dx, dw) of segment_mm_forward; x is needed only for dw, w only for dx; dx in x's dtype."""
     dy = dy.contiguous()
-    dx = segment_mm_forward(dy, w.transpose(-1, -2), offs).to(x_dtype) if need_x else None
+    dx = segment_mm_forward(dy, w.transpose(-1, -2), offs, compact).to(x_dtype) if need_x else None
     dw = segment_mm_weight_grad(x, dy, offs, groups) if need_w else None
     return dx, dw
 
@@ -91,27 +96,27 @@ class _SegmentMM(torch.autograd.Function):
     """segment_mm in eager mode: keeps x only when w needs a gradient and w only when x does."""
 
     @staticmethod
-    def forward(ctx, x, w, offs):
+    def forward(ctx, x, w, offs, compact):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
-        ctx.groups, ctx.x_dtype = w.shape[0], x.dtype
-        return segment_mm_forward(x, w, offs)
+        ctx.groups, ctx.x_dtype, ctx.compact = w.shape[0], x.dtype, compact
+        return segment_mm_forward(x, w, offs, compact)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        dx, dw = _segment_mm_backward(x, w, offs, dy, ctx.groups, ctx.x_dtype, need_x, need_w)
-        return dx, dw, None
+        dx, dw = _segment_mm_backward(x, w, offs, dy, ctx.groups, ctx.x_dtype, ctx.compact, need_x, need_w)
+        return dx, dw, None, None
 
 
 @torch.library.custom_op("fusedlora::moe_segment_mm", mutates_args=())
-def _segment_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return segment_mm_forward(x, w, offs)
+def _segment_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compact: bool) -> torch.Tensor:
+    return segment_mm_forward(x, w, offs, compact)
 
 
 @_segment_mm_op.register_fake
-def _(x, w, offs):
+def _(x, w, offs, compact):
     return w.new_empty(x.shape[0], w.shape[2])
 
 
@@ -126,30 +131,31 @@ def _(x, dy, offs, groups):
 
 
 def _op_setup(ctx, inputs, output):
-    x, w, offs = inputs
+    x, w, offs, compact = inputs
     need_x, need_w = ctx.needs_input_grad[:2]
     ctx.save_for_backward(x if need_w else None, w if need_x else None, offs)
-    ctx.groups, ctx.x_dtype = w.shape[0], x.dtype
+    ctx.groups, ctx.x_dtype, ctx.compact = w.shape[0], x.dtype, compact
 
 
 def _op_backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
     dy = dy.contiguous()
-    dx = _segment_mm_op(dy, w.transpose(-1, -2), offs).to(ctx.x_dtype) if need_x else None
+    dx = _segment_mm_op(dy, w.transpose(-1, -2), offs, ctx.compact).to(ctx.x_dtype) if need_x else None
     dw = _weight_grad_op(x, dy, offs, ctx.groups) if need_w else None
-    return dx, dw, None
+    return dx, dw, None, None
 
 
 _segment_mm_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, compact: bool = False) -> torch.Tensor:
     """segment_mm_forward, differentiable in x and w: an autograd.Function eagerly, the custom op
-    fusedlora::moe_segment_mm under torch.compile."""
+    fusedlora::moe_segment_mm under torch.compile. Backward keeps x (for w's gradient) and w (for x's) as
+    given: a view of a parameter costs nothing, and a compact copy of w is made again, not kept."""
     if torch.compiler.is_compiling():
-        return _segment_mm_op(x, w, offs)
-    return _SegmentMM.apply(x, w, offs)
+        return _segment_mm_op(x, w, offs, compact)
+    return _SegmentMM.apply(x, w, offs, compact)
 
 
 def _rank_padding(R: int, dtype: torch.dtype) -> int:
@@ -192,20 +198,27 @@ def moe_lora_linear(x, routing: ExpertRouting, weight, bias, lora_A, lora_B, sca
     if lora_A is None:
         return y
     dtype = lora_A.dtype
-    R_pad = _rank_padding(lora_A.shape[2], dtype)
-    stack_A = _segment_stack(lora_A, ranks, 2, R_pad)  # (C, R_pad, K)
-    stack_B = _segment_stack(lora_B, ranks, 3, R_pad)  # (C, N, R_pad)
     xa = rows  # in x's dtype: the shrink reads it in the adapters' dtype without keeping a cast copy
     if dropout_p > 0:
         keep = dropout_mask(seed_tensor(seed, dropout_p), (routing.P, x.shape[1]), dropout_p, x.device)
         xa = torch.where(keep.index_select(0, routing.order), xa, 0)  # selected away: a dropped NaN adds nothing
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    if routing.adapter_ids is None and routing.num_adapters == 1 and ranks is None:
+        # One adapter on every pair (training, a single-adapter model): the segments are the experts', and
+        # the factors are read through views (PEFT's layout in place), so backward keeps no copy of them.
+        offs = routing.expert_offsets()
+        S = segment_mm(xa, lora_A[0].transpose(-1, -2), offs, compact=True)
+        s = scaling[0].to(dtype) if isinstance(scaling, torch.Tensor) else float(scaling)
+        update = segment_mm(S * (s * keep_scale), lora_B[0].transpose(-1, -2), offs, compact=True)
+        return (y.to(dtype) + update).to(x.dtype)
+    R_pad = _rank_padding(lora_A.shape[2], dtype)
+    stack_A = _segment_stack(lora_A, ranks, 2, R_pad)  # (C, R_pad, K)
+    stack_B = _segment_stack(lora_B, ranks, 3, R_pad)  # (C, N, R_pad)
     if isinstance(scaling, torch.Tensor):
         per_segment = torch.cat([scaling.new_zeros(1), scaling]).to(dtype)  # (L + 1,): a = -1 scales by 0
     else:
         per_segment = torch.full((L1,), float(scaling), dtype=dtype, device=x.device)
-    if dropout_p > 0:
-        per_segment = per_segment / (1.0 - dropout_p)
-    row_scaling = per_segment.index_select(0, torch.remainder(routing.keys, L1))
+    row_scaling = per_segment.index_select(0, torch.remainder(routing.keys, L1)) * keep_scale
     offs = routing.seg_starts[1:]
     S = segment_mm(xa, stack_A.transpose(-1, -2), offs) * row_scaling[:, None]
     update = segment_mm(S, stack_B.transpose(-1, -2), offs)
