@@ -232,7 +232,7 @@ def main(argv=None):
               "that patched PEFT trains as PEFT does. Timings need a GPU.")
         args.layers, args.batch, args.seq = (1, 1, 8) if args.dry_run else (2, 2, 16)
     gpu = torch.cuda.get_device_name() if CUDA else None
-    record = Record(args.out, f"{report.stem(gpu or 'cpu-check')}-train", suite.header(gpu))
+    record = Record(args.out, f"{report.stem(gpu or 'cpu-check')}-train{'-moe' if args.moe else ''}", suite.header(gpu))
     rows, failures = run(args, on_row=record.add)
     if CUDA:
         by = {(row["case"], row["provider"].removesuffix("[torch]")): row for row in rows}
