@@ -231,3 +231,15 @@ def test_pool_refusals(tmp_path):
     linear_only = fusedlora.AdapterPool(tiny_moe("qwen3_moe"), max_adapters=2, max_rank=8)
     with pytest.raises(fusedlora.AdapterFileError, match="which the pool does not hold"):
         linear_only.load("big", tmp_path / "r8")
+
+
+def test_adapter_trained_with_dropout_loads_in_peft(tmp_path):
+    """PEFT refuses dropout on expert parameters, so the file records 0 (and says so): PEFT loads it."""
+    model = tiny_moe("qwen3_moe")
+    fusedlora.inject(model, target_parameters=TARGETS, lora_dropout=0.1, init_lora_weights=False)
+    with pytest.warns(UserWarning, match="lora_dropout 0.1 is written as 0.0"):
+        fusedlora.save_adapter(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_moe("qwen3_moe"), tmp_path).eval()
+    with torch.no_grad():
+        ids = tokens()
+        assert relative(peft_model(input_ids=ids).logits, model.eval()(input_ids=ids).logits) <= 1e-5

@@ -13,6 +13,7 @@ against the model and changes the model only when all of them fit.
 """
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
@@ -371,9 +372,16 @@ def save_adapter(model: nn.Module, directory) -> None:
     # Clones: safetensors refuses tensors that share storage (tied weights) and non-contiguous ones.
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
 
+    dropout = first.lora_dropout
+    if expert_adapters and dropout > 0:
+        # PEFT refuses a config with dropout and target_parameters (its ParamWrapper raises when loading): the
+        # file records 0, which changes nothing the adapter computes outside training.
+        warnings.warn(f"save_adapter: lora_dropout {dropout} is written as 0.0: PEFT refuses dropout on expert "
+                      "parameters (target_parameters) and could not load the file otherwise", stacklevel=2)
+        dropout = 0.0
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-        "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": first.lora_dropout,
+        "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "use_rslora": first.use_rslora, "bias": bias, "target_modules": _target_modules(model, layers),
         "modules_to_save": modules_to_save, "fan_in_fan_out": False, "init_lora_weights": True,
         "use_dora": getattr(first, "use_dora", False), "lora_bias": False,
