@@ -89,7 +89,7 @@ def test_bounds_per_row():
 def test_scenario_presets_and_overrides(monkeypatch):
     """On a GPU the scenario sets what the flags leave unset; on CPU the tiny run is always the same."""
     assert vars(serve.parse(["--scenario", "large", "--batch", "8"])) | {"out": None} == \
-        dict(serve.TINY, scenario="large", out=None, dry_run=False)
+        dict(serve.TINY, scenario="large", out=None, dry_run=False, moe=False)
     monkeypatch.setattr(serve, "CUDA", True)
     args = serve.parse(["--scenario", "large", "--repeats", "2"])
     assert (args.adapters, args.batch, args.new_tokens, args.repeats) == (64, 64, 32, 2)

@@ -30,7 +30,8 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.core.moe_routing import ExpertRouting
-from fusedlora.modules.rules import check_init_lora_weights, check_lora_options, lora_scaling, matches_target
+from fusedlora.modules.rules import (check_init_lora_weights, check_lora_options, lora_scaling, matches_target,
+                                     pattern_value)
 from fusedlora.moe import moe_lora_linear
 
 # Experts classes whose own ("eager") forward computes the function above, read off their code in
@@ -254,7 +255,6 @@ def plan_experts(model: nn.Module, target_parameters: Sequence[str], r: int, lor
     if isinstance(target_parameters, str) or not target_parameters or \
             not all(isinstance(t, str) and t for t in target_parameters):
         raise TypeError(f"target_parameters must be a non-empty list of parameter names, got {target_parameters!r}")
-    from fusedlora.modules.rules import pattern_value
     plan = {}
     inside = [n for n, m in model.named_modules() if isinstance(m, LoRAExperts)]
     for name, module in model.named_modules():

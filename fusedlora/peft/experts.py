@@ -11,7 +11,7 @@ module's function through fusedlora.modules.experts.experts_forward, each wrappe
 read in place in PEFT's layout as the LoRA term of its parameter (several adapters on one parameter:
 their ranks concatenated, each block of B scaled by its adapter's scaling). A wrapper that is merged
 adds no term (its adapters are in the weight, as in PEFT); one that is disabled adds none either, after
-the unmerge PEFT's forward does there. mixed-adapter batches (adapter_names=, one name per sequence of
+the unmerge PEFT's forward does there. Mixed-adapter batches (adapter_names=, one name per sequence of
 the batch) are served too: each token's adapter on the experts it is routed to, over the adapters
 stacked per parameter (zero-padded to the largest rank, built from the weights on every call).
 
