@@ -2,7 +2,10 @@
 generating tokens greedily through a transformers Llama with random weights.
 
     python benchmarks/serve.py [--scenario default|large] [--adapters N] [--batch B] [--new-tokens T]
-                               [--out DIR]
+                               [--out DIR] [--moe]
+
+--moe runs the MoE row instead (benchmarks/serve_moe.py): a Qwen3-MoE model whose adapters also carry
+LoRA on the expert parameters, a mixed batch PEFT refuses, served by patch_peft and by AdapterPool.
 
 Scenarios: `default` is 8 adapters and 32 requests; `large` is 64 adapters and 64 requests, every
 request its own adapter (32 new tokens, one timed run: PEFT's loop over 64 adapters is slow).
@@ -296,7 +299,11 @@ def parse(argv):
     parser.add_argument("--out", type=Path, help="write serve-<gpu>[-<scenario>].json there")
     parser.add_argument("--dry-run", action="store_true",
                         help="without a GPU only: a one-layer tiny model, fewer requests (checks the plumbing)")
+    parser.add_argument("--moe", action="store_true",
+                        help="the MoE row: a Qwen3-MoE model, LoRA on its expert parameters too (serve_moe.py)")
     args = parser.parse_args(argv)
+    if args.moe:
+        return args  # serve_moe.py applies its own sizes to what is not given
     tiny = args.dry_run or not CUDA
     preset = DRY if args.dry_run else TINY if tiny else SCENARIOS[args.scenario]
     for key, value in preset.items():
@@ -319,6 +326,9 @@ def graph_decoder(setup, new_tokens):
 @torch.no_grad()
 def main(argv=None):
     args = parse(argv)
+    if args.moe:
+        import serve_moe
+        return serve_moe.main(args)
     if not CUDA:
         print("No CUDA GPU: a tiny float32 model through the Triton interpreter, checking fusedlora's logits "
               "against PEFT and float64, and comparing greedy tokens. Throughput needs a GPU.")

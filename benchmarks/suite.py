@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.testing  # noqa: F401  (do_bench; not every triton imports it with the package)
 
+from fusedlora.core import knobs
 from fusedlora.plans import planner
 
 from dora_providers import dora_bench
+from moe_providers import SAVED_SHARE as MOE_SAVED_SHARE, moe_bench
 from multi_providers import multi_batch
 from providers import layer_stack
 from qlora_providers import missing as bitsandbytes_missing, qlora_bench
@@ -120,6 +122,15 @@ CASES = {
     "qlora_fwd_bwd": Case(build=qlora_bench, backward=True, missing=bitsandbytes_missing,
                           grids={"headline": dict(shapes=[(4096, 4096)], ms=[16, 4096]),
                                  "full": dict(ms=[2048, 8192], ranks=[16, 64])}),
+    # One MoE layer's experts with LoRA on both expert parameters (moe_providers.py): K→N is the hidden size
+    # H and the experts' intermediate size I, M the tokens; Qwen3-30B-A3B's layer (E = 128, top-8, H = 2048,
+    # I = 768) at prefill and at decode.
+    "moe_fwd": Case(build=moe_bench, grids={"headline": dict(shapes=[(2048, 768)], ms=[16, 4096]),
+                                            "full": dict(shapes=[(2048, 768)], ms=[1, 16, 256, 4096, 8192],
+                                                         ranks=[16, 64])}),
+    "moe_fwd_bwd": Case(build=moe_bench, backward=True,
+                        grids={"headline": dict(shapes=[(2048, 768)], ms=[16, 4096]),
+                               "full": dict(shapes=[(2048, 768)], ms=[256, 4096, 8192], ranks=[16, 64])}),
 }
 
 
@@ -155,9 +166,11 @@ def specs(size):
 
 def all_providers():
     """Every provider name of every case, in order."""
+    import moe_providers
     import multi_providers
     import providers
-    return list(dict.fromkeys(providers.PROVIDERS + sum(multi_providers.PROVIDERS.values(), ())))
+    return list(dict.fromkeys(providers.PROVIDERS + sum(multi_providers.PROVIDERS.values(), ())
+                              + sum(moe_providers.PROVIDERS.values(), ())))
 
 
 def make_row(spec, provider, **measured):
@@ -198,22 +211,25 @@ def time_cuda(fn):
 
 @contextlib.contextmanager
 def provider_plan(name):
-    """A provider named like "fusedlora[split]" runs with FUSEDLORA_PLAN forced to the bracketed plan
-    while it is checked and timed (set once, outside the timed calls)."""
-    plan = name[name.index("[") + 1:-1] if name.endswith("]") else None
-    if plan is not None and plan not in planner.PLANS:
-        raise ValueError(f"provider {name!r} names no execution plan of {planner.PLANS}")
-    old = os.environ.get("FUSEDLORA_PLAN")
-    if plan is not None:
-        os.environ["FUSEDLORA_PLAN"] = plan
+    """A provider named like "fusedlora[split]" runs with FUSEDLORA_PLAN forced to the bracketed plan, one
+    named like "fusedlora[torch]" with FUSEDLORA_BACKEND forced to the bracketed backend, while it is
+    checked and timed (set once, outside the timed calls)."""
+    choice = name[name.index("[") + 1:-1] if name.endswith("]") else None
+    if choice is not None and choice not in planner.PLANS and choice not in knobs.BACKENDS:
+        raise ValueError(f"provider {name!r} names no execution plan of {planner.PLANS} nor backend of "
+                         f"{knobs.BACKENDS}")
+    variable = knobs.PLAN if choice in planner.PLANS else knobs.BACKEND
+    old = os.environ.get(variable)
+    if choice is not None:
+        os.environ[variable] = choice
     try:
         yield
     finally:
-        if plan is not None:
+        if choice is not None:
             if old is None:
-                os.environ.pop("FUSEDLORA_PLAN", None)
+                os.environ.pop(variable, None)
             else:
-                os.environ["FUSEDLORA_PLAN"] = old
+                os.environ[variable] = old
 
 
 def host_us(fn, calls=30):
@@ -265,14 +281,25 @@ def run_rows(todo, device, timed, log=print, only=None, on_row=None):
 
 def memory_failures(rows):
     """Wherever dropout is on, fusedlora must keep less for backward than PEFT: no mask and no dropped
-    copy of x, only x, the rank-r S and the seed."""
+    copy of x, only x, the rank-r S and the seed. In moe_fwd_bwd, at most MOE_SAVED_SHARE of PEFT's."""
     saved = {}
     for row in rows:
         if CASES[row["case"]].dropout_p > 0 and row["provider"] in ("peft", "fusedlora"):
             key = base_key(row) + (row["r"], row["adapters"])
             saved.setdefault(key, {})[row["provider"]] = row["saved_mb"]
-    return [f"{key}: fusedlora keeps {pair['fusedlora']:.4g} MiB for backward, peft {pair['peft']:.4g} MiB"
-            for key, pair in saved.items() if len(pair) == 2 and not pair["fusedlora"] < pair["peft"]]
+    failures = [f"{key}: fusedlora keeps {pair['fusedlora']:.4g} MiB for backward, peft {pair['peft']:.4g} MiB"
+                for key, pair in saved.items() if len(pair) == 2 and not pair["fusedlora"] < pair["peft"]]
+    # MoE training: PEFT keeps W + ΔW of every expert for backward, fusedlora the routed activations alone.
+    moe = {}
+    for row in rows:
+        if row["case"] == "moe_fwd_bwd" and row["saved_mb"] is not None:
+            moe.setdefault(base_key(row) + (row["r"],), {})[row["provider"]] = row["saved_mb"]
+    for key, by in moe.items():
+        for name in (n for n in by if n.startswith("fusedlora")):
+            if "peft" in by and not by[name] <= MOE_SAVED_SHARE * by["peft"]:
+                failures.append(f"{key}: {name} keeps {by[name]:.4g} MiB for backward, more than {MOE_SAVED_SHARE:g} "
+                                f"of peft's {by['peft']:.4g} MiB")
+    return failures
 
 
 def row_line(row, where, ok, tol):

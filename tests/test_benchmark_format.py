@@ -15,6 +15,7 @@ from conftest import CUDA, DEVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dora_providers  # noqa: E402
+import moe_providers  # noqa: E402
 import multi_providers  # noqa: E402
 import providers  # noqa: E402
 import qlora_providers  # noqa: E402
@@ -24,7 +25,8 @@ import suite  # noqa: E402
 
 TINY = [(37, 70, 45, 3, "fp32")]
 TIMING_KEYS = ("ms", "tflops", "ratio_to_base", "peak_mb", "host_us")
-CASE_PROVIDERS = {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS, **qlora_providers.PROVIDERS}
+CASE_PROVIDERS = {**multi_providers.PROVIDERS, **dora_providers.PROVIDERS, **qlora_providers.PROVIDERS,
+                  **moe_providers.PROVIDERS}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +63,25 @@ def test_json_schema_and_no_timings(checked):
         lora = row["provider"] != "base"
         adapters = 3 if row["case"].startswith("multi") else 1
         assert (row["r"], row["adapters"]) == ((3, adapters) if lora else (None, None))
-        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd", "dora_fwd", "qlora_fwd"))
+        assert (row["saved_mb"] is None) == (row["case"] in ("fwd", "multi_fwd", "dora_fwd", "qlora_fwd", "moe_fwd"))
 
 
 def test_fusedlora_saves_less_than_peft_with_dropout(checked):
     saved = {(row["case"], row["provider"]): row["saved_mb"] for row in checked["rows"]}
     assert 0 < saved["train_mem", "fusedlora"] < saved["train_mem", "peft"]
     assert saved["train_mem", "base"] == 0  # frozen weights: the GEMMs keep nothing new for dX
+
+
+def test_moe_training_keeps_at_most_half_of_peft(checked):
+    """The issue's bound on the CPU size: LoRA on the experts keeps at most half of PEFT's saved-for-backward
+    bytes (PEFT keeps W + ΔW of every expert); and the rule flags a row above it."""
+    saved = {row["provider"]: row["saved_mb"] for row in checked["rows"] if row["case"] == "moe_fwd_bwd"}
+    assert 0 < saved["fusedlora[torch]"] <= moe_providers.SAVED_SHARE * saved["peft"], saved
+    spec = suite.Spec("moe_fwd_bwd", 37, 70, 45, 3, "fp32")
+    rows = [suite.make_row(spec, "peft", saved_mb=1.0), suite.make_row(spec, "fusedlora[torch]", saved_mb=0.6)]
+    assert len(suite.memory_failures(rows)) == 1
+    rows[1]["saved_mb"] = 0.5
+    assert suite.memory_failures(rows) == []
 
 
 def test_cpu_markdown_says_no_timings(checked):
@@ -210,7 +224,11 @@ def test_plot_per_provider_or_a_clear_skip(tmp_path, monkeypatch):
 def test_grids_cover_the_issue():
     headline, full = suite.specs("headline"), suite.specs("full")
     assert set(suite.CASES) == {"fwd", "fwd_bwd", "train_mem", "multi_fwd", "multi_fwd_bwd", "dora_fwd",
-                                "dora_fwd_bwd", "qlora_fwd", "qlora_fwd_bwd"}
+                                "dora_fwd_bwd", "qlora_fwd", "qlora_fwd_bwd", "moe_fwd", "moe_fwd_bwd"}
+    # Qwen3-30B-A3B's MoE layer (H = 2048, I = 768; E = 128, top-8 in moe_providers) at decode and prefill
+    assert {(s.case, s.M, s.K, s.N, s.r) for s in headline if s.case.startswith("moe")} == {
+        (case, M, 2048, 768, 16) for case in ("moe_fwd", "moe_fwd_bwd") for M in (16, 4096)}
+    assert moe_providers.EXPERTS["cuda"] == (128, 8)
     assert {s.case for s in headline} == set(suite.CASES) - set(suite.skipped())
     assert set(suite.skipped()) <= {"qlora_fwd", "qlora_fwd_bwd"}  # bitsandbytes is optional
     if not suite.skipped():
@@ -220,8 +238,8 @@ def test_grids_cover_the_issue():
     assert {(s.M, s.adapters) for s in headline if s.case == "multi_fwd_bwd"} == {(4096, 4)}
     assert {s.adapters for s in full if s.case == "multi_fwd"} == {1, 8, 64}
     assert {s.dtype for s in headline} == {"bf16"}
-    assert {(s.K, s.N) for s in full} == {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192),
-                                           (8192, 28672)}
+    assert {(s.K, s.N) for s in full if not s.case.startswith("moe")} == {(4096, 4096), (4096, 14336), (14336, 4096),
+                                                                        (8192, 8192), (8192, 28672)}
     assert {s.M for s in full if s.case == "fwd"} == {1, 16, 64, 256, 2048, 4096, 8192, 16384}
     assert {s.r for s in full if s.case == "fwd"} == {8, 16, 64, 128}
     assert {(s.K, s.N, s.r) for s in full if s.dtype == "fp16"} == {(4096, 4096, 16)}

@@ -89,7 +89,7 @@ def test_bounds_per_row():
 def test_scenario_presets_and_overrides(monkeypatch):
     """On a GPU the scenario sets what the flags leave unset; on CPU the tiny run is always the same."""
     assert vars(serve.parse(["--scenario", "large", "--batch", "8"])) | {"out": None} == \
-        dict(serve.TINY, scenario="large", out=None, dry_run=False)
+        dict(serve.TINY, scenario="large", out=None, dry_run=False, moe=False)
     monkeypatch.setattr(serve, "CUDA", True)
     args = serve.parse(["--scenario", "large", "--repeats", "2"])
     assert (args.adapters, args.batch, args.new_tokens, args.repeats) == (64, 64, 32, 2)
@@ -110,3 +110,19 @@ def test_timed_results_are_reported_and_written(capsys, tmp_path):
     assert serve.finish(result, args, 1) == 1
     written = json.loads((tmp_path / "serve-cpu-check-large.json").read_text())
     assert written["ok"] is False and written["providers"][0]["tokens_per_s"] == 2.0
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for its numbers, not as a test")
+def test_moe_serving_row_checks_on_cpu(capsys, tmp_path, monkeypatch):
+    """serve.py --moe: a tiny Qwen3-MoE whose adapters carry LoRA on the expert parameters; PEFT's grouped
+    runs, patch_peft's adapter_names= batch and the AdapterPool all within the bounds of the logit check;
+    a pool that serves every row the wrong adapter fails it."""
+    import serve_moe
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    assert serve.main(["--moe", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| yes |") == 3 and "peft-patched" in out and "fusedlora" in out
+    assert list(tmp_path.glob("serve-moe-*.json"))
+    real = serve_moe.fusedlora.AdapterPool.use
+    monkeypatch.setattr(serve_moe.fusedlora.AdapterPool, "use", lambda self, names: real(self, names[::-1]))
+    assert serve.main(["--moe"]) == 1

@@ -27,3 +27,17 @@ def test_training_benchmark_with_dora_checks_on_cpu(capsys, tmp_path):
     assert "patched PEFT vs PEFT" in out and " ok" in out
     written = list(tmp_path.glob("*-train.json"))
     assert len(written) == 1 and '"case": "train_step_dora_p0"' in written[0].read_text()
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for its numbers, not as a test")
+def test_training_benchmark_with_moe_checks_on_cpu(capsys, tmp_path, monkeypatch):
+    """--moe: a tiny Qwen3-MoE with LoRA on every linear layer and on its expert parameters (target_parameters),
+    patched, trains as PEFT's; the expert layers on fusedlora's PyTorch backend until the Triton MoE op is
+    wired, and the row says so."""
+    monkeypatch.setattr(train, "PROVIDERS", ("peft", "fusedlora"))
+    assert train.main(["--moe", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "a tiny Qwen3-MoE" in out and "patched PEFT vs PEFT" in out and " ok" in out
+    text = next(tmp_path.glob("*-train-moe.json")).read_text()
+    name = "fusedlora" if train.fusedlora.moe.TRITON_WIRED else "fusedlora[torch]"
+    assert '"case": "train_step_moe_p0"' in text and f'"provider": "{name}"' in text

@@ -243,3 +243,78 @@ def check_ranks_values(ranks, R: int) -> None:
     """Every rank in [0, R] (None: nothing to check): a read of the values."""
     if ranks is not None and ranks.numel() and (ranks.min() < 0 or ranks.max() > R):
         raise ValueError(f"{describe('ranks', ranks)} must lie in [0, R] = [0, {R}], got {ranks.tolist()}")
+
+
+def check_moe(x, routing, weight, bias, lora_A, lora_B, scaling, ranks, gather) -> None:
+    """moe_lora_linear's inputs (fusedlora/moe.py): x: (T, K) tokens with gather, (P, K) sorted pairs
+    without; routing: an ExpertRouting over E experts and L adapters; weight: (E, N, K) any strides;
+    bias: (E, N) or None; lora_A: (L, E, R, K) and lora_B: (L, E, N, R), both None for the base alone;
+    scaling: a finite real number or an (L,) float tensor; ranks: (L,) integer or None. x, weight and
+    bias share one float dtype, the adapters x's dtype or float32; one device. Values of ranks are read
+    where values_checked allows (the caller decides); nothing else reads a tensor's values."""
+    from fusedlora.core.moe_routing import ExpertRouting  # moe_routing imports this module
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
+    if not isinstance(routing, ExpertRouting):
+        raise TypeError(f"routing must be a fusedlora.ExpertRouting, got {type(routing).__name__}")
+    for name, t in (("x", x), ("weight", weight)):
+        require_tensor(name, t)
+        require_float(name, t)
+    require_tensor("bias", bias, optional=True)
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must both be tensors, or both None for the base projection alone")
+    E, L = routing.num_experts, routing.num_adapters
+    rows = routing.T if gather else routing.P
+    what = f"({routing.T}, K): one row per token of {routing!r}" if gather else \
+        f"({routing.P}, K): one row per (token, expert) pair of {routing!r}, in its sorted order"
+    if x.dim() != 2 or x.shape[0] != rows:
+        raise ValueError(f"{describe('x', x)} must be {what}")
+    K = x.shape[1]
+    if weight.dim() != 3 or weight.shape[0] != E or weight.shape[2] != K:
+        raise ValueError(f"{describe('weight', weight)} must be (E, N, K) = ({E}, N, {K}): one (N, K) weight per "
+                         f"expert of {routing!r}, K = x.shape[1]")
+    N = weight.shape[1]
+    if bias is not None:
+        require_float("bias", bias)
+        if tuple(bias.shape) != (E, N):
+            raise ValueError(f"{describe('bias', bias)} must be (E, N) = ({E}, {N}) for {describe('weight', weight)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{describe(name, t)} must have x's dtype {x.dtype}")
+    device = x.device
+    if routing.top_k_index.device != device:
+        raise ValueError(f"routing is on {routing.top_k_index.device}, x on {device}: one device")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{describe(name, t)} is not on x's device {device}")
+    if lora_A is None:
+        return
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        require_tensor(name, t)
+        require_float(name, t)
+    if lora_A.dim() != 4 or lora_A.shape[:2] != (L, E) or lora_A.shape[3] != K or lora_A.shape[2] == 0:
+        raise ValueError(f"{describe('lora_A', lora_A)} must be (L, E, R, K) = ({L}, {E}, R, {K}) with R >= 1: L "
+                         f"adapters of {routing!r}, one (R, K) factor per expert")
+    R = lora_A.shape[2]
+    if tuple(lora_B.shape) != (L, E, N, R):
+        raise ValueError(f"{describe('lora_B', lora_B)} must be (L, E, N, R) = ({L}, {E}, {N}, {R}) to match "
+                         f"{describe('weight', weight)} and {describe('lora_A', lora_A)}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{describe('lora_A', lora_A)} and {describe('lora_B', lora_B)} must share one "
+                        f"dtype, x's ({x.dtype}) or torch.float32")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != device:
+            raise ValueError(f"{describe(name, t)} is not on x's device {device}")
+    if isinstance(scaling, torch.Tensor):
+        if not scaling.is_floating_point() or tuple(scaling.shape) != (L,):
+            raise ValueError(f"{describe('scaling', scaling)} must be a float tensor of shape (L,) = ({L},)")
+        if scaling.device != device:
+            raise ValueError(f"{describe('scaling', scaling)} is not on x's device {device}")
+    else:
+        require_scalar("scaling", scaling)
+    if ranks is not None:
+        require_tensor("ranks", ranks)
+        if ranks.dtype not in INT_DTYPES or tuple(ranks.shape) != (L,):
+            raise TypeError(f"{describe('ranks', ranks)} must be an integer tensor of shape (L,) = ({L},)")
+        if ranks.device != device:
+            raise ValueError(f"{describe('ranks', ranks)} is not on x's device {device}")

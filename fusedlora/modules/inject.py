@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from fusedlora.modules.experts import LoRAExperts, expert_layers, plan_experts
 from fusedlora.modules.lora_linear import LoRALinear, is_plain_linear
 from fusedlora.modules.rules import (ALL_LINEAR, Targets, check_init_lora_weights, check_lora_options, check_targets,
                              inside_to_save, matches_target, matches_to_save, pattern_value)
@@ -95,6 +96,8 @@ def set_trainable(model: nn.Module, bias: str, modules_to_save: Optional[Sequenc
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    for experts in expert_layers(model).values():
+        experts.lora.requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -116,25 +119,36 @@ def record_config(model: nn.Module, bias: str, modules_to_save: Optional[Sequenc
     setattr(model, CONFIG_ATTR, {"bias": bias, "modules_to_save": saved or None})
 
 
-def inject(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: float = 8,
+def inject(model: nn.Module, target_modules: Optional[Targets] = None, r: int = 8, lora_alpha: float = 8,
            lora_dropout: float = 0.0, bias: str = "none", use_rslora: bool = False,
            modules_to_save: Optional[Sequence[str]] = None, init_lora_weights: Union[bool, str] = True,
            rank_pattern: Optional[Dict[str, int]] = None,
-           alpha_pattern: Optional[Dict[str, float]] = None, use_dora: bool = False) -> nn.Module:
+           alpha_pattern: Optional[Dict[str, float]] = None, use_dora: bool = False,
+           target_parameters: Optional[Sequence[str]] = None) -> nn.Module:
     """Replace the matching nn.Linear modules of `model` by LoRALinear, in place, and return the model.
     use_dora=True makes them DoRA layers (LoRALinear's use_dora).
 
     target_modules: a list of names (matched exactly or as a dotted suffix), a regex string (matched
     against the whole module name) or "all-linear" (every nn.Linear but the output head).
-    rank_pattern / alpha_pattern: {name pattern: r or alpha} overriding r / lora_alpha per module,
-    with PEFT's matching. Everything is checked before the model changes.
+    target_parameters: MoE expert parameters (PEFT's option of that name: "mlp.experts.gate_up_proj",
+    ...); their experts modules become LoRAExperts (fusedlora/modules/experts.py), dropout included.
+    rank_pattern / alpha_pattern: {name pattern: r or alpha} overriding r / lora_alpha per module (per
+    "<module>.<parameter>" for expert parameters), with PEFT's matching. Everything is checked before the
+    model changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: model must be a torch.nn.Module, got {type(model).__name__}")
     check_bias(bias)
     check_init_lora_weights(init_lora_weights)
     modules_to_save = check_modules_to_save(model, modules_to_save)
-    targets = find_targets(model, target_modules, modules_to_save)
+    if target_modules is None and target_parameters is None:
+        raise TypeError("inject needs target_modules, target_parameters or both")
+    if use_dora and target_parameters is not None:
+        raise ValueError("inject: DoRA (use_dora=True) on expert parameters (target_parameters) is not supported")
+    targets = [] if target_modules is None else find_targets(model, target_modules, modules_to_save)
+    experts_plan = {} if target_parameters is None else plan_experts(
+        model, target_parameters, r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern,
+        skip=lambda name: inside_to_save(modules_to_save, name))
     plan = {}
     for name in targets:
         layer_r = pattern_value(rank_pattern or {}, name, r)
@@ -147,6 +161,9 @@ def inject(model: nn.Module, target_modules: Targets, r: int = 8, lora_alpha: fl
     for name, (layer_r, layer_alpha) in plan.items():
         replace_module(model, name, LoRALinear(model.get_submodule(name), layer_r, layer_alpha, lora_dropout,
                                                use_rslora, init_lora_weights, use_dora))
+    for name, (params, ranks, alphas) in experts_plan.items():
+        replace_module(model, name, LoRAExperts(model.get_submodule(name), params, ranks, alphas, lora_dropout,
+                                                use_rslora, init_lora_weights))
     set_trainable(model, bias, modules_to_save)
     record_config(model, bias, modules_to_save)
     return model

@@ -13,6 +13,7 @@ against the model and changes the model only when all of them fit.
 """
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
@@ -27,6 +28,7 @@ from fusedlora.modules.inject import (CONFIG_ATTR, check_bias, check_modules_to_
 from fusedlora.modules.lora_linear import LoRALinear, is_plain_linear
 from fusedlora.modules.rules import (check_lora_options, check_targets, lora_scaling, matches_target, matches_to_save,
                              pattern_value)
+from fusedlora.peft import experts_io
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,7 +42,7 @@ UNSUPPORTED = {
     "fan_in_fan_out": "transposed (Conv1D) base weights (fan_in_fan_out)", "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow",
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
-    "layer_replication": "layer replication", "target_parameters": "LoRA on parameters (target_parameters)",
+    "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens", "megatron_config": "Megatron parallel layers",
 }
 
@@ -100,7 +102,9 @@ def read_config(path: Path) -> dict:
         config.setdefault("lora_dropout", 0.0)
         check_lora_options(config.get("r"), config.get("lora_alpha"), config["lora_dropout"], config["use_rslora"])
         check_bias(config["bias"])
-        if config.get("target_modules") is not None:
+        # PEFT writes target_modules [] (or None) for an adapter on expert parameters alone
+        if config.get("target_modules") is not None and not (config.get("target_parameters")
+                                                              and config["target_modules"] == []):
             check_targets(config["target_modules"])
         for name in ("rank_pattern", "alpha_pattern"):
             pattern = config.get(name) or {}
@@ -165,14 +169,22 @@ def split_keys(path: Path, tensors: Dict[str, torch.Tensor]):
 
 def read_adapter(directory) -> Adapter:
     """Read and check a PEFT LoRA adapter directory, without a model. Raises AdapterFileError (a
-    ValueError) naming the file for anything missing, unreadable, not LoRA, DoRA or inconsistent."""
+    ValueError) naming the file for anything missing, unreadable, not LoRA, DoRA or inconsistent.
+    LoRA on MoE expert parameters (target_parameters) is left out of `layers`: which parameter each
+    entry holds depends on the model (read_with_experts, fusedlora/peft/experts_io.py)."""
+    return read_with_experts(directory)[0]
+
+
+def read_with_experts(directory):
+    """(read_adapter's Adapter, the expert-parameter entries set aside: {experts module: {depth: pair}})."""
     directory = Path(directory)
     if not directory.is_dir():
         _fail(directory, "not a directory")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config = read_config(config_path)
     lora, extra = split_keys(weights_path, read_weights(weights_path))
-    if not lora:
+    experts = experts_io.split_expert_entries(weights_path, config, lora)
+    if not lora and not experts:
         _fail(weights_path, "holds no LoRA weights (no <module>.lora_A.weight keys)")
     layers = {}
     for module, pair in sorted(lora.items()):
@@ -200,7 +212,7 @@ def read_adapter(directory) -> Adapter:
             _fail(weights_path, f"{module}: lora_magnitude_vector {tuple(magnitude.shape)} must be (out,) = "
                                 f"({B.shape[0]},) for lora_B {tuple(B.shape)}")
         layers[module] = LoRAWeights(A, B, r, alpha, lora_scaling(r, alpha, config["use_rslora"]), magnitude)
-    return Adapter(config, layers, extra)
+    return Adapter(config, layers, extra), experts
 
 
 def _resolve_extra(model: nn.Module, name: str, to_wrap) -> Optional[torch.Tensor]:
@@ -272,13 +284,15 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: model must be a torch.nn.Module, got {type(model).__name__}")
-    adapter = read_adapter(directory)
+    adapter, experts = read_with_experts(directory)
     config, weights_path = adapter.config, Path(directory) / WEIGHTS_NAME
     try:
         modules_to_save = check_modules_to_save(model, config.get("modules_to_save"))
     except ValueError as e:
         _fail(Path(directory) / CONFIG_NAME, str(e))
     to_wrap = _check_against_model(model, adapter, weights_path)
+    experts = experts_io.resolve_experts(model, experts, config, weights_path)
+    experts_io.check_expert_layers(model, experts, weights_path)
     extra_targets = {name: _resolve_extra(model, name, to_wrap) for name in adapter.extra}
     dropout, rslora = config["lora_dropout"], config["use_rslora"]
     devices = sorted({m.weight.device.index for m in to_wrap.values() if m.weight.device.type == "cuda"})
@@ -297,6 +311,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
                 layer.lora_magnitude_vector.copy_(w.magnitude)
         for name, target in extra_targets.items():
             target.copy_(adapter.extra[name])
+        experts_io.load_experts(model, experts, dropout, rslora)
     set_trainable(model, config["bias"], modules_to_save)
     record_config(model, config["bias"], modules_to_save)
     return model
@@ -315,27 +330,32 @@ def _most_common(values):
 
 
 def save_adapter(model: nn.Module, directory) -> None:
-    """Write the model's LoRA layers as a PEFT adapter (adapter_config.json and
-    adapter_model.safetensors) that PeftModel.from_pretrained and load_adapter read. Ranks and alphas
+    """Write the model's LoRA layers (LoRALinear, and LoRAExperts as PEFT's target_parameters) as a PEFT
+    adapter (adapter_config.json and adapter_model.safetensors) that PeftModel.from_pretrained and
+    load_adapter read. Ranks and alphas
     that differ between layers go to rank_pattern / alpha_pattern; lora_dropout and use_rslora must
     be one value for the whole model, as PEFT's config has one."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be a torch.nn.Module, got {type(model).__name__}")
     layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no LoRALinear layers (use inject or load_adapter first)")
+    expert_tensors, target_parameters, expert_r, expert_alpha, expert_adapters = experts_io.expert_entries(model)
+    if not layers and not expert_adapters:
+        raise ValueError("save_adapter: the model has no LoRALinear layers, nor LoRAExperts (use inject or "
+                         "load_adapter first)")
+    every = list(layers.values()) + expert_adapters
     for option in ("lora_dropout", "use_rslora", "use_dora"):
-        values = {getattr(layer, option) for layer in layers.values()}
+        values = {getattr(layer, option, False) for layer in every}
         if len(values) > 1:
             raise ValueError(f"save_adapter: the LoRA layers use several {option} values {sorted(values)}; "
                              "a PEFT adapter config holds one")
-    first = next(iter(layers.values()))
-    r = _most_common(layer.r for layer in layers.values())
-    alpha = _most_common(layer.lora_alpha for layer in layers.values())
+    first = every[0]
+    ranks = {**{name: layer.r for name, layer in layers.items()}, **expert_r}
+    alphas = {**{name: layer.lora_alpha for name, layer in layers.items()}, **expert_alpha}
+    r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
     settings = getattr(model, CONFIG_ATTR, {})
     bias, modules_to_save = settings.get("bias", "none"), settings.get("modules_to_save")
 
-    tensors = {}
+    tensors = dict(expert_tensors)
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
@@ -352,14 +372,22 @@ def save_adapter(model: nn.Module, directory) -> None:
     # Clones: safetensors refuses tensors that share storage (tied weights) and non-contiguous ones.
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
 
+    dropout = first.lora_dropout
+    if expert_adapters and dropout > 0:
+        # PEFT refuses a config with dropout and target_parameters (its ParamWrapper raises when loading): the
+        # file records 0, which changes nothing the adapter computes outside training.
+        warnings.warn(f"save_adapter: lora_dropout {dropout} is written as 0.0: PEFT refuses dropout on expert "
+                      "parameters (target_parameters) and could not load the file otherwise", stacklevel=2)
+        dropout = 0.0
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-        "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": first.lora_dropout,
+        "inference_mode": True, "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
         "use_rslora": first.use_rslora, "bias": bias, "target_modules": _target_modules(model, layers),
         "modules_to_save": modules_to_save, "fan_in_fan_out": False, "init_lora_weights": True,
-        "use_dora": first.use_dora, "lora_bias": False,
-        "rank_pattern": {name: layer.r for name, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {name: layer.lora_alpha for name, layer in layers.items() if layer.lora_alpha != alpha},
+        "use_dora": getattr(first, "use_dora", False), "lora_bias": False,
+        "target_parameters": target_parameters or None,
+        "rank_pattern": {name: value for name, value in ranks.items() if value != r},
+        "alpha_pattern": {name: value for name, value in alphas.items() if value != alpha},
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.lora_linear import fused_call, is_plain_linear
+from fusedlora.peft.experts import patch_param_wrappers
 from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dora_chain_forward, dora_forward,
                                     dora_reason, dropout_p, has_hooks, is_dora, mixed_batch_adapters,
                                     mixed_batch_forward, own_weights, served_forward)
@@ -320,8 +321,9 @@ def _is_patched(module: nn.Module) -> bool:
 
 def patch_peft(peft_model: nn.Module) -> int:
     """Serve every PEFT LoRA Linear layer of `peft_model` (a PeftModel, a PeftMixedModel or any module
-    holding peft.tuners.lora.Linear layers) through fusedlora's kernels. Returns how many layers it
-    patched. Layer subclasses with a forward of their own are left alone. Patching again re-patches;
+    holding peft.tuners.lora.Linear layers), and every chain of ParamWrappers over an MoE layer's expert
+    parameters (target_parameters; fusedlora/peft/experts.py), through fusedlora's kernels. Returns how
+    many layers it patched (a chain of ParamWrappers counts as one). Layer subclasses with a forward of their own are left alone. Patching again re-patches;
     unpatch_peft undoes it.
 
     The patched layers share the model's `fusedlora_batch_cache` (a fusedlora.peft.forward.MixedBatchCache
@@ -344,7 +346,7 @@ def patch_peft(peft_model: nn.Module) -> int:
             forward = _patched_forward(name, report, peft_forward, conv1d, variant_keys, batches)
             module.forward = types.MethodType(forward, module)
             count += 1
-    return count
+    return count + patch_param_wrappers(peft_model, report)  # LoRA on MoE expert parameters (peft/experts.py)
 
 
 def unpatch_peft(peft_model: nn.Module) -> int:

@@ -20,15 +20,18 @@ other's.
 """
 import contextlib
 import threading
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from fusedlora.core.adapter_batch import AdapterBatch
-from fusedlora.peft.adapter_io import AdapterFileError, read_adapter
+from fusedlora.peft.adapter_io import WEIGHTS_NAME, AdapterFileError, read_with_experts
+from fusedlora.peft.experts_io import resolve_experts
 from fusedlora.modules.inject import find_targets, replace_module
 from fusedlora.multi import multi_lora_linear
+from fusedlora.serving import experts as pooled
 
 BASE = "__base__"
 # Input shapes whose AdapterBatch a `use` block keeps at once.
@@ -77,30 +80,33 @@ def _check_count(name: str, value) -> int:
 
 
 class AdapterPool:
-    """`AdapterPool(model, max_adapters, max_rank, target_modules="all-linear", dtype=None)`.
+    """`AdapterPool(model, max_adapters, max_rank, target_modules="all-linear", dtype=None, target_parameters=None)`.
 
     Replaces the model's target nn.Linear layers (PEFT's matching rules; "all-linear" leaves out the
-    output head) in place with MultiLoRALinear layers. dtype is that of the adapter buffers (default:
-    each base layer's); PEFT keeps adapters in float32, which a float32 buffer reproduces exactly.
+    output head) in place with MultiLoRALinear layers, and the experts modules whose expert parameters
+    target_parameters selects (PEFT's option; fusedlora/serving/experts.py) with PooledExperts
+    (target_modules=None: those alone). dtype is that of the adapter buffers (default: each base layer's);
+    PEFT keeps adapters in float32, which a float32 buffer reproduces exactly.
     """
 
     def __init__(self, model: nn.Module, max_adapters: int, max_rank: int, target_modules="all-linear",
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, target_parameters: Optional[Sequence[str]] = None):
         self.max_adapters = _check_count("max_adapters", max_adapters)
         self.max_rank = _check_count("max_rank", max_rank)
-        taken = [name for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+        taken = [name for name, m in model.named_modules() if isinstance(m, (MultiLoRALinear, pooled.PooledExperts))]
         if taken:
             raise ValueError(f"the model already has adapter-pool layers ({', '.join(taken[:3])}, ...): one pool "
                              "per model")
-        targets = find_targets(model, target_modules)
+        targets = [] if target_modules is None and target_parameters else find_targets(model, target_modules)
         # Build every layer before replacing any: an allocation failure leaves the model as it was.
         self.layers: Dict[str, MultiLoRALinear] = {
             name: MultiLoRALinear(model.get_submodule(name), max_adapters, max_rank, self._ids_for, dtype)
             for name in targets}
-        for name, layer in self.layers.items():
+        self.experts = pooled.pooled_experts(model, target_parameters, max_adapters, max_rank, self._batch_ids, dtype)
+        for name, layer in {**self.layers, **self.experts}.items():
             replace_module(model, name, layer)
         self.model = model
-        self._device = next(iter(self.layers.values())).lora_A.device
+        self._device = next(next(iter({**self.layers, **self.experts}.values())).buffers()).device
         self._lock = threading.Condition()
         self._slots: Dict[str, int] = {}
         self._loading: set = set()
@@ -119,11 +125,13 @@ class AdapterPool:
         free slot as `name`. Any error leaves the pool as it was."""
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"adapter name must be a non-empty string other than {BASE!r}, got {name!r}")
-        adapter = read_adapter(directory)
+        adapter, experts = read_with_experts(directory)
         if adapter.config.get("use_dora"):
             raise AdapterFileError(f"{directory}: use_dora = True: the multi-adapter kernels serve plain LoRA "
                                    "adapters, not DoRA")
+        experts = resolve_experts(self.model, experts, adapter.config, Path(directory) / WEIGHTS_NAME)
         self._check_fits(adapter, directory)
+        pooled.check_fits(self.experts, experts, self.max_rank, directory, AdapterFileError)
         with self._lock:
             if name in self._slots or name in self._loading:
                 raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
@@ -133,7 +141,8 @@ class AdapterPool:
             slot = self._free.pop()
             self._loading.add(name)
         try:
-            self._fill(slot, adapter)
+            pooled.fill(self.experts, slot, experts)
+            self._fill(slot, adapter)  # waits for the device's copies
         except BaseException:
             with self._lock:
                 self._loading.discard(name)
@@ -157,6 +166,7 @@ class AdapterPool:
         for layer in self.layers.values():
             layer.ranks[slot] = 0
             layer.scalings[slot] = 0.0
+        pooled.clear(self.experts, slot)
         with self._lock:
             self._free.append(slot)
 
@@ -188,6 +198,10 @@ class AdapterPool:
                 for n in held:
                     self._in_use[n] -= 1
                 self._lock.notify_all()
+
+    def _batch_ids(self) -> Optional[torch.Tensor]:
+        """The (B,) adapter slot of each row of the batch being served in this thread, None outside `use`."""
+        return getattr(self._local, "ids", None)
 
     def _ids_for(self, x: torch.Tensor) -> Optional[AdapterBatch]:
         """The AdapterBatch of the per-token adapter slots for a layer input x: (B, ..., K), or None
