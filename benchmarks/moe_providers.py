@@ -12,8 +12,7 @@ Providers, over the same inputs:
                      ParamWrappers): W + ΔW for every expert each forward.
 - fusedlora[torch]:  the same PEFT model after fusedlora.patch_peft, on fusedlora's PyTorch backend
                      (grouped products, no W + ΔW; suite.py sets FUSEDLORA_BACKEND=torch).
-- fusedlora:         the same on the default backend, the Triton MoE op: listed only once it is wired
-                     (fusedlora.moe.TRITON_WIRED).
+- fusedlora:         the same on the default backend: the Triton MoE op (its plan by choose_moe).
 With backward each call returns the gradients of x and of the four LoRA weights. The check is against
 the PEFT model copied to float64 with transformers' "eager" experts implementation (each family's own
 loop over experts; grouped_mm has no float64 kernel), the tolerance from the same eager path in the row's
@@ -28,7 +27,6 @@ import torch
 from torch import nn
 
 import fusedlora
-from fusedlora import moe
 from providers import L2_FLUSH_BYTES, _rel_err, norm_tolerance, saved_mib
 
 # (experts, top-k) per device: Qwen3-30B-A3B's on a GPU; on CPU 8 experts, top-2, so that the tiny rows keep
@@ -36,7 +34,7 @@ from providers import L2_FLUSH_BYTES, _rel_err, norm_tolerance, saved_mib
 # 4096 tokens, 9.7 at the CPU check's 37 tokens).
 EXPERTS = {"cuda": (128, 8), "cpu": (8, 2)}
 SAVED_SHARE = 0.5
-MOE_PROVIDERS = ("base", "peft", "fusedlora[torch]") + (("fusedlora",) if moe.TRITON_WIRED else ())
+MOE_PROVIDERS = ("base", "peft", "fusedlora[torch]", "fusedlora")
 PROVIDERS = {"moe_fwd": MOE_PROVIDERS, "moe_fwd_bwd": MOE_PROVIDERS}
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 

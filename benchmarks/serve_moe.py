@@ -13,8 +13,6 @@ heads of 128), 4 layers, random weights, bf16. Providers, on the same requests:
   whole batch, every layer served by fusedlora.
 - `fusedlora`: an AdapterPool over the attention projections and the expert parameters, generate inside
   pool.use(names).
-Until the Triton MoE op is wired (fusedlora.moe.TRITON_WIRED) the fusedlora providers run on fusedlora's
-PyTorch backend (FUSEDLORA_BACKEND=torch is set for the whole run), and their names end in [torch].
 
 The logit check first: prompts plus fusedlora's greedy tokens, teacher-forced, through every fusedlora
 provider, each row against PEFT running that row's adapter alone on a float64 copy (eager experts), with
@@ -97,10 +95,6 @@ def alone(peft_model, sequences, names):
 
 def run(args):
     dtype = torch.bfloat16 if CUDA else torch.float32
-    torch_backend = not fusedlora.moe.TRITON_WIRED
-    if torch_backend:
-        os.environ["FUSEDLORA_BACKEND"] = "torch"
-    tag = "[torch]" if torch_backend else ""
     base = build_model(not CUDA, dtype)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt), generator=gen).to(base.device)
@@ -136,8 +130,8 @@ def run(args):
         with pool.use(names):
             return generate(base, prompts)
 
-    runs = {"peft-grouped": peft_grouped, f"peft-patched{tag}": lambda: generate(patched, prompts, adapter_names=names),
-            f"fusedlora{tag}": pooled}
+    runs = {"peft-grouped": peft_grouped, "peft-patched": lambda: generate(patched, prompts, adapter_names=names),
+            "fusedlora": pooled}
     with torch.no_grad():
         sequences = torch.cat([prompts, pooled()], 1)
         reference = eager(copy.deepcopy(peft_model).to(torch.float64))
@@ -147,11 +141,11 @@ def run(args):
         peft_errors = row_errors(peft_logits, ref)
         K = base.config.moe_intermediate_size
         rows = [judge("peft-grouped", "all", peft_errors, peft_errors, dtype, K)]
-        rows.append(judge(f"peft-patched{tag}", "all",
+        rows.append(judge("peft-patched", "all",
                           row_errors(patched(input_ids=sequences, adapter_names=names).logits, ref), peft_errors, dtype, K))
         with pool.use(names):
             fused_logits = base(input_ids=sequences).logits
-        rows.append(judge(f"fusedlora{tag}", "all", row_errors(fused_logits, ref), peft_errors, dtype, K))
+        rows.append(judge("fusedlora", "all", row_errors(fused_logits, ref), peft_errors, dtype, K))
     check = dict(reference="PEFT, each row's adapter alone, in float64", sequence=list(sequences.shape), factor=FACTOR,
                  absolute_bound=absolute_bound(dtype, K),
                  fusedlora_vs_peft=row_errors(fused_logits, peft_logits, scale=ref).max().item(), rows=rows,

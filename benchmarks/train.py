@@ -11,9 +11,7 @@ dropout 0 and 0.05. Providers, timed in the same run on the same batch:
 - fusedlora: the same PEFT model after fusedlora.patch_peft.
 --moe: a Qwen3-MoE model instead, Qwen3-30B-A3B's layer (hidden 2048, 128 experts of width 768, top-8,
 32 query / 4 key-value heads of 128), LoRA on every linear layer and on both expert parameters
-(target_parameters), dropout 0 only (PEFT refuses dropout on expert parameters). Until the Triton MoE op is
-wired (fusedlora.moe.TRITON_WIRED) the patched provider runs every layer on fusedlora's PyTorch backend and
-is named fusedlora[torch].
+(target_parameters), dropout 0 only (PEFT refuses dropout on expert parameters).
 Reports step ms (median), tokens/s and peak CUDA memory per provider, and writes rows in the schema of
 benchmarks/run.py's JSON (case "train_step", M = tokens per step). Before timing, PEFT and fusedlora
 must give the same loss and adapter gradients at dropout 0 within the bound below, or it exits 1.
@@ -173,8 +171,7 @@ def run(args, log=print, on_row=None):
     each row finishes."""
     device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
     cfg = moe_config(not CUDA, args.layers) if args.moe else config(not CUDA, args.layers)
-    # The patched MoE provider's backend: the Triton MoE op once it is wired, fusedlora's PyTorch backend till then.
-    fused_name = "fusedlora" if not args.moe or fusedlora.moe.TRITON_WIRED else "fusedlora[torch]"
+    fused_name = "fusedlora"
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     tokens = args.batch * args.seq

@@ -1,8 +1,8 @@
 """moe_lora_linear: one projection of a Mixture-of-Experts layer with LoRA on its experts.
 
-The public function validates (fusedlora/core/checks.py check_moe, before anything runs), picks the
-backend (fusedlora/core/backend.py) and calls the PyTorch backend (fusedlora/core/moe_torch.py) or the
-Triton op. An MoE layer's experts forward is two calls sharing one ExpertRouting:
+The public function calls the op (fusedlora/ops/moe.py), whose call plan (fusedlora/plans/moe.py) checks
+the inputs (check_moe, before anything runs), picks the backend (the kernels, or the PyTorch backend of
+fusedlora/core/moe_torch.py) and the plan (choose_moe), and launches. An MoE layer's experts forward is two calls sharing one ExpertRouting:
 
     h = moe_lora_linear(x, routing, W_gate_up, b_gate_up, A_gu, B_gu, s_gu, gather=True)    # (P, 2I)
     h = activation(h)                                                                        # (P, I)
@@ -15,19 +15,10 @@ from typing import Optional, Union
 
 import torch
 
-from fusedlora.core import moe_torch
-from fusedlora.core.adapter_batch import values_checked
-from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_moe, check_ranks_values, require_scalar
 from fusedlora.core.moe_routing import ExpertRouting
+from fusedlora.ops import moe as ops
 
 Seed = Union[int, torch.Tensor, None]
-
-# Whether backend "triton" has an MoE op to call. False until the Triton kernels and their launch
-# sequences are wired in (fusedlora/ops/moe.py); until then the Triton backend raises for this op, and
-# the layers that have PEFT's forward to fall back to (fusedlora/peft/experts.py) use it instead.
-TRITON_WIRED = False
-
 
 def moe_lora_linear(
     x: torch.Tensor,
@@ -62,25 +53,10 @@ def moe_lora_linear(
     the keep-mask, whatever the grouping. seed as in lora_linear (an int, a 0-d int64 CPU tensor, or
     None to draw one from torch's generator when dropout_p > 0).
     Differentiable in x, weight, bias, lora_A and lora_B. No tensor of the weight's E·N·K size is made in
-    forward or backward. Runs under torch.compile(fullgraph=True) (the PyTorch backend's grouped
-    products are the custom op fusedlora::moe_segment_mm there).
+    forward or backward. Runs under torch.compile(fullgraph=True): the kernels are the custom op
+    fusedlora::moe_lora_linear there (the PyTorch backend's grouped products, fusedlora::moe_segment_mm).
+    Every call runs the call plan of its specialization, as lora_linear's.
     Every tensor is checked (ValueError or TypeError naming it and its shape) before anything runs;
     ranks' values on CPU (on CUDA with FUSEDLORA_DEBUG=1), expert and adapter ids when `routing` is built.
     """
-    check_moe(x, routing, weight, bias, lora_A, lora_B, scaling, ranks, gather)
-    dropout_p = require_scalar("dropout_p", dropout_p, low=0.0, high=1.0)
-    if lora_A is not None and ranks is not None and values_checked(ranks):
-        check_ranks_values(ranks, lora_A.shape[2])
-    if lora_A is None or backend_for(x) == "torch":
-        # Without LoRA there is no kernel of ours to run: the base product is the library's grouped GEMM.
-        return moe_torch.moe_lora_linear(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                         gather, ranks)
-    return _triton_moe_lora_linear(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks)
-
-
-def _triton_moe_lora_linear(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks):
-    """The Triton backend's MoE projection: the op of fusedlora/ops/moe.py (the kernels and their launch
-    sequences, one call plan per direction) goes here, and TRITON_WIRED becomes True with it."""
-    raise NotImplementedError(
-        "moe_lora_linear: the Triton MoE op is not wired yet; FUSEDLORA_BACKEND=torch runs the PyTorch "
-        f"backend (tensors on {x.device})")
+    return ops.moe_lora_linear(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks)

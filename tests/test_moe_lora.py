@@ -14,8 +14,7 @@ from fusedlora import ExpertRouting
 from fusedlora.core import reference
 
 f32, bf16 = torch.float32, torch.bfloat16
-TRITON_PENDING = pytest.mark.xfail(strict=True, raises=NotImplementedError, reason="Triton MoE op not wired yet")
-BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=TRITON_PENDING)]
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton")]
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ class ExpertRouting:
     changes from layer to layer)."""
 
     __slots__ = ("top_k_index", "adapter_ids", "num_experts", "num_adapters", "T", "k", "P", "order", "rows", "keys",
-                 "seg_starts", "inverse")
+                 "seg_starts", "inverse", "spec")
 
     def __init__(self, top_k_index: torch.Tensor, num_experts: int, adapter_ids: Optional[torch.Tensor] = None,
                  num_adapters: int = 1):
@@ -90,10 +90,28 @@ class ExpertRouting:
             keys = experts * (L + 1) + (adapter_ids.to(torch.int32) + 1).repeat_interleave(k)
         sorted_keys, order = torch.sort(keys, stable=True)
         bounds = torch.arange(E * (L + 1) + 1, dtype=torch.int32, device=device)
-        self.keys, self.order = sorted_keys, order
-        self.rows = torch.div(order, k, rounding_mode="floor")
-        self.seg_starts = torch.searchsorted(sorted_keys, bounds, out_int32=True)
-        self.inverse = torch.empty_like(order).scatter_(0, order, torch.arange(self.P, device=device))
+        self._grouped(order, sorted_keys, torch.searchsorted(sorted_keys, bounds, out_int32=True))
+
+    def _grouped(self, order, keys, seg_starts):
+        self.keys, self.order, self.seg_starts = keys, order, seg_starts
+        self.rows = torch.div(order, self.k, rounding_mode="floor")
+        self.inverse = torch.empty_like(order).scatter_(0, order, torch.arange(self.P, device=order.device))
+        # What the kernels read of the routing, for a call's key (fusedlora/core/specialization.py): its
+        # sizes, whether tokens carry adapter ids, the device (its tensors' dtypes are fixed here).
+        self.spec = (self.T, self.k, self.num_experts, self.num_adapters, self.adapter_ids is not None, order.device)
+
+    @classmethod
+    def from_grouping(cls, top_k_index, num_experts: int, adapter_ids, num_adapters: int, order, keys,
+                      seg_starts) -> "ExpertRouting":
+        """A routing whose grouping was made by another ExpertRouting of these ids (a torch.compile op
+        receives the tensors, not the object): nothing is checked or sorted again."""
+        routing = cls.__new__(cls)
+        routing.top_k_index, routing.adapter_ids = top_k_index, adapter_ids
+        routing.num_experts, routing.num_adapters = num_experts, num_adapters
+        routing.T, routing.k = top_k_index.shape
+        routing.P = routing.T * routing.k
+        routing._grouped(order, keys, seg_starts)
+        return routing
 
     @property
     def num_segments(self) -> int:

@@ -20,6 +20,7 @@ and a loop over the description would cost a fraction of a microsecond per argum
     NONE             whether the value is None (an optional function)
     SPEC             the object's `spec` attribute (AdapterBatch, ExpertRouting: what their kernels read)
     PER_CALL         nothing (a per-call value the plan reads and checks: the seed)
+    SCALE            a tensor as TENSOR (it needs no gradient), else nothing: a per-call number
 
 The key's first element says which tensor arguments need a gradient, in order (None when grad mode is
 off or none does): a call with gradients runs a plan that keeps what its backward needs. Only
@@ -34,8 +35,9 @@ from fusedlora.core import knobs
 from fusedlora.kernels import configs
 from fusedlora.kernels.common import fp32_matmul_allows_tf32
 
-TENSOR, OPTIONAL, TYPE, VALUE, NONE, SPEC, PER_CALL = "tensor", "optional", "type", "value", "none", "spec", "per_call"
-KINDS = (TENSOR, OPTIONAL, TYPE, VALUE, NONE, SPEC, PER_CALL)
+TENSOR, OPTIONAL, TYPE, VALUE, NONE, SPEC, PER_CALL, SCALE = ("tensor", "optional", "type", "value", "none", "spec",
+                                                               "per_call", "scale")
+KINDS = (TENSOR, OPTIONAL, TYPE, VALUE, NONE, SPEC, PER_CALL, SCALE)
 
 # torch's fp32 matmul precision settings, read through the getter its own properties call (torch >= 2.9;
 # ~0.2 µs against ~2 µs through torch.backends): fp32_matmul_allows_tf32 is a function of these two.
@@ -93,7 +95,7 @@ class Signature:
         self.plans = PlanCache()
         self.source = _key_source(self.params)
         scope = dict(_grad=torch.is_grad_enabled, _state=knobs.call_state, _precision=fp32_precision,
-                     _F32=torch.float32, _AUTO=_AUTO)
+                     _F32=torch.float32, _AUTO=_AUTO, _Tensor=torch.Tensor)
         exec(compile(self.source, f"<key of {op}>", "exec"), scope)
         self.key, self.needs = scope["key"], scope["needs_of"]
 
@@ -125,6 +127,8 @@ def _key_source(params: dict) -> str:
             parts.append(f"{name} is None")
         elif kind == SPEC:
             parts.append(f"{name}.spec")
+        elif kind == SCALE:
+            parts.append(f"({_tensor(name)}) if isinstance({name}, _Tensor) else None")
     # The fp32 switch matters only for float32 tensors; the optional ones (a bias) share x's dtype.
     fp32 = f"_precision() if _F32 in ({', '.join(f'{n}.dtype' for n in tensors)},) else None" if tensors else "None"
     lines = [f"def key({names}, needs=_AUTO):", "    try:"]

@@ -18,8 +18,7 @@ stacked per parameter (zero-padded to the largest rank, built from the weights o
 Everything else runs PEFT's forward, with the reason reported once per patch_peft call (warning where
 fusedlora would have served it): an experts module experts_reason refuses, a hooked experts module or
 inner wrapper (PEFT would call them), arguments other than (top_k_index, top_k_weights), LoRA variants,
-adapters whose dtype or device the op does not take, and, while the Triton MoE op is not wired
-(fusedlora.moe.TRITON_WIRED), calls the Triton backend would serve. A plain call's decision is kept with
+adapters whose dtype or device the op does not take. A plain call's decision is kept with
 the state it was decided from (chain_state): set_adapter, merge / unmerge, enable / disable, adding or
 deleting an adapter, a hook, train / eval, a parameter replaced or re-dtyped, x's dtype or device, the
 autocast state and FUSEDLORA_BACKEND each make the next call decide again. Weights are read on every call.
@@ -32,9 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from fusedlora import moe
 from fusedlora.core import knobs
-from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.experts import ExpertLoRA, experts_forward, experts_reason, peft_layout
 
@@ -137,8 +134,6 @@ def chain_reason(wrappers, experts, x, args, kwargs, mixed: bool) -> Optional[Tu
                 return reason, True
     if mixed and len({w.lora_A[a].weight.dtype for w in wrappers for a in w.lora_A}) > 1:
         return "expert adapters of different dtypes in one mixed batch", True
-    if backend_for(x) == "triton" and not moe.TRITON_WIRED:
-        return "the Triton MoE op is not wired yet (FUSEDLORA_BACKEND=torch serves these layers)", True
     return None
 
 

@@ -34,10 +34,17 @@ import functools
 
 import torch
 
-from fusedlora.core.dropout import keep_threshold
+from fusedlora.core import moe_torch
+from fusedlora.core.adapter_batch import values_checked
+from fusedlora.core.backend import backend_for
+from fusedlora.core.checks import check_moe, check_ranks_values
+from fusedlora.core.dropout import int_seed, keep_threshold
 from fusedlora.kernels import configs
 from fusedlora.kernels.moe_lora import SHRINK_MAX_R, Groups, moe_gemm, moe_shrink
 from fusedlora.kernels.moe_reduce import moe_reduce
+from fusedlora.plans.callplan import CallPlan
+from fusedlora.plans.planner import choose_moe
+from fusedlora.plans.single import checked_scalars, scale_of
 
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -206,3 +213,61 @@ def backward(plan: str, dy, x, routing, weight, lora_A, lora_B, scaling, ranks, 
         db = torch.empty(weight.shape[:2], dtype=weight.dtype, device=x.device)
         moe_reduce(dy, None, groups, db.unsqueeze(-1), per_expert=True)
     return dx, dw, db, dA, dB
+
+
+# ---- the call plan (fusedlora/plans/callplan.py) --------------------------------------------------
+# moe_lora_linear's arguments: (x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather,
+# ranks); scaling a float (a per-call value, checked by every call) or an (L,) tensor. With gradients
+# forward saves (x, weight, lora_A, lora_B, S, ranks, scaling if a tensor) and keeps (routing, scaling if
+# a float, seed) as its state: the routing, made once per layer call, serves both directions.
+
+def moe_plan(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks, needs) -> CallPlan:
+    """moe_lora_linear's plan for this call's specialization: the checks (bad input raises here, before
+    anything runs), the backend, the plan of each direction (choose_moe). needs: which of (x, weight,
+    bias, lora_A, lora_B) need a gradient, or None. Without adapters (lora_A None) the base product is
+    the library's grouped GEMM, through the PyTorch backend."""
+    check_moe(x, routing, weight, bias, lora_A, lora_B, scaling, ranks, gather)
+    p = checked_scalars(0.0 if isinstance(scaling, torch.Tensor) else scaling, dropout_p, seed)
+    R = None if lora_A is None else lora_A.shape[2]
+    cpu_ranks = ranks is not None and ranks.device.type == "cpu"
+    if ranks is not None and values_checked(ranks):
+        check_ranks_values(ranks, R)
+
+    def per_call(scaling, ranks):
+        if ranks is not None and (cpu_ranks or values_checked(ranks)):
+            check_ranks_values(ranks, R)
+        return scaling if isinstance(scaling, torch.Tensor) else scale_of(scaling)
+
+    if lora_A is None or backend_for(x) == "torch":  # torch's autograd takes its gradients
+        def run(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks):
+            scaling = per_call(scaling, ranks) if lora_A is not None else scaling
+            return moe_torch.moe_lora_linear(x, routing, weight, bias, lora_A, lora_B, scaling, p, seed, gather,
+                                             ranks)
+        return CallPlan(run=run)
+    P, K, N, (L, E) = routing.P, x.shape[1], weight.shape[1], lora_A.shape[:2]
+    plan = choose_moe("forward", P, K, N, R, E, L)
+    shape, dtype, device = (P, N), x.dtype, x.device
+
+    def forward_(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks, need_S=True):
+        scaling, seed = per_call(scaling, ranks), int_seed(seed, p)
+        y = torch.empty(shape, dtype=dtype, device=device)
+        S = forward(plan, x, routing, weight, bias, lora_A, lora_B, scaling, ranks, p, seed, gather, y, need_S)
+        tensor = isinstance(scaling, torch.Tensor)
+        return y, (x, weight, lora_A, lora_B, S, ranks, scaling if tensor else None), (
+            routing, None if tensor else scaling, seed)
+
+    if needs is None:
+        def run(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks):
+            return forward_(x, routing, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, gather, ranks,
+                            need_S=False)[0]
+        return CallPlan(run=run)
+
+    def backward_(dy, saved, state, needs):
+        x, weight, lora_A, lora_B, S, ranks, scales = saved
+        routing, scaling, seed = state
+        plan = choose_moe("backward", P, K, N, R, E, L)
+        grads = backward(plan, dy, x, routing, weight, lora_A, lora_B, scaling if scales is None else scales,
+                         ranks, S, p, seed, gather, (needs[0], needs[2], needs[3], needs[4], needs[5]))
+        dx, dw, db, dA, dB = grads
+        return dx, None, dw, db, dA, dB, None, None, None, None, None
+    return CallPlan(forward=forward_, backward=backward_)
