@@ -11,7 +11,7 @@ import torch
 from fusedlora.core import torch_backend
 from fusedlora.core.adapter_batch import AdapterBatch, values_checked
 from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_multi, check_ranks_values, describe
+from fusedlora.core.checks import check_col_scale, check_multi, check_ranks_values, describe
 from fusedlora.ops import multi as ops
 
 
@@ -41,6 +41,7 @@ def multi_lora_linear(
     scalings: torch.Tensor,
     adapter_ids: Union[torch.Tensor, AdapterBatch],
     ranks: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y[t] = x[t]·Wᵀ + b + scalings[i]·(x[t]·A[i]ᵀ)·B[i]ᵀ with i = adapter_ids[t] (-1: base only).
 
@@ -58,7 +59,22 @@ def multi_lora_linear(
     The execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     An eager call without gradients over an AdapterBatch is served from a per-shape cache after its
     first call (fusedlora/ops/multi.py says what the key holds): the same result, less host time.
+    col_scale: (L, N) float32 or None. Given (DoRA adapters in the batch), y[t] = col_scale[i] ⊙ (x[t]·Wᵀ +
+    scalings[i]·(x[t]·A[i]ᵀ)·B[i]ᵀ) + b on rows with an adapter i, col_scale[i] = m_i / ‖W + s_i·B_i·A_i‖_row
+    for a DoRA adapter and ones for a plain one; rows with id -1 are unscaled. The kernels serve it
+    eagerly without gradients (serving); a call that needs a gradient, or runs under torch.compile,
+    takes the PyTorch backend, which is differentiable in col_scale too.
     """
+    if col_scale is not None:
+        batch = _batch(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+        check_col_scale(col_scale, weight, lora_A)
+        col_scale = col_scale.contiguous()
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, weight, bias, lora_A, lora_B, col_scale))
+        if backend_for(x) == "torch" or grad or torch.compiler.is_compiling():
+            return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks,
+                                                   col_scale)
+        return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
     key = None
     if type(adapter_ids) is AdapterBatch and not torch.compiler.is_compiling():
         key = ops.fast_key(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)

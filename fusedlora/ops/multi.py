@@ -30,13 +30,13 @@ def _plan(direction, x, weight, lora_A):
     return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
 
 
-def _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S):
+def _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S, col_scale=None):
     # The output is allocated in its final shape and the kernels write a 2-D view of it: a Function
     # that returned a view could not have its output modified in place.
     K, N = x.shape[-1], weight.shape[0]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     S = plans.forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S,
-                      y.view(-1, N))
+                      y.view(-1, N), col_scale)
     return y, S
 
 
@@ -65,9 +65,15 @@ class _MultiLoRA(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterBatch, ranks) -> torch.Tensor:
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterBatch, ranks,
+                      col_scale=None) -> torch.Tensor:
     """The kernels' multi_lora_linear for validated inputs (fusedlora.multi checks them and builds the
-    batch)."""
+    batch). col_scale (DoRA): eager and without gradients only; fusedlora.multi sends other calls
+    with one to the PyTorch backend."""
+    if col_scale is not None:
+        plan = _plan("forward", x, weight, lora_A)
+        return _forward(plan, x, weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                        _eager_groups(plan, batch), need_S=False, col_scale=col_scale)[0]
     if torch.compiler.is_compiling():
         return multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings, batch.flat, ranks,
                                     *batch.cached_groups)[0]

@@ -16,6 +16,12 @@ The plans (chosen by fusedlora/plans/planner.py: choose_multi) differ in how y a
 - decode  two launches, no grouping (kernels/multi_decode.py, per-row adapter lookup), for 1 to
           DECODE_MAX_ROWS rows: the shrink split over K, then one Triton GEMM that computes x·Wᵀ (dY·W)
           and adds b and each row's adapter term S[t]·B_lᵀ (dU[t]·A_l) before its single write.
+DoRA (col_scale G: (L, N) fp32, each adapter's magnitude over its row norms; forward only):
+    y[t] = G[l] ⊙ (x[t]·Wᵀ + S[t]·B_lᵀ) + b on rows with an adapter, x[t]·Wᵀ + b on the others.
+  The scale sits in the epilogue of the kernel that writes y last: the decode GEMM, the fused GEMM, and
+  in the split plan the segment expand, which then runs after the library GEMM and accumulates onto its
+  x·Wᵀ (the order of the single-adapter DoRA split plan), since a scale cannot be applied to a sum
+  that is not complete yet.
 S and dU are in token order in every plan, so forward and backward may choose differently. ids are
 the flat (M,) adapter ids; groups, group_by_adapter's (order, sorted_ids, starts) of them, which
 fused and split need and decode does not (None there): the AdapterBatch makes them once per batch.
@@ -27,15 +33,20 @@ from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 
 
-def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out):
+def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out,
+            col_scale=None):
     """y into out: (M, N) in x's dtype; returns S: (M, R) fp32, or None when not need_S and the plan does
-    without. x2: (M, K); inputs already validated."""
+    without. x2: (M, K); col_scale: (L, N) fp32 (DoRA) or None; inputs already validated."""
     if plan == "decode":
         part = decode_shrink(x2, lora_A, scalings, ids, ranks)
-        return decode_gemm(part, lora_B, ids, ranks, x2, weight, out=out, bias=bias, write_s=need_S)
+        return decode_gemm(part, lora_B, ids, ranks, x2, weight, out=out, bias=bias, write_s=need_S,
+                           col_scale=col_scale)
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
     if plan == "fused":
-        multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out)
+        multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out, col_scale=col_scale)
+    elif col_scale is not None:
+        torch.mm(x2, weight.t(), out=out)
+        multi_gemm(None, None, bias, S, lora_B, groups, ranks, out, accumulate=True, col_scale=col_scale)
     else:
         multi_gemm(None, None, bias, S, lora_B, groups, ranks, out).addmm_(x2, weight.t())
     return S
