@@ -16,13 +16,13 @@ ADAPTERS = {
 }
 
 
-def peft_adapter(name: str, seed: int = 0):
-    """A PeftModel with adapter `name` (random A and B, magnitudes moved 30% off PEFT's initial row norms,
-    so that the scale g = m / ‖W + s·B·A‖ matters)."""
+def peft_adapter(name: str, seed: int = 0, adapter_name: str = "default"):
+    """A PeftModel with adapter `name` of ADAPTERS as its adapter `adapter_name` (random A and B, magnitudes
+    moved 30% off PEFT's initial row norms, so that the scale g = m / ‖W + s·B·A‖ matters)."""
     config = LoraConfig(**{"target_modules": TARGETS, "init_lora_weights": False, **ADAPTERS[name]})
     base = tiny_llama()  # seeds torch itself: the adapter's seed comes after
     torch.manual_seed(10 + list(ADAPTERS).index(name) + 100 * seed)
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, config, adapter_name=adapter_name)
     with torch.no_grad():
         for key, p in model.named_parameters():
             if "lora_magnitude_vector" in key:
