@@ -2,10 +2,13 @@
 generating tokens greedily through a transformers Llama with random weights.
 
     python benchmarks/serve.py [--scenario default|large] [--adapters N] [--batch B] [--new-tokens T]
-                               [--out DIR]
+                               [--out DIR] [--cases main,dora,rl]
 
 Scenarios: `default` is 8 adapters and 32 requests; `large` is 64 adapters and 64 requests, every
 request its own adapter (32 new tokens, one timed run: PEFT's loop over 64 adapters is slow).
+Then the same sizes with DoRA adapters in the batch, and an RL loop that updates an adapter from memory
+before every decoded batch (benchmarks/serve_dora.py; results under "dora" and "rl"). --cases picks
+among main (the above), dora and rl; without main the file is serve-<gpu>[-large]-<cases>.json.
 Adapter i has its own rank, spread evenly over 8..64, and is saved by PEFT.
 
 Providers, on the same requests in one run:
@@ -287,6 +290,17 @@ def timed(fn, repeats: int):
     return out, statistics.median(times)
 
 
+CASES = ("main", "dora", "rl")
+
+
+def _cases(text: str):
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or not cases:
+        raise argparse.ArgumentTypeError(f"cases are among {', '.join(CASES)}, got {text!r}")
+    return [c for c in CASES if c in cases]
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=SCENARIOS, default="default")
@@ -296,6 +310,9 @@ def parse(argv):
     parser.add_argument("--out", type=Path, help="write serve-<gpu>[-<scenario>].json there")
     parser.add_argument("--dry-run", action="store_true",
                         help="without a GPU only: a one-layer tiny model, fewer requests (checks the plumbing)")
+    parser.add_argument("--cases", type=_cases, default=list(CASES),
+                        help=f"comma-separated, of {', '.join(CASES)} (default: all): the plain adapters' mixed batch, "
+                             "the DoRA mixed batch and the RL loop (the last two in benchmarks/serve_dora.py)")
     args = parser.parse_args(argv)
     tiny = args.dry_run or not CUDA
     preset = DRY if args.dry_run else TINY if tiny else SCENARIOS[args.scenario]
@@ -323,9 +340,20 @@ def main(argv=None):
         print("No CUDA GPU: a tiny float32 model through the Triton interpreter, checking fusedlora's logits "
               "against PEFT and float64, and comparing greedy tokens. Throughput needs a GPU.")
     result = dict(suite.header(torch.cuda.get_device_name() if CUDA else None), transformers=transformers.__version__,
-                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny", ok=None)
+                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny", cases=args.cases, ok=None)
     # On the disk from the start: a run stopped by its timeout leaves the check and the providers timed so far.
     record = Record(args.out, out_stem(result), result, rows_key="providers")
+    status = main_case(args, result, record) if "main" in args.cases else 0
+    if "dora" in args.cases or "rl" in args.cases:
+        if CUDA:  # the main case's models went with its frame; the DoRA cases build their own
+            torch.cuda.empty_cache()
+        import serve_dora  # imports this module: loaded only when its cases run
+        status = max(status, serve_dora.run(args, result, record))
+    return finish(result, args, status, record)
+
+
+def main_case(args, result, record):
+    """The mixed batch of plain adapters, every provider; returns the exit status so far."""
     setup, T, status = Setup(args), args.new_tokens, 0
     print(f"{args.batch} requests, {args.adapters} adapters (ranks {min(setup.ranks)}..{max(setup.ranks)}), "
           f"{args.prompt} prompt + {T} new tokens, {setup.dtype}", flush=True)
@@ -366,7 +394,7 @@ def main(argv=None):
                 peft_run = (tokens, seconds)
             record.add(provider_row(name, tokens, seconds, args.batch * T, peft_run))
     print_agreement_note()
-    return finish(result, args, status, record)
+    return status
 
 
 def provider_row(name, tokens, seconds, count, peft_run):
@@ -405,7 +433,8 @@ def print_agreement_note():
 
 def out_stem(result):
     scenario = "" if result["scenario"] in ("default", "tiny") else "-" + result["scenario"]
-    return f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}"
+    cases = "" if "main" in result.get("cases", ["main"]) else "-" + "-".join(result["cases"])
+    return f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}{cases}"
 
 
 def finish(result, args, status, record=None):
