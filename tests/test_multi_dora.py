@@ -161,3 +161,23 @@ def test_bad_col_scale_is_refused_before_any_kernel():
     for col_scale, error, words in cases:
         with pytest.raises(error, match=words):
             fusedlora.multi_lora_linear(*call, col_scale=col_scale)
+
+
+def test_bound_decode_launcher_takes_the_scale(device):
+    """kernels/multi_decode.decode_launcher, the per-shape binding an eager cache calls, bound with a
+    col_scale: bit for bit the decode plan's result, for the tensors of another call of the same key."""
+    from fusedlora.kernels.multi_decode import decode_launcher
+    M, K, N = 12, 70, 45
+    first = make_multi(M, K, N, 4, 8, f32, ranks=[3, 5, 8, 5], device=device)
+    second = make_multi(M, K, N, 4, 8, f32, ranks=[8, 2, 5, 1], seed=1, device=device)
+    ids, g = ids_for("unsorted", M, 4, device), torch.rand(4, N, device=device) + 0.5
+    run = decode_launcher(*(first[k] for k in ("x", "weight", "lora_A", "lora_B", "scalings")), ids, first["ranks"],
+                          first["bias"], torch.empty(M, N, device=device), col_scale=g)
+    out = torch.empty(M, N, device=device)
+    g2 = torch.rand(4, N, device=device) + 0.5
+    run(*(second[k] for k in ("x", "weight", "lora_A", "lora_B", "scalings")), ids, second["ranks"], second["bias"],
+        out, col_scale=g2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUSEDLORA_PLAN", "decode")
+        want = serve(second, ids, g2)
+    assert torch.equal(out, want)

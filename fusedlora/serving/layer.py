@@ -80,10 +80,14 @@ class MultiLoRALinear(nn.Module):
         return self.dora and self._state() != self._seen
 
     def _state(self):
-        """What the DoRA scales depend on, as cheaply as it can be read."""
-        w = self.base_layer.weight
-        return (id(w), w.data_ptr(), w._version, self.lora_A._version, self.lora_B._version, self.scalings._version,
-                self.magnitudes._version)
+        """What the DoRA scales depend on, read from the modules' dicts: nn.Module's attribute lookup
+        made this 10 µs a call, the dicts 1 µs (measured on CPU, docs/serving.md)."""
+        b = self._buffers
+        w = self._modules["base_layer"]._parameters.get("weight")
+        if w is None:  # a base layer whose weight is not its own parameter
+            w = self.base_layer.weight
+        return (id(w), w.data_ptr(), w._version, b["lora_A"]._version, b["lora_B"]._version, b["scalings"]._version,
+                b["magnitudes"]._version)
 
     @torch.no_grad()
     def compute_scales(self, slots=None) -> None:
