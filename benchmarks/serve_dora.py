@@ -63,7 +63,8 @@ class DoraSetup:
         self.dtype = torch.bfloat16 if CUDA else torch.float32
         base = serve.build_model(not CUDA, self.dtype, layers=1 if args.dry_run else 2)
         gen = torch.Generator().manual_seed(2)
-        self.prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt), generator=gen).to(base.device)
+        self.prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.prompt),
+                                     generator=gen).to(base.device)
         self.names = [None if b % 8 == 2 else f"a{(b * 7) % args.adapters}" for b in range(args.batch)]
         self.ranks = serve.adapter_ranks(args.adapters)
         with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +194,8 @@ def new_weights(state, step: int):
 
 def write_adapter(state, config, directory):
     """A state dict and its LoraConfig as PEFT adapter files."""
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(directory, "adapter_model.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              os.path.join(directory, "adapter_model.safetensors"))
     config.save_pretrained(directory)
 
 

@@ -116,7 +116,8 @@ def bad_updates(saved):
 
     A = f"{last}.lora_A.weight"
     return [
-        ("d1", edit(d1, A, torch.zeros(5, d1[A].shape[1])), "lora_A has shape (5, 64), but the loaded adapter needs (4, 64)"),
+        ("d1", edit(d1, A, torch.zeros(5, d1[A].shape[1])),
+         "lora_A has shape (5, 64), but the loaded adapter needs (4, 64)"),
         ("d1", {k: v for k, v in d1.items() if not k.startswith(last + ".")}, "has no weights for"),
         ("d1", {k: v for k, v in d1.items() if "magnitude" not in k}, "is DoRA, but the update has no magnitude"),
         ("d1", edit(d1, A, d1[A].to(torch.int32)), "adapter tensors must be floating point"),

@@ -15,9 +15,9 @@ Anything else runs PEFT's own forward: the other LoRA variants, DoRA elsewhere, 
 dtypes or devices the kernels do not take, and mixed-adapter batches the multi-adapter kernel cannot
 reproduce. A call PEFT refuses (adapter_names= with a merged layer or a wrong length) raises PEFT's own
 error, from PEFT's own check; adapter_names= with a DoRA adapter is served where the kernels serve the
-call, and raises PEFT's refusal where the call falls back to PEFT. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
-would have been faster, with logging (INFO) where there is nothing to fuse (adapters disabled or
-merged, no active adapter).
+call, and raises PEFT's refusal where the call falls back to PEFT. Each reason is reported once per
+patch_peft call: with warnings.warn where the fused path would have been faster, with logging (INFO)
+where there is nothing to fuse (adapters disabled or merged, no active adapter).
 
 adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
 layer's adapters stacked (on every call, so that no write to a weight goes unseen), when the direct base
