@@ -67,9 +67,11 @@ def dora_col_scale(weight, lora_A, lora_B, scalings, magnitudes, dora) -> torch.
     picked = [i for i in range(L) if dora[i]]
     if not picked:
         return torch.ones((L, N), dtype=torch.float32, device=weight.device)
-    index = torch.tensor(picked, device=lora_A.device)
-    norms = stacked_weight_norms(weight, lora_A[index], lora_B[index], scalings[index])
-    scales = magnitudes[index].to(torch.float32) / norms
+
+    def rows(t):  # by Python ints: an index tensor would be a host-to-device copy, which a CUDA graph refuses
+        return t if len(picked) == L else torch.stack([t[i] for i in picked])
+    norms = stacked_weight_norms(weight, rows(lora_A), rows(lora_B), rows(scalings))
+    scales = rows(magnitudes).to(torch.float32) / norms
     ones = torch.ones((N,), dtype=torch.float32, device=weight.device)
     rows = iter(scales.unbind(0))
     return torch.stack([next(rows) if dora[i] else ones for i in range(L)])

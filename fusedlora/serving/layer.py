@@ -96,10 +96,15 @@ class MultiLoRALinear(nn.Module):
         if self.dora:
             slots = sorted(self.dora_slots if slots is None else set(slots) & self.dora_slots)
             if slots:
-                index = torch.tensor(slots, device=self.lora_A.device)
-                norms = stacked_weight_norms(self.base_layer.weight, self.lora_A[index], self.lora_B[index],
-                                             self.scalings[index])
-                self.col_scale[index] = self.magnitudes[index].to(torch.float32) / norms
+                # Slots picked by Python ints, never an index tensor: that would be a host-to-device
+                # copy, which a forward being captured in a CUDA graph must not make.
+                def picked(t):
+                    return torch.stack([t[i] for i in slots])
+                norms = stacked_weight_norms(self.base_layer.weight, picked(self.lora_A), picked(self.lora_B),
+                                             picked(self.scalings))
+                scales = picked(self.magnitudes).to(torch.float32) / norms
+                for row, slot in enumerate(slots):
+                    self.col_scale[slot].copy_(scales[row])
             self._seen = self._state()
 
     @torch.no_grad()
