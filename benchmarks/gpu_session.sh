@@ -5,8 +5,8 @@
 #     benchmarks/gpu_session.sh --dry-run OUTDIR  every step through the Triton interpreter at tiny sizes
 #
 # Steps, in order: versions; the headline benchmark (run.py, MoE rows included); host time per eager call
-# (host.py); serving (serve.py); the MoE training step (train.py --moe) and MoE serving (serve.py --moe);
-# the plan crossover (run.py --plans); kernel tuning (tune.py, which writes
+# (host.py); serving (serve.py), then its DoRA and RL cases; the MoE training step (train.py --moe) and
+# MoE serving (serve.py --moe); the plan crossover (run.py --plans); kernel tuning (tune.py, which writes
 # kernels/configs/<gpu>.json into OUTDIR); the training step (train.py); the CUDA test suite; the kernel
 # tests again with plain Triton launches (FUSEDLORA_FAST_LAUNCH=0), if budget is left. Each step runs
 # under `timeout` for at most its cap and at most what is left of the budget; a step with under 20 s
@@ -125,7 +125,8 @@ step versions 30 bash -c "$VERSIONS" "$OUT/versions.txt" "$PY"
 # Caps: the headline benchmark took ~150 s on an H200 at commit 8bd3736 with fewer providers.
 step benchmark 200 "$PY" benchmarks/run.py "${DRYARG[@]}" --out "$OUT"
 step host 40 "${HOST[@]}" --json "$OUT/host.json"
-step serve 110 "$PY" benchmarks/serve.py "${DRYARG[@]}" --out "$OUT"
+step serve 110 "$PY" benchmarks/serve.py "${DRYARG[@]}" --cases main --out "$OUT"
+step serve-dora 90 "$PY" benchmarks/serve.py "${DRYARG[@]}" --cases dora,rl --out "$OUT"
 # The MoE rows beside run.py's moe_fwd / moe_fwd_bwd: a Qwen3-MoE training step and a mixed-adapter MoE batch
 # (caps not yet measured on a GPU).
 step train_moe 60 "$PY" benchmarks/train.py --moe "${DRYARG[@]}" --out "$OUT"

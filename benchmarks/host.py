@@ -209,6 +209,30 @@ def _peft_layer(d: int, r: int, device, dtype, dropout: float = 0.0, train: bool
     return peft_model, peft_model.base_model.model[0]
 
 
+def _pool_layer(d: int, r: int, L: int, M: int, device, dora: bool):
+    """(the MultiLoRALinear of an AdapterPool over one nn.Linear(d, d), bf16, with L adapters loaded from
+    memory (every other one DoRA when `dora`), an input of M rows, the open `use` block they run in: a
+    collected block would close and leave the layer serving the base model)."""
+    import fusedlora
+    model = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False)).to(device=device, dtype=torch.bfloat16)
+    pool = fusedlora.AdapterPool(model, max_adapters=L, max_rank=r, target_modules=["0"], dora=dora)
+    g = torch.Generator().manual_seed(1)
+    for i in range(L):
+        use_dora = dora and i % 2 == 0
+        state = {"base_model.model.0.lora_A.weight": torch.randn(r, d, generator=g) / 8,
+                 "base_model.model.0.lora_B.weight": torch.randn(d, r, generator=g) / 8}
+        if use_dora:
+            state["base_model.model.0.lora_magnitude_vector"] = torch.rand(d, generator=g) + 0.5
+        pool.load(f"a{i}", state, config=dict(peft_type="LORA", r=r, lora_alpha=2 * r, target_modules=["0"],
+                                              use_dora=use_dora))
+    block = pool.use([f"a{i % L}" for i in range(M)])
+    block.__enter__()  # never left: the process ends with the benchmark (the caller keeps `block` alive)
+    x = torch.randn(M, d, generator=g).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model[0](x)  # the block's AdapterBatch for this shape, made once as in a decode loop
+    return model[0], x, block
+
+
 def cases(device) -> Dict[str, tuple]:
     """name -> (shape label, callable). Built once; each callable is one eager call."""
     import fusedlora
@@ -276,6 +300,16 @@ def cases(device) -> Dict[str, tuple]:
         y = fusedlora.dora_linear(xdg, Wd, bd, Adg, Bdg, mdg, 2.0)
         return torch.autograd.grad(y, (xdg, Adg, Bdg, mdg), gyd)
     out["dora_linear, forward+backward"] = (dora + ", W frozen", dora_fwd_bwd)
+    col_scale = torch.ones(L, d, device=device)
+    out["multi_lora_linear, AdapterBatch, col_scale"] = (multi, no_grad(
+        lambda: fusedlora.multi_lora_linear(xm, Wm, None, Am, Bm, s, batch, col_scale=col_scale)))
+    # A pool's layer in a `use` block, plain and with DoRA slots (whose forward first compares the
+    # version counters its scales were computed from). The block is entered here and left open: the
+    # timed calls are a decode step's layer calls, not the block's entry.
+    for dora in (False, True):
+        layer, pool_x, block = _pool_layer(d, r, L, Mm, device, dora)
+        out[f"AdapterPool layer, dora={dora}"] = (multi + (", 4 DoRA slots" if dora else ""), no_grad(
+            lambda layer=layer, pool_x=pool_x, block=block: layer(pool_x)))
 
     # Layers against the same layer unpatched: the base layer runs its own F.linear there (on the CPU
     # here), so these use a small width.

@@ -2,13 +2,16 @@
 generating tokens greedily through a transformers Llama with random weights.
 
     python benchmarks/serve.py [--scenario default|large] [--adapters N] [--batch B] [--new-tokens T]
-                               [--out DIR] [--moe]
+                               [--out DIR] [--cases main,dora,rl] [--moe]
 
 --moe runs the MoE row instead (benchmarks/serve_moe.py): a Qwen3-MoE model whose adapters also carry
 LoRA on the expert parameters, a mixed batch PEFT refuses, served by patch_peft and by AdapterPool.
 
 Scenarios: `default` is 8 adapters and 32 requests; `large` is 64 adapters and 64 requests, every
 request its own adapter (32 new tokens, one timed run: PEFT's loop over 64 adapters is slow).
+Then the same sizes with DoRA adapters in the batch, and an RL loop that updates an adapter from memory
+before every decoded batch (benchmarks/serve_dora.py; results under "dora" and "rl"). --cases picks
+among main (the above), dora and rl; without main the file is serve-<gpu>[-large]-<cases>.json.
 Adapter i has its own rank, spread evenly over 8..64, and is saved by PEFT.
 
 Providers, on the same requests in one run:
@@ -290,6 +293,17 @@ def timed(fn, repeats: int):
     return out, statistics.median(times)
 
 
+CASES = ("main", "dora", "rl")
+
+
+def _cases(text: str):
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or not cases:
+        raise argparse.ArgumentTypeError(f"cases are among {', '.join(CASES)}, got {text!r}")
+    return [c for c in CASES if c in cases]
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=SCENARIOS, default="default")
@@ -301,6 +315,9 @@ def parse(argv):
                         help="without a GPU only: a one-layer tiny model, fewer requests (checks the plumbing)")
     parser.add_argument("--moe", action="store_true",
                         help="the MoE row: a Qwen3-MoE model, LoRA on its expert parameters too (serve_moe.py)")
+    parser.add_argument("--cases", type=_cases, default=list(CASES),
+                        help=f"comma-separated, of {', '.join(CASES)} (default: all): the plain adapters' mixed batch, "
+                             "the DoRA mixed batch and the RL loop (the last two in benchmarks/serve_dora.py)")
     args = parser.parse_args(argv)
     if args.moe:
         return args  # serve_moe.py applies its own sizes to what is not given
@@ -333,9 +350,20 @@ def main(argv=None):
         print("No CUDA GPU: a tiny float32 model through the Triton interpreter, checking fusedlora's logits "
               "against PEFT and float64, and comparing greedy tokens. Throughput needs a GPU.")
     result = dict(suite.header(torch.cuda.get_device_name() if CUDA else None), transformers=transformers.__version__,
-                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny", ok=None)
+                  peft=peft.__version__, scenario=args.scenario if CUDA else "tiny", cases=args.cases, ok=None)
     # On the disk from the start: a run stopped by its timeout leaves the check and the providers timed so far.
     record = Record(args.out, out_stem(result), result, rows_key="providers")
+    status = main_case(args, result, record) if "main" in args.cases else 0
+    if "dora" in args.cases or "rl" in args.cases:
+        if CUDA:  # the main case's models went with its frame; the DoRA cases build their own
+            torch.cuda.empty_cache()
+        import serve_dora  # imports this module: loaded only when its cases run
+        status = max(status, serve_dora.run(args, result, record))
+    return finish(result, args, status, record)
+
+
+def main_case(args, result, record):
+    """The mixed batch of plain adapters, every provider; returns the exit status so far."""
     setup, T, status = Setup(args), args.new_tokens, 0
     print(f"{args.batch} requests, {args.adapters} adapters (ranks {min(setup.ranks)}..{max(setup.ranks)}), "
           f"{args.prompt} prompt + {T} new tokens, {setup.dtype}", flush=True)
@@ -376,7 +404,7 @@ def main(argv=None):
                 peft_run = (tokens, seconds)
             record.add(provider_row(name, tokens, seconds, args.batch * T, peft_run))
     print_agreement_note()
-    return finish(result, args, status, record)
+    return status
 
 
 def provider_row(name, tokens, seconds, count, peft_run):
@@ -415,7 +443,8 @@ def print_agreement_note():
 
 def out_stem(result):
     scenario = "" if result["scenario"] in ("default", "tiny") else "-" + result["scenario"]
-    return f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}"
+    cases = "" if "main" in result.get("cases", ["main"]) else "-" + "-".join(result["cases"])
+    return f"serve-{report.stem(result['gpu'] if CUDA else 'cpu-check')}{scenario}{cases}"
 
 
 def finish(result, args, status, record=None):

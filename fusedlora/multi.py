@@ -22,6 +22,7 @@ def multi_lora_linear(
     scalings: torch.Tensor,
     adapter_ids: Union[torch.Tensor, AdapterBatch],
     ranks: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y[t] = x[t]·Wᵀ + b + scalings[i]·(x[t]·A[i]ᵀ)·B[i]ᵀ with i = adapter_ids[t] (-1: base only).
 
@@ -39,10 +40,15 @@ def multi_lora_linear(
     The execution plan (FUSEDLORA_PLAN, fusedlora/plans/planner.py) does not change the result beyond rounding.
     Every call runs the call plan of its specialization (fusedlora/core/specialization.py), built by
     its first call, as lora_linear's.
+    col_scale: (L, N) float32 or None. Given (DoRA adapters in the batch), y[t] = col_scale[i] ⊙ (x[t]·Wᵀ +
+    scalings[i]·(x[t]·A[i]ᵀ)·B[i]ᵀ) + b on rows with an adapter i, col_scale[i] = m_i / ‖W + s_i·B_i·A_i‖_row
+    for a DoRA adapter and ones for a plain one; rows with id -1 are unscaled. The kernels serve it
+    eagerly without gradients (serving); a call that needs a gradient, or runs under torch.compile,
+    takes the PyTorch backend, which is differentiable in col_scale too.
     """
     if not isinstance(adapter_ids, AdapterBatch):
         # Bare ids: checked with the call's other inputs (their values where that costs no GPU sync),
         # then made a batch; an AdapterBatch's ids were checked when it was built.
         check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, values=False)
         adapter_ids = AdapterBatch(adapter_ids, lora_A.shape[0])
-    return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks)
+    return ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, col_scale)

@@ -19,6 +19,15 @@ def check_shapes(ok: bool, launcher: str, **tensors) -> None:
         raise ValueError(f"{launcher}: shapes do not chain: {shapes}")
 
 
+def check_col_scale(col_scale, launcher: str) -> None:
+    """A per-adapter column scale (DoRA's magnitude over the row norms): (L, N) float32 on the output's
+    columns with unit column stride, as the epilogues read it; None passes."""
+    if col_scale is not None and (col_scale.dtype != torch.float32 or col_scale.dim() != 2
+                                  or (col_scale.shape[1] > 1 and col_scale.stride(1) != 1)):
+        raise ValueError(f"{launcher}: col_scale must be an (L, N) float32 tensor with unit column stride, got "
+                         f"shape {tuple(col_scale.shape)}, {col_scale.dtype}, strides {col_scale.stride()}")
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for grids: plain Python (triton.cdiv is a constexpr function on recent Triton,
     ~1.75 µs a host call)."""

@@ -5,6 +5,8 @@ ranks r_l <= R and ids: (M,) in [-1, L), for M <= DECODE_MAX_ROWS rows:
 
     shrink   S[m] = s_l · X[m]·Q_l[:r_l]ᵀ      (M, R) fp32, l = ids[m]      S (X=x, Q=A), dU (X=dY, Q=Bᵀ)
     expand   out[m] = b + S[m]·P_l[:, :r_l]ᵀ                                y's (P=B) and dX's (P=Aᵀ) low-rank term
+    DoRA     out[m] = G[l] ⊙ (X[m]·Wᵀ + S[m]·P_lᵀ) + b   HAS_COL_SCALE: G (L, N) fp32, each adapter's
+             magnitude over its row norms, read at the row's adapter (rows with id -1 unscaled)
 
 Program layout. Program i reads all M ids (M is small) and serves row i's adapter l only if i is the
 first row holding l, its leader; it then serves every row holding l, so each adapter's weights are
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import cdiv, check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_col_scale, check_shapes, dot_dtype, dot_precision
 from .launch import Bound, launch
 from .lora_gemm import matmul_tile
 from .multi_lora import adapter_rank
@@ -88,11 +90,12 @@ def _sum_parts(part_ptr, offs_m, offs_r, ok, SPLIT, stride_ps, stride_pm, stride
 
 @triton.jit
 def _decode_gemm_kernel(
-    x_ptr, w_ptr, part_ptr, q_ptr, bias_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr,
+    x_ptr, w_ptr, part_ptr, q_ptr, bias_ptr, out_ptr, s_ptr, ids_ptr, ranks_ptr, g_ptr,
     M, N, K, L, R, SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ps, stride_pm, stride_pr,
-    stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_sm, stride_sr,
+    stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_sm, stride_sr, stride_gl,
     HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, WRITE_S: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     R_CHUNK: tl.constexpr,
@@ -140,6 +143,11 @@ def _decode_gemm_kernel(
                 q = tl.load(q_rows + offs_r[None, :, None].to(tl.int64) * stride_qr,
                             mask=in_rank[:, :, None] & n_ok[None, None, :], other=0.0)
                 acc += tl.sum(p[:, :, None] * q.to(tl.float32), axis=1)
+        if HAS_COL_SCALE:
+            # DoRA: each row's adapter scales base and low-rank term together, before the bias. Rows
+            # without an adapter read nothing and keep a scale of one.
+            acc *= tl.load(g_ptr + adapters[:, None] * stride_gl + cols[None, :],
+                           mask=valid[:, None] & n_ok[None, :], other=1.0)
         acc = tl.where((m_ok & ((ids < -1) | (ids >= L)))[:, None], float("nan"), acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -216,10 +224,11 @@ def _shrink_arguments(x, q, scalings, ids, ranks, part):
             (M, C, L, R, c_per_split, *x.stride(), *q.stride(), *part.stride()), kwargs)
 
 
-def decode_gemm(part, q, ids, ranks, x=None, w=None, out=None, bias=None, write_s=False):
+def decode_gemm(part, q, ids, ranks, x=None, w=None, out=None, bias=None, write_s=False, col_scale=None):
     """out = x·wᵀ + bias + S·Q_lᵀ, written into out: (M, N) (any strides and float dtype; None: not
     computed), and S: (M, R) fp32 returned with write_s (else None), with S = Σ_s part[s]
-    (decode_shrink's partial sums, added in a fixed order).
+    (decode_shrink's partial sums, added in a fixed order). col_scale: (L, N) fp32 with unit column
+    stride, or None; given, out = col_scale[l] ⊙ (x·wᵀ + S·Q_lᵀ) + bias on rows with an adapter l.
 
     x: (M, K) and w: (N, K), any strides (needed with out); q: (L, N, R) any strides; ids: (M,) integer,
     contiguous; ranks: (L,) integer or None; bias: (N,) or None. Rows with id -1 get x·wᵀ + bias, rows
@@ -230,17 +239,19 @@ def decode_gemm(part, q, ids, ranks, x=None, w=None, out=None, bias=None, write_
     check_shapes(R == R_q and ids.shape == (M,) and (ranks is None or ranks.shape == (L,))
                  and (bias is None or bias.shape == (N,))
                  and (out is None or (out.shape == (M, N) and x is not None and w is not None and x.shape[0] == M
-                                      and w.shape == (N, x.shape[1]))),
-                 "decode_gemm", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out, x=x, w=w)
+                                      and w.shape == (N, x.shape[1])))
+                 and (col_scale is None or (out is not None and col_scale.shape == (L, N))),
+                 "decode_gemm", part=part, q=q, ids=ids, ranks=ranks, bias=bias, out=out, x=x, w=w, col_scale=col_scale)
+    check_col_scale(col_scale, "decode_gemm")
     S = torch.empty((M, R), dtype=torch.float32, device=part.device) if write_s else None
     if M == 0 or (N == 0 and not write_s):
         return S
-    grid, pointers, frozen, kwargs = _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S)
+    grid, pointers, frozen, kwargs = _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S, col_scale)
     launch(_decode_gemm_kernel, grid, *pointers, *frozen, **kwargs)
     return S
 
 
-def _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S):
+def _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S, col_scale=None):
     """(grid, pointers, frozen, kwargs) of decode_gemm's launch, as _shrink_arguments."""
     split, M, R = part.shape
     L, N, _ = q.shape
@@ -250,40 +261,48 @@ def _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S):
     K = x.shape[1]
     grid, even_k, cfg = _gemm_config(M, N, K, R, has_out, part.device)
     s = S if S is not None else part[0]
+    g = col_scale if col_scale is not None else part[0]  # a stand-in the flag compiles away
     kwargs = dict(HAS_OUT=has_out, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, WRITE_S=S is not None,
-                  EVEN_K=even_k, DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
-                  **cfg)
-    return (grid, (x, w, part, q, bias if bias is not None else part, out, s, ids, ranks if ranks is not None else ids),
-            (M, N, K, L, R, split, *x.stride(), *w.stride(), *part.stride(), *q.stride(), *out.stride(), *s.stride()),
+                  HAS_COL_SCALE=col_scale is not None, EVEN_K=even_k, DOT_DTYPE=dot_dtype(x.dtype, w.dtype),
+                  PRECISION=dot_precision(x.dtype, w.dtype), **cfg)
+    return (grid, (x, w, part, q, bias if bias is not None else part, out, s, ids, ranks if ranks is not None else ids,
+                   g),
+            (M, N, K, L, R, split, *x.stride(), *w.stride(), *part.stride(), *q.stride(), *out.stride(), *s.stride(),
+             g.stride(0)),
             kwargs)
 
 
-def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out):
+def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None):
     """decode_shrink then decode_gemm into out (no S), fixed for every call whose tensors have these
     ones' shapes, strides, dtypes, devices and 16-byte alignment (the caller's cache key guarantees
-    it): returns run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out), which allocates the
-    partial sums and makes both launches with the grids, strides and constexprs computed here. x: (M, K)
-    with 0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; weight: (N, K); out: (M, N). Each call may pass, as x or
-    out, any tensor whose data starts where such a 2-D view's does."""
+    it): returns run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None), which
+    allocates the partial sums and makes both launches with the grids, strides and constexprs computed
+    here. x: (M, K) with 0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; weight: (N, K); out: (M, N); col_scale:
+    (L, N) fp32 (DoRA) or None, given to every call exactly when it was given here. Each call may pass,
+    as x or out, any tensor whose data starts where such a 2-D view's does."""
     M, K = x.shape
     L, R, _ = lora_A.shape
     check_shapes(0 < M <= DECODE_MAX_ROWS and K > 0 and L > 0 and lora_A.shape[2] == K and ids.shape == (M,)
-                 and weight.shape == (lora_B.shape[1], K) and out.shape == (M, lora_B.shape[1]),
-                 "decode_launcher", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, ids=ids, out=out)
+                 and weight.shape == (lora_B.shape[1], K) and out.shape == (M, lora_B.shape[1])
+                 and (col_scale is None or col_scale.shape == (L, lora_B.shape[1])),
+                 "decode_launcher", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, ids=ids, out=out,
+                 col_scale=col_scale)
     _check_ids(ids, "decode_launcher")
+    check_col_scale(col_scale, "decode_launcher")
     split = _shrink_config(M, K, R, x.device, torch.float32 in (x.dtype, lora_A.dtype))[0][1]
     part = torch.empty((split, M, R), dtype=torch.float32, device=x.device)  # for its strides
     grid, _, frozen, kwargs = _shrink_arguments(x, lora_A, scalings, ids, ranks, part)
     shrink = Bound(_decode_shrink_kernel, grid, frozen, kwargs)
-    grid, _, frozen, kwargs = _gemm_arguments(part, lora_B, ids, ranks, x, weight, out, bias, None)
+    grid, _, frozen, kwargs = _gemm_arguments(part, lora_B, ids, ranks, x, weight, out, bias, None, col_scale)
     gemm = Bound(_decode_gemm_kernel, grid, frozen, kwargs)
     part_shape, device = part.shape, part.device
 
-    def run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out):
+    def run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None):
         part = torch.empty(part_shape, dtype=torch.float32, device=device)
         if ranks is None:
             ranks = ids
         shrink((x, lora_A, scalings, ids, ranks, part), ())
-        gemm((x, weight, part, lora_B, bias if bias is not None else part, out, part, ids, ranks), ())
+        gemm((x, weight, part, lora_B, bias if bias is not None else part, out, part, ids, ranks,
+              col_scale if col_scale is not None else part), ())
 
     return run

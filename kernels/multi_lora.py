@@ -16,7 +16,10 @@ kernels of kernels/multi_decode.py) reads what any other wrote.
 - _multi_shrink_kernel  S[t] = s_l · X[t]·Q_lᵀ  per adapter segment, for S (X=x, Q=A) and dU (X=dY, Q=Bᵀ)
 - _multi_gemm_kernel    out[t] (+)= X[t]·Wᵀ + b + S[t]·P_lᵀ over blocks of sorted rows, each adapter's
                         expand as extra K-steps: the fused plan's y (W, B) and dX (Wᵀ, Aᵀ); without W,
-                        the split plan's low-rank term (a library GEMM then adds x·Wᵀ or dY·W)
+                        the split plan's low-rank term (a library GEMM then adds x·Wᵀ or dY·W).
+                        DoRA (HAS_COL_SCALE, G: (L, N) fp32): out[t] = G[l] ⊙ (X[t]·Wᵀ + S[t]·P_lᵀ
+                        (+ out[t] with ACCUMULATE)) + b, the scale before the bias; rows with id -1
+                        unscaled. The split plan then writes x·Wᵀ first and accumulates onto it.
 - _multi_reduce_kernel  out_l = Σ_{t in l} Y[t]ᵀ·Z[t]  for dA (Y=x, Z=dU) and dB (Y=dY, Z=S); over a
                         segment of sorted rows, or (SCAN, for small M) over every row whose id is l
 Without `ranks` (HAS_RANKS=False) every adapter has rank R. Ids outside [-1, L) cannot be checked on
@@ -27,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import cdiv, check_shapes, dot_dtype, dot_precision
+from .common import cdiv, check_col_scale, check_shapes, dot_dtype, dot_precision
 from .launch import launch
 from .lora_gemm import grouped_pid, matmul_tile
 
@@ -72,11 +75,12 @@ def _multi_shrink_kernel(
 
 @triton.jit
 def _multi_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, out_ptr, order_ptr, sorted_ids_ptr, starts_ptr, ranks_ptr,
+    x_ptr, w_ptr, bias_ptr, p_ptr, q_ptr, out_ptr, order_ptr, sorted_ids_ptr, starts_ptr, ranks_ptr, g_ptr,
     M, N, K, L, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr,
-    stride_ql, stride_qn, stride_qr, stride_om, stride_on,
+    stride_ql, stride_qn, stride_qr, stride_om, stride_on, stride_gl,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -113,14 +117,20 @@ def _multi_gemm_kernel(
         # Segment end: starts[id + 1] for the next id; ids past L are sorted last and end the block.
         next_start = tl.load(starts_ptr + tl.where(adapter < -1, 0, tl.minimum(adapter + 2, L + 1)))
         pos = tl.where(adapter >= L, block_end, next_start)
-    bad = (ids < -1) | (ids >= L)
-    acc = tl.where(bad[:, None], float("nan"), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + tokens[:, None] * stride_om + cols[None, :] * stride_on
     out_mask = p_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        # DoRA: the row's adapter scales everything so far (base and low-rank term), then the bias is
+        # added. Rows without an adapter read nothing and keep a scale of one.
+        valid = p_ok & (ids >= 0) & (ids < L)
+        acc *= tl.load(g_ptr + tl.where(valid, ids, 0).to(tl.int64)[:, None] * stride_gl + cols[None, :],
+                       mask=valid[:, None] & n_ok[None, :], other=1.0)
+    bad = (ids < -1) | (ids >= L)
+    acc = tl.where(bad[:, None], float("nan"), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -197,19 +207,23 @@ def multi_shrink(x, q, scalings, groups, ranks):
     return out
 
 
-def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
+def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False, col_scale=None):
     """out[t] (+)= x[t]·weightᵀ + bias + P[t]·Q_lᵀ, into out: (M, N), any strides and float dtype.
 
     x: (M, K), or None with weight None (the low-rank term alone); weight: (N, K) or None; p: (M, R)
     fp32 in token order; q: (L, N, R) any strides; ranks: (L,) integer or None. With `accumulate`, the
-    result is added to what out holds (the unfused expand)."""
+    result is added to what out holds (the unfused expand). col_scale: (L, N) fp32 with unit column
+    stride, or None; given, out[t] = col_scale[l] ⊙ (x[t]·weightᵀ + P[t]·Q_lᵀ (+ out[t])) + bias on
+    rows with an adapter l (DoRA)."""
     M, R = p.shape
     L, N, R_q = q.shape
     has_base = weight is not None
     check_shapes(R == R_q and (ranks is None or ranks.shape == (L,))
                  and (not has_base or (x.shape[0] == M and weight.shape == (N, x.shape[1])))
-                 and (bias is None or bias.shape == (N,)) and out.shape == (M, N), "multi_gemm",
-                 x=x, weight=weight, bias=bias, p=p, q=q, ranks=ranks, out=out)
+                 and (bias is None or bias.shape == (N,)) and out.shape == (M, N)
+                 and (col_scale is None or col_scale.shape == (L, N)), "multi_gemm",
+                 x=x, weight=weight, bias=bias, p=p, q=q, ranks=ranks, out=out, col_scale=col_scale)
+    check_col_scale(col_scale, "multi_gemm")
     if M == 0 or N == 0:
         return out
     order, sorted_ids, starts = groups
@@ -222,10 +236,13 @@ def multi_gemm(x, weight, bias, p, q, groups, ranks, out, accumulate=False):
     launch(
         _multi_gemm_kernel, grid,
         x, w, bias if bias is not None else p, p, q, out, order, sorted_ids, starts, ranks,
+        col_scale if col_scale is not None else p,
         M, N, K, L, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), p.stride(0), p.stride(1),
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
+        col_scale.stride(0) if col_scale is not None else 0,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_RANKS=has_ranks, ACCUMULATE=accumulate,
+        HAS_COL_SCALE=col_scale is not None,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         DOT_DTYPE=dot_dtype(x.dtype, w.dtype), PRECISION=dot_precision(x.dtype, w.dtype),
         LORA_PRECISION=dot_precision(out.dtype, torch.float32, low_rank=True), **cfg,

@@ -27,10 +27,11 @@ def test_dry_run_takes_every_step(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=900)
     summary = proc.stdout[proc.stdout.rindex("=== summary"):]
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
-    for name in ("versions", "benchmark", "host", "serve", "train_moe", "serve_moe", "plans", "tune", "train", "plain",
-                 "tests"):
+    for name in ("versions", "benchmark", "host", "serve", "serve-dora", "train_moe", "serve_moe", "plans", "tune",
+                 "train", "plain", "tests"):
         assert f"{name:10} exit   0" in summary, summary
-    for stem in ("cpu-check", "cpu-check-plans", "serve-cpu-check", "cpu-check-train", "cpu-check-train-moe",
+    for stem in ("cpu-check", "cpu-check-plans", "serve-cpu-check", "serve-cpu-check-dora-rl", "cpu-check-train",
+                 "cpu-check-train-moe",
                  "tune-cpu-check"):
         record = json.loads((tmp_path / f"{stem}.json").read_text())
         rows = [json.loads(line) for line in (tmp_path / f"{stem}.jsonl").read_text().splitlines()]

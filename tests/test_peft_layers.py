@@ -304,7 +304,7 @@ def test_mixed_batch_over_conv1d_and_its_fallback_over_a_custom_base(calls):
         multi = []
         real = fusedlora.peft.forward.multi_lora_linear
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(fusedlora.peft.forward, "multi_lora_linear", lambda *a: multi.append(1) or real(*a))
+            patch.setattr(fusedlora.peft.forward, "multi_lora_linear", lambda *a, **k: multi.append(1) or real(*a, **k))
             got = model(x, adapter_names=names)
     assert len(multi) == 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

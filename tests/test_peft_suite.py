@@ -88,8 +88,10 @@ def test_peft_lora_tests_pass_patched_wherever_they_pass_unpatched(tmp_path, req
     result = run_peft_suite(peft_sdist_root(), tmp_path)
     lines = [f"PEFT {VERSION} suite, patched: {result['tests']} tests, {result['passed']} passed, "
              f"{result['skipped']} skipped, {result['failed_both']} failed patched and unpatched, "
-             f"{len(result['regressions'])} regressions; {result['fused']} tests had a call served by the "
-             f"kernels, {result['no_patched_call']} called no patched layer"]
+             f"{len(result['by_design'])} differ by design, {len(result['regressions'])} regressions; "
+             f"{result['fused']} tests had a call served by the kernels, {result['no_patched_call']} called no "
+             "patched layer"]
+    lines += [f"  by design: {test}: {why}" for test, why in sorted(result["by_design"].items())]
     lines += [f"  not fused, {n} tests: {reason}" for reason, n in sorted(result["not_fused"].items(),
                                                                          key=lambda kv: -kv[1])]
     request.config.stash.setdefault(SUMMARY, []).extend(lines)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for 
 
 
 def test_serving_benchmark_runs_tiny_on_cpu(capsys, tmp_path):
-    assert serve.main(["--out", str(tmp_path)]) == 0
+    assert serve.main(["--out", str(tmp_path), "--cases", "main"]) == 0
     out = capsys.readouterr().out
     assert "Throughput needs a GPU" in out and "tokens/s" not in out
     result = json.loads((tmp_path / "serve-cpu-check.json").read_text())
@@ -31,6 +31,44 @@ def test_serving_benchmark_runs_tiny_on_cpu(capsys, tmp_path):
     agreement = {row["provider"]: row["tokens_equal_to_peft"] for row in result["providers"]}
     assert agreement == {"peft": None, "fusedlora": 1.0, "fusedlora-static": 1.0}
     assert "fusedlora-static  greedy tokens equal to PEFT's in 100.0% of positions" in out
+
+
+def test_dora_and_rl_cases_check_against_float64_on_cpu(capsys, tmp_path):
+    """The DoRA mixed batch (DoRA and plain adapters and a base row; PEFT runs each adapter alone) and the
+    RL loop (updates from memory, then a batch) on the tiny model through the kernels: both checks pass,
+    every provider has its row (the update latency a GPU-only number), no timing is printed, and
+    greedy tokens equal PEFT's in float32."""
+    assert serve.main(["--out", str(tmp_path), "--cases", "dora,rl"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" not in out and " ms" not in out
+    result = json.loads((tmp_path / "serve-cpu-check-dora-rl.json").read_text())
+    assert result["ok"] and "logit_check" not in result
+    for case in ("dora", "rl"):
+        check = result[case]["check"]
+        assert check["ok"] and [row["provider"] for row in check["rows"]] == [f"{case}/peft", f"{case}/fusedlora"]
+        assert all(row["max_rel_err"] <= check["absolute_bound"] for row in check["rows"])
+    rows = {row["provider"]: row for row in result["providers"]}
+    assert list(rows) == ["dora/peft-per-adapter", "dora/fusedlora", "rl/peft-set-state-dict", "rl/fusedlora",
+                          "rl/peft-reload"]
+    assert all(row["seconds"] is None for row in rows.values())
+    assert all(rows[f"rl/{name}"]["update_s"] is None for name in ("fusedlora", "peft-set-state-dict", "peft-reload"))
+    assert {name: row["tokens_equal_to_peft"] for name, row in rows.items()} == {
+        "dora/peft-per-adapter": None, "dora/fusedlora": 1.0, "rl/peft-set-state-dict": None, "rl/fusedlora": 1.0,
+        "rl/peft-reload": 1.0}
+
+
+def test_dora_check_fails_when_a_scale_is_wrong(monkeypatch):
+    """One DoRA adapter's scale in one layer off by 5% (a stale or wrong g): the pool's rows fail the
+    DoRA check, PEFT's pass. The check is under test: the PyTorch backend is faster."""
+    import serve_dora
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    setup = serve_dora.DoraSetup(serve.parse([]))
+    layer = setup.pool.layers["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.col_scale[setup.pool._loaded["a0"].slot].mul_(1.05)  # derived, not in what the layers watch
+        sequences = torch.cat([setup.prompts, setup.prompts[:, :3]], 1)
+        check = serve_dora.check(setup, sequences, setup.names, "dora")
+    assert {row["provider"]: row["ok"] for row in check["rows"]} == {"dora/peft": True, "dora/fusedlora": False}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +127,7 @@ def test_bounds_per_row():
 def test_scenario_presets_and_overrides(monkeypatch):
     """On a GPU the scenario sets what the flags leave unset; on CPU the tiny run is always the same."""
     assert vars(serve.parse(["--scenario", "large", "--batch", "8"])) | {"out": None} == \
-        dict(serve.TINY, scenario="large", out=None, dry_run=False, moe=False)
+        dict(serve.TINY, scenario="large", out=None, dry_run=False, moe=False, cases=["main", "dora", "rl"])
     monkeypatch.setattr(serve, "CUDA", True)
     args = serve.parse(["--scenario", "large", "--repeats", "2"])
     assert (args.adapters, args.batch, args.new_tokens, args.repeats) == (64, 64, 32, 2)

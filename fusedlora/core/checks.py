@@ -239,6 +239,21 @@ def check_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, v
         check_ranks_values(ranks, R)
 
 
+def check_col_scale(col_scale, weight, lora_A) -> None:
+    """multi_lora_linear's DoRA scale: a float32 tensor (L, N) for lora_A (L, R, K) and weight (N, K), on
+    the weight's device."""
+    require_tensor("col_scale", col_scale)
+    L, N = lora_A.shape[0], weight.shape[0]
+    if col_scale.dtype != torch.float32:
+        raise TypeError(f"{describe('col_scale', col_scale)} must be float32 (each adapter's magnitude over its "
+                        "row norms, as DoRA computes them)")
+    if tuple(col_scale.shape) != (L, N):
+        raise ValueError(f"{describe('col_scale', col_scale)} must be (L, N) = ({L}, {N}) for "
+                         f"{describe('lora_A', lora_A)} and {describe('weight', weight)}")
+    if col_scale.device != weight.device:
+        raise ValueError(f"{describe('col_scale', col_scale)} is not on the weight's device {weight.device}")
+
+
 def check_ranks_values(ranks, R: int) -> None:
     """Every rank in [0, R] (None: nothing to check): a read of the values."""
     if ranks is not None and ranks.numel() and (ranks.min() < 0 or ranks.max() > R):

@@ -66,10 +66,15 @@ def multi_lora_linear(
     scalings: torch.Tensor,
     adapter_ids: torch.Tensor,
     ranks: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y[t] = x[t]·Wᵀ + b + scalings[i]·(x[t]·A[i, :r_i]ᵀ)·B[i, :, :r_i]ᵀ with i = adapter_ids[t]; i = -1
     adds nothing. x: (*, K), lora_A: (L, R, K), lora_B: (L, N, R), scalings: (L,), adapter_ids: x.shape[:-1],
-    ranks: (L,) or None (= R for all). Same dtype rules as lora_linear; one adapter at a time."""
+    ranks: (L,) or None (= R for all). Same dtype rules as lora_linear; one adapter at a time.
+    col_scale: (L, N) or None, DoRA's g_i = m_i / ‖W + s_i·B_i·A_i‖_row per adapter (ones for a plain
+    one): the rows of adapter i are then y[t] = g_i ⊙ (x[t]·Wᵀ + s_i·(x[t]·A_iᵀ)·B_iᵀ) + b."""
+    if col_scale is not None:
+        return _multi_dora(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, col_scale)
     y = x @ weight.t()
     if bias is not None:
         y = y + bias
@@ -82,6 +87,23 @@ def multi_lora_linear(
         update = ((xa[rows] @ lora_A[i, :r].t()) @ lora_B[i, :, :r].t()) * scalings[i].to(lora_A.dtype)
         low_rank = low_rank.index_put((rows,), update)
     return (y + low_rank).to(x.dtype)
+
+
+def _multi_dora(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, col_scale):
+    """multi_lora_linear with a DoRA scale per adapter: each adapter's rows as its own DoRA layer without
+    dropout, g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, in the adapters' dtype; rows with id -1 get x·Wᵀ + b."""
+    dtype = lora_A.dtype
+    y = (x @ weight.t()).to(dtype)
+    out = y.clone()
+    xa = x.to(dtype)
+    for i in range(lora_A.shape[0]):
+        r = lora_A.shape[1] if ranks is None else int(ranks[i])
+        rows = adapter_ids == i
+        update = ((xa[rows] @ lora_A[i, :r].t()) @ lora_B[i, :, :r].t()) * scalings[i].to(dtype)
+        out = out.index_put((rows,), col_scale[i].to(dtype) * (y[rows] + update))
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return out.to(x.dtype)
 
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -41,8 +41,10 @@ def lora_add(base, x, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, se
 
 
 def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids: torch.Tensor,
-                      ranks: Optional[torch.Tensor]):
-    """fusedlora.multi_lora_linear for validated inputs and bare ids (x.shape[:-1]).
+                      ranks: Optional[torch.Tensor], col_scale: Optional[torch.Tensor] = None):
+    """fusedlora.multi_lora_linear for validated inputs and bare ids (x.shape[:-1]); col_scale: (L, N)
+    float32 (DoRA) or None: each row's sum x·Wᵀ + update is scaled by its adapter's row of it, before the
+    bias, in fp32; rows without an adapter keep a scale of one.
 
     Its shapes never depend on the ids, so it compiles without graph breaks and captures in CUDA
     graphs: each adapter's update is computed for every token and kept where the token chose it, L
@@ -54,7 +56,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids: to
     M, N, dtype = adapter_ids.numel(), weight.shape[0], lora_A.dtype
     ids = adapter_ids.reshape(M)
     x2 = x.reshape(M, K)
-    y = F.linear(x2, weight, bias).to(dtype)
+    y = F.linear(x2, weight, bias if col_scale is None else None).to(dtype)
     xa = x2.to(dtype)
     if ranks is None:
         ranks = torch.full((L,), R, device=x.device)
@@ -64,6 +66,12 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids: to
         B = torch.where(in_rank[i, None, :], lora_B[i], 0)
         update = F.linear(F.linear(xa, A) * scalings[i].to(dtype), B)
         y = torch.where((ids == i)[:, None], y + update, y)
+    if col_scale is not None:
+        valid = (ids >= 0) & (ids < L)
+        if L:  # an (M, N) gather of the scales: output-sized, never N×K
+            y = y * torch.where(valid[:, None], col_scale[torch.where(valid, ids, 0)], 1.0)
+        if bias is not None:
+            y = y + bias
     y = torch.where(((ids < -1) | (ids >= L))[:, None], float("nan"), y)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 

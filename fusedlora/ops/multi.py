@@ -22,33 +22,37 @@ import torch
 from fusedlora.core import torch_backend
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_multi, describe
+from fusedlora.core.checks import check_col_scale, check_multi, describe
 from fusedlora.core.specialization import OPTIONAL, SPEC, TENSOR, Signature
 from fusedlora.ops.call import PlannedCall, planned
 from fusedlora.plans.multi import multi_plan
 
 MULTI = Signature("multi_lora_linear", x=TENSOR, weight=TENSOR, bias=OPTIONAL, lora_A=TENSOR, lora_B=TENSOR,
-                  scalings=TENSOR, batch=SPEC, ranks=OPTIONAL)
+                  scalings=TENSOR, batch=SPEC, ranks=OPTIONAL, col_scale=OPTIONAL)
 
 
-def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterBatch, ranks) -> torch.Tensor:
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterBatch, ranks,
+                      col_scale=None) -> torch.Tensor:
     """fusedlora.multi_lora_linear over an AdapterBatch (fusedlora/multi.py documents it)."""
     if torch.compiler.is_compiling():
-        return _compiled(x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
-    key = MULTI.key(x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
+        return _compiled(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
+    key = MULTI.key(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
     plan = MULTI.plans.get(key)
     if plan is None:
-        plan = planned(MULTI, key, multi_plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks))
+        plan = planned(MULTI, key, multi_plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale))
     if plan.run is not None:
-        return plan.run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
-    return PlannedCall.apply(plan, x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
+        return plan.run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
+    return PlannedCall.apply(plan, x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
 
 
-def _compiled(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+def _compiled(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
     check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
     if batch.num_adapters != lora_A.shape[0]:
         raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
                          f"{describe('lora_A', lora_A)} holds L = {lora_A.shape[0]}")
+    if col_scale is not None:  # DoRA's scale: traced through the PyTorch backend, differentiable in it too
+        check_col_scale(col_scale, weight, lora_A)
+        return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, col_scale)
     if backend_for(x) == "torch":
         return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks)
     return multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scalings, batch.flat, ranks, *batch.cached_groups)[0]
@@ -64,7 +68,7 @@ def _op_plan(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ranks, orde
     adapter_ids: x.shape[:-1] or flat; the batch made of them is the plan's."""
     ids = adapter_ids.reshape(x.shape[:-1])  # a view of the AdapterBatch's flat ids
     batch = AdapterBatch.grouped(ids, lora_A.shape[0], (order, sorted_ids, starts) if order is not None else None)
-    args = (x, weight, bias, lora_A, lora_B, scalings, batch, ranks)
+    args = (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, None)
     key = MULTI.key(*args, needs=_ALL)
     plan = MULTI.plans.get(key) or planned(MULTI, key, multi_plan, args, needs=_ALL)
     return plan, args
@@ -98,7 +102,7 @@ def multi_lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: tor
                                   needs: List[bool]) -> List[torch.Tensor]:
     """The gradients of (x, weight, bias, lora_A, lora_B) whose flag in `needs` is set, in that order
     (a custom op cannot return None)."""
-    plan, (x, weight, _, lora_A, lora_B, scalings, batch, ranks) = _op_plan(
+    plan, (x, weight, _, lora_A, lora_B, scalings, batch, ranks, _) = _op_plan(
         x, weight, None, lora_A, lora_B, scalings, adapter_ids, ranks, order, sorted_ids, starts)
     grads = plan.backward(dy, (x, weight, lora_A, lora_B, scalings, ranks, S), (batch,), tuple(needs))
     return [g for g in grads[:5] if g is not None]

@@ -16,7 +16,7 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, Mapping, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -87,8 +87,18 @@ def read_config(path: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         _fail(path, f"not valid JSON ({e})")
+    return check_config(config, path)
+
+
+def check_config(config, path) -> dict:
+    """A config as adapter_config.json holds it (a dict; a peft LoraConfig is turned into one), checked:
+    a LoRA config with options fusedlora supports. `path` names it in errors. Returns a new dict with
+    PEFT's defaults filled in."""
+    if hasattr(config, "to_dict") and not isinstance(config, dict):  # peft's LoraConfig and its kin
+        config = config.to_dict()
     if not isinstance(config, dict):
         _fail(path, f"must hold a JSON object, got {type(config).__name__}")
+    config = dict(config)
     if config.get("peft_type") != "LORA":
         _fail(path, f"peft_type is {config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') load")
     for key, what in UNSUPPORTED.items():
@@ -182,7 +192,33 @@ def read_with_experts(directory):
         _fail(directory, "not a directory")
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     config = read_config(config_path)
-    lora, extra = split_keys(weights_path, read_weights(weights_path))
+    return _adapter(config, read_weights(weights_path), weights_path, config_path)
+
+
+def adapter_from_state_dict(state_dict, config, where: str = "the state dict") -> Adapter:
+    """The Adapter that read_adapter would return for these weights and this config, from memory:
+    state_dict as PEFT saves it (peft.get_peft_model_state_dict(model, adapter_name=...): keys
+    `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`), config a
+    peft LoraConfig (model.peft_config[adapter_name]) or its dict. The same checks as a file, with
+    errors (AdapterFileError) naming `where`. The tensors are not copied."""
+    return state_dict_with_experts(state_dict, config, where)[0]
+
+
+def state_dict_with_experts(state_dict, config, where: str = "the state dict"):
+    """(adapter_from_state_dict's Adapter, the expert-parameter entries set aside), as read_with_experts."""
+    if not isinstance(state_dict, Mapping):
+        _fail(where, f"must be a mapping of names to tensors (a state dict), got {type(state_dict).__name__}")
+    for key, t in state_dict.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            _fail(where, f"entry {key!r} is a {type(t).__name__}; a state dict maps names to tensors")
+    config = check_config(config, f"{where} (config)")
+    return _adapter(config, dict(state_dict), where, f"{where} (config)")
+
+
+def _adapter(config: dict, tensors: Dict[str, torch.Tensor], weights_path, config_path):
+    """(the checked Adapter of a config and its weights, their expert-parameter entries); the paths name
+    them in errors."""
+    lora, extra = split_keys(weights_path, tensors)
     experts = experts_io.split_expert_entries(weights_path, config, lora)
     if not lora and not experts:
         _fail(weights_path, "holds no LoRA weights (no <module>.lora_A.weight keys)")

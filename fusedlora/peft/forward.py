@@ -33,6 +33,7 @@ from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.core.torch_backend import dora_weight_norm
 from fusedlora.modules.lora_linear import added_call, dora_call, fused_call, is_plain_linear
 from fusedlora.multi import multi_lora_linear
+from fusedlora.plans.multi_dora import dora_col_scale
 
 
 class Term(NamedTuple):
@@ -292,15 +293,45 @@ class MixedBatchCache:
                     f"{len(self._captured)} kept for captured CUDA graphs)")
 
 
+def check_mixed_batch(layer, x, names, *args, **kwargs) -> None:
+    """PEFT's own checks of an adapter_names= call (the batch length, a merged layer, ...), with its
+    messages, but for its refusal of DoRA adapters, which fusedlora serves: they are checked as
+    "__base__" (every other check PEFT makes reads the names' count, not which they are)."""
+    served = ["__base__" if n in layer.lora_A and is_dora(layer, n) else n for n in names]
+    layer._check_forward_args(x, *args, **{**kwargs, "adapter_names": served})
+
+
+def dora_scales(layer, adapters: List[str], weight, lora_A, lora_B, scalings) -> Optional[torch.Tensor]:
+    """multi_lora_linear's col_scale for the stacked adapters when DoRA is among them, else None:
+    m_a / ‖W + s_a·B_a·A_a‖_row per DoRA adapter, ones for the others. Computed on every call, as PEFT
+    computes its norms on every DoRA call and for the same reason as Stacks: no write to W, to an
+    adapter or to a magnitude can go unseen. The cost is one pass over W for all the DoRA adapters of
+    the batch (plans/multi_dora.py), where PEFT forms W + s·B·A, N×K, per adapter."""
+    dora = [is_dora(layer, a) for a in adapters]
+    if not any(dora):
+        return None
+    zeros = None
+    magnitudes = []
+    for a, d in zip(adapters, dora):
+        if d:
+            magnitudes.append(layer.lora_magnitude_vector[a].weight)
+        else:
+            zeros = torch.zeros(weight.shape[0], dtype=lora_A.dtype, device=lora_A.device) if zeros is None else zeros
+            magnitudes.append(zeros)
+    return dora_col_scale(weight, lora_A, lora_B, scalings, torch.stack(magnitudes), dora)
+
+
 def mixed_batch_forward(layer, x, names, stacks: Stacks, batches: MixedBatchCache, weight, bias):
     """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
-    names[b]; "__base__", and adapters this layer does not hold, add nothing. weight (N, K) and bias
-    are the direct base layer's (own_weights)."""
-    layer._check_forward_args(x, adapter_names=names)  # PEFT's own checks and messages
+    names[b]; "__base__", and adapters this layer does not hold, add nothing. DoRA adapters (which
+    PEFT refuses here) are served with their scales: each row as its adapter alone would compute it.
+    weight (N, K) and bias are the direct base layer's (own_weights)."""
+    check_mixed_batch(layer, x, names)
     adapters = mixed_batch_adapters(layer, names)
     ids = batches.get(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
-    return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks)
+    col_scale = dora_scales(layer, adapters, weight, lora_A, lora_B, scalings)
+    return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, ranks, col_scale=col_scale)
 
 
 # ---- DoRA (PEFT's use_dora=True) -------------------------------------------------------------------

@@ -13,14 +13,16 @@ from fusedlora.lora_add (forward.dora_chain_forward).
 
 Anything else runs PEFT's own forward: the other LoRA variants, DoRA elsewhere, custom dropout modules,
 dtypes or devices the kernels do not take, and mixed-adapter batches the multi-adapter kernel cannot
-reproduce. A call PEFT refuses (adapter_names= with a DoRA adapter, a merged layer or a wrong length)
-raises PEFT's own error, from PEFT's own check. Each reason is reported once per patch_peft call: with warnings.warn where the fused path
-would have been faster, with logging (INFO) where there is nothing to fuse (adapters disabled or
-merged, no active adapter).
+reproduce. A call PEFT refuses (adapter_names= with a merged layer or a wrong length) raises PEFT's own
+error, from PEFT's own check; adapter_names= with a DoRA adapter is served where the kernels serve the
+call, and raises PEFT's refusal where the call falls back to PEFT. Each reason is reported once per
+patch_peft call: with warnings.warn where the fused path would have been faster, with logging (INFO)
+where there is nothing to fuse (adapters disabled or merged, no active adapter).
 
 adapter_names= calls (PEFT's mixed-adapter batches) are served by fusedlora.multi_lora_linear over the
 layer's adapters stacked (on every call, so that no write to a weight goes unseen), when the direct base
-layer is a plain nn.Linear or Conv1D, without dropout, autocast or lora_bias.
+layer is a plain nn.Linear or Conv1D, without dropout, autocast or lora_bias. DoRA adapters among them,
+which PEFT refuses there, are served too, each with its scale m / ‖W + s·B·A‖_row computed on every call.
 
 PEFT's dtypes are kept: fp32 adapters under a bf16 base run as bf16 x and W with fp32 A and B, and
 the output has the base layer's dtype, as PEFT returns. Under autocast, x and W take the autocast
@@ -38,8 +40,8 @@ from torch import nn
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.modules.lora_linear import fused_call, is_plain_linear
 from fusedlora.peft.experts import patch_param_wrappers
-from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, dora_chain_forward, dora_forward,
-                                    dora_reason, dropout_p, has_hooks, is_dora, mixed_batch_adapters,
+from fusedlora.peft.forward import (MixedBatchCache, Stacks, active_adapters, check_mixed_batch, dora_chain_forward,
+                                    dora_forward, dora_reason, dropout_p, has_hooks, is_dora, mixed_batch_adapters,
                                     mixed_batch_forward, own_weights, served_forward)
 
 logger = logging.getLogger(__name__)
@@ -137,6 +139,11 @@ def _mixed_batch_reason(layer, x, adapters, rest, conv1d) -> Optional[str]:
         return f"a mixed-adapter batch with x in {x.dtype}, the base weight in {weight.dtype}, adapters in {A.dtype}"
     if weight.device != x.device:
         return "x and the base weight are on different devices"
+    for a in adapters:
+        if is_dora(layer, a):
+            m = layer.lora_magnitude_vector[a].weight
+            if m.dtype != A.dtype or m.device != A.device:
+                return f"a DoRA magnitude in {m.dtype} on {m.device} with adapters in {A.dtype} on {A.device}"
     return None
 
 
@@ -163,8 +170,6 @@ def fallback_reason(layer, x, args, kwargs, conv1d=None, variant_keys=()) -> Opt
             return reason, True
     if names is not None:
         rest = args or {k: v for k, v in kwargs.items() if k != "adapter_names" and k not in variant_keys}
-        if any(is_dora(layer, a) for a in adapters):
-            return "DoRA in a mixed-adapter batch", True
         reason = _mixed_batch_reason(layer, x, adapters, rest, conv1d)
         if reason is not None:
             return reason, True
@@ -295,8 +300,9 @@ def _patched_forward(layer_name: str, report: _Reporter, peft_forward, conv1d, v
                 return fused_call(x, base["weight"], base["bias"], mods["lora_A"][a]._parameters["weight"],
                                   mods["lora_B"][a]._parameters["weight"], scaling, p)
         else:
-            if kwargs.get("adapter_names") is not None:
-                self._check_forward_args(x, *args, **kwargs)  # PEFT's own refusals, raised as PEFT raises them
+            if kwargs.get("adapter_names") is not None:  # PEFT's own refusals, raised as PEFT raises them
+                check_mixed_batch(self, x, kwargs["adapter_names"], *args,
+                                  **{k: v for k, v in kwargs.items() if k != "adapter_names"})
             why = fallback_reason(self, x, args, kwargs, conv1d, variant_keys)
         if why is not None:
             report(layer_name, *why)

@@ -16,6 +16,12 @@ The plans (chosen by fusedlora/plans/planner.py: choose_multi) differ in how y a
 - decode  two launches, no grouping (kernels/multi_decode.py, per-row adapter lookup), for 1 to
           DECODE_MAX_ROWS rows: the shrink split over K, then one Triton GEMM that computes x·Wᵀ (dY·W)
           and adds b and each row's adapter term S[t]·B_lᵀ (dU[t]·A_l) before its single write.
+DoRA (col_scale G: (L, N) fp32, each adapter's magnitude over its row norms; forward only):
+    y[t] = G[l] ⊙ (x[t]·Wᵀ + S[t]·B_lᵀ) + b on rows with an adapter, x[t]·Wᵀ + b on the others.
+  The scale sits in the epilogue of the kernel that writes y last: the decode GEMM, the fused GEMM, and
+  in the split plan the segment expand, which then runs after the library GEMM and accumulates onto its
+  x·Wᵀ (the order of the single-adapter DoRA split plan), since a scale cannot be applied to a sum
+  that is not complete yet.
 S and dU are in token order in every plan, so forward and backward may choose differently. ids are
 the flat (M,) adapter ids; groups, group_by_adapter's (order, sorted_ids, starts) of them, which
 fused and split need and decode does not (None there): the AdapterBatch makes them once per batch.
@@ -26,22 +32,27 @@ import torch
 from fusedlora.core import knobs, torch_backend
 from fusedlora.core.adapter_batch import values_checked
 from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_multi, check_ranks_values, describe
+from fusedlora.core.checks import check_col_scale, check_multi, check_ranks_values, describe
 from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 from fusedlora.plans.callplan import CallPlan, with_contiguous
 from fusedlora.plans.planner import choose_multi
 
 
-def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out):
+def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out,
+            col_scale=None):
     """y into out: (M, N) in x's dtype; returns S: (M, R) fp32, or None when not need_S and the plan does
-    without. x2: (M, K); inputs already validated."""
+    without. x2: (M, K); col_scale: (L, N) fp32 (DoRA) or None; inputs already validated."""
     if plan == "decode":
         part = decode_shrink(x2, lora_A, scalings, ids, ranks)
-        return decode_gemm(part, lora_B, ids, ranks, x2, weight, out=out, bias=bias, write_s=need_S)
+        return decode_gemm(part, lora_B, ids, ranks, x2, weight, out=out, bias=bias, write_s=need_S,
+                           col_scale=col_scale)
     S = multi_shrink(x2, lora_A, scalings, groups, ranks)
     if plan == "fused":
-        multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out)
+        multi_gemm(x2, weight, bias, S, lora_B, groups, ranks, out, col_scale=col_scale)
+    elif col_scale is not None:
+        torch.mm(x2, weight.t(), out=out)
+        multi_gemm(None, None, bias, S, lora_B, groups, ranks, out, accumulate=True, col_scale=col_scale)
     else:
         multi_gemm(None, None, bias, S, lora_B, groups, ranks, out).addmm_(x2, weight.t())
     return S
@@ -83,40 +94,45 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids, 
 
 
 # ---- the call plan (fusedlora/plans/callplan.py) --------------------------------------------------
-# multi_lora_linear's arguments: (x, weight, bias, lora_A, lora_B, scalings, batch, ranks), batch an
+# multi_lora_linear's arguments: (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale), batch an
 # AdapterBatch (its ids were checked when it was built). With gradients forward saves (x, weight,
 # lora_A, lora_B, scalings, ranks, S) and keeps the batch as its state, so that backward reuses the
 # grouping forward made (or an earlier layer made for the same batch). ranks' values are per-call values:
-# checked on every call where reading them costs no GPU sync (values_checked).
+# checked on every call where reading them costs no GPU sync (values_checked). A DoRA column scale
+# (col_scale) is served by the kernels without gradients; with them, by the PyTorch backend, which is
+# differentiable in it too.
 
 def plan_of(direction: str, x, weight, lora_A) -> str:
     L, R, K = lora_A.shape
     return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
 
 
-def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) -> CallPlan:
+def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
     """multi_lora_linear's plan for this call's specialization: the checks, the backend, the plan of each
-    direction, the decode launches bound. needs: which of (x, weight, bias, lora_A, lora_B) need a
-    gradient, or None."""
-    plan = _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs)
-    return with_contiguous(plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks), (2, 5, 7))
+    direction, the decode launches bound. needs: which of (x, weight, bias, lora_A, lora_B, ranks,
+    col_scale) need a gradient, or None."""
+    plan = _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs)
+    return with_contiguous(plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale), (2, 5, 7, 8))
 
 
-def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) -> CallPlan:
+def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
     check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
     L, R, K = lora_A.shape
     if batch.num_adapters != L:
         raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
                          f"{describe('lora_A', lora_A)} holds L = {L}")
-    check_ranks = ranks is not None and values_checked(ranks)
-    if check_ranks:
+    if col_scale is not None:
+        check_col_scale(col_scale, weight, lora_A)
+    if ranks is not None and values_checked(ranks):
         check_ranks_values(ranks, R)
     cpu_ranks = ranks is not None and ranks.device.type == "cpu"
-    if backend_for(x) == "torch":  # torch's autograd takes its gradients
-        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+    if backend_for(x) == "torch" or (col_scale is not None and needs is not None):
+        # torch's autograd takes the gradients
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
             if ranks is not None and (cpu_ranks or knobs.debug()):
                 check_ranks_values(ranks, R)
-            return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks)
+            return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks,
+                                                   col_scale)
         return CallPlan(run=run)
     N = weight.shape[0]
     M = x.numel() // K if K else 0
@@ -129,30 +145,30 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) 
     if needs is None and plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:
         # The decode plan's two launches, bound; M within the kernels' bound (the planner's rule).
         launch = decode_launcher(x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
-                                 torch.empty((M, N), dtype=dtype, device=device))
+                                 torch.empty((M, N), dtype=dtype, device=device), col_scale=col_scale)
 
-        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
             if ranks is not None and (cpu_ranks or knobs.debug()):
                 check_ranks_values(ranks, R)
             # y is new and contiguous: its data starts where its 2-D view's does (the launches' strides are
             # fixed). x of more dimensions may not be viewable as 2-D: reshaped as forward does.
             y = torch.empty(y_shape, dtype=dtype, device=device)
             launch(x if x.dim() == 2 else x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
-                   y)
+                   y, col_scale)
             return y
         return CallPlan(run=run)
 
-    def forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, need_S=True):
+    def forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, need_S=True):
         if ranks is not None and (cpu_ranks or knobs.debug()):
             check_ranks_values(ranks, R)
         y = torch.empty(y_shape, dtype=dtype, device=device)
         S = forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
-                    groups(plan, batch), need_S, y.view(-1, N))
+                    groups(plan, batch), need_S, y.view(-1, N), col_scale)
         return y, (x, weight, lora_A, lora_B, scalings, ranks, S), (batch,)
 
     if needs is None:
-        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks):
-            return forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, need_S=False)[0]
+        def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
+            return forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, need_S=False)[0]
         return CallPlan(run=run)
 
     def backward_(dy, saved, state, needs):
@@ -161,5 +177,5 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, needs) 
         plan = plan_of("backward", x, weight, lora_A)
         grads = backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat, groups(plan, batch),
                          tuple(needs[:5]))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
     return CallPlan(forward=forward_, backward=backward_)
