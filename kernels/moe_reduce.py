@@ -14,7 +14,6 @@ order: deterministic, no atomics, every output written once (zero for a group wi
 (1 - p) and the scalings are in dU and S already; rows past an adapter's rank are zero in both, so
 its gradients are zero there.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -272,14 +272,16 @@ def _gemm_arguments(part, q, ids, ranks, x, w, out, bias, S, col_scale=None):
             kwargs)
 
 
-def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None):
-    """decode_shrink then decode_gemm into out (no S), fixed for every call whose tensors have these
-    ones' shapes, strides, dtypes, devices and 16-byte alignment (the caller's cache key guarantees
-    it): returns run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None), which
-    allocates the partial sums and makes both launches with the grids, strides and constexprs computed
-    here. x: (M, K) with 0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; weight: (N, K); out: (M, N); col_scale:
-    (L, N) fp32 (DoRA) or None, given to every call exactly when it was given here. Each call may pass,
-    as x or out, any tensor whose data starts where such a 2-D view's does."""
+def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None, write_s=False):
+    """decode_shrink then decode_gemm into out, fixed for every call whose tensors have these ones'
+    shapes, strides, dtypes, devices and 16-byte alignment (the caller's cache key guarantees it):
+    returns run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None), which
+    allocates the partial sums (and, with write_s, S: (M, R) fp32, which it returns; else None) and makes
+    both launches with the grids, strides and constexprs computed here. x: (M, K) with
+    0 < M <= DECODE_MAX_ROWS, K > 0, L > 0; weight: (N, K); out: (M, N); col_scale: (L, N) fp32 (DoRA) or
+    None, given to every call exactly when it was given here. Each call may pass, as x or out, any tensor
+    whose data starts where such a 2-D view's does. The backward's dX and dU are the same two launches
+    over (dY, Wᵀ, Bᵀ, Aᵀ), as fusedlora/plans/multi.py runs them."""
     M, K = x.shape
     L, R, _ = lora_A.shape
     check_shapes(0 < M <= DECODE_MAX_ROWS and K > 0 and L > 0 and lora_A.shape[2] == K and ids.shape == (M,)
@@ -293,16 +295,19 @@ def decode_launcher(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, 
     part = torch.empty((split, M, R), dtype=torch.float32, device=x.device)  # for its strides
     grid, _, frozen, kwargs = _shrink_arguments(x, lora_A, scalings, ids, ranks, part)
     shrink = Bound(_decode_shrink_kernel, grid, frozen, kwargs)
-    grid, _, frozen, kwargs = _gemm_arguments(part, lora_B, ids, ranks, x, weight, out, bias, None, col_scale)
+    S = torch.empty((M, R), dtype=torch.float32, device=x.device) if write_s else None  # for its strides
+    grid, _, frozen, kwargs = _gemm_arguments(part, lora_B, ids, ranks, x, weight, out, bias, S, col_scale)
     gemm = Bound(_decode_gemm_kernel, grid, frozen, kwargs)
-    part_shape, device = part.shape, part.device
+    part_shape, s_shape, device = part.shape, (M, R), part.device
 
     def run(x, weight, lora_A, lora_B, scalings, ids, ranks, bias, out, col_scale=None):
         part = torch.empty(part_shape, dtype=torch.float32, device=device)
+        S = torch.empty(s_shape, dtype=torch.float32, device=device) if write_s else None
         if ranks is None:
             ranks = ids
         shrink((x, lora_A, scalings, ids, ranks, part), ())
-        gemm((x, weight, part, lora_B, bias if bias is not None else part, out, part, ids, ranks,
+        gemm((x, weight, part, lora_B, bias if bias is not None else part, out, S if write_s else part, ids, ranks,
               col_scale if col_scale is not None else part), ())
+        return S
 
     return run

@@ -213,7 +213,7 @@ def test_pool_serves_a_mixed_batch_on_experts(family, tmp_path):
             from moe_models import eager_copy
             exact = eager_copy(reference_model)(input_ids=ids[b:b + 1]).logits
         assert_normwise(dict(logits=got[b:b + 1]), dict(logits=low), dict(logits=exact.float()), where=str(name))
-    slot = pool._slots["a1"]
+    slot = pool._loaded["a1"].slot
     pool.unload("a1")
     assert all(int(layer.slots(p)[3][slot]) == 0 for layer in pool.experts.values() for p in layer.parameter_names)
     with pool.use([None, "a0"]), torch.no_grad():

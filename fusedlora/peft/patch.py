@@ -275,7 +275,7 @@ def _single_fused(layer, x, conv1d):
     base = layer.base_layer
     if is_dora(layer, a) or not is_plain_linear(base) or has_hooks(base) or layer.lora_B[a].bias is not None:
         return None
-    A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+    A = layer.lora_A[a].weight
     if torch.is_autocast_enabled(x.device.type) or base.weight.dtype != x.dtype or base.weight.device != x.device \
             or (base.bias is not None and (base.bias.dtype != x.dtype or base.bias.device != x.device)) \
             or A.dtype not in (x.dtype, torch.float32):

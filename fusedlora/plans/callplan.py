@@ -4,6 +4,11 @@ The ops layer keys each call (fusedlora/core/specialization.py), looks its plan 
 (the build runs the checks, picks the backend and the plan, binds the launches) and runs it. A plan
 holds no tensor: each call passes its own.
 """
+from fusedlora.core.specialization import TENSOR, Signature
+
+# The specialization of the gradient a backward is given (y.sum().backward() passes a stride-0 one), with
+# the settings at backward time: a plan's backward binds its launches once per key of it.
+DY = Signature("backward", dy=TENSOR)
 
 
 class CallPlan:

@@ -32,10 +32,11 @@ import torch
 from fusedlora.core import knobs, torch_backend
 from fusedlora.core.adapter_batch import values_checked
 from fusedlora.core.backend import backend_for
+from fusedlora.core.specialization import PlanCache
 from fusedlora.core.checks import check_col_scale, check_multi, check_ranks_values, describe
 from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_shrink
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
-from fusedlora.plans.callplan import CallPlan, with_contiguous
+from fusedlora.plans.callplan import DY, CallPlan, with_contiguous
 from fusedlora.plans.planner import choose_multi
 
 
@@ -158,12 +159,22 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
             return y
         return CallPlan(run=run)
 
+    launch = None
+    if needs is not None and plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:
+        # The decode forward with S written, bound as the no-grad one is.
+        launch = decode_launcher(x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+                                 torch.empty((M, N), dtype=dtype, device=device), write_s=True)
+
     def forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, need_S=True):
         if ranks is not None and (cpu_ranks or knobs.debug()):
             check_ranks_values(ranks, R)
         y = torch.empty(y_shape, dtype=dtype, device=device)
-        S = forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
-                    groups(plan, batch), need_S, y.view(-1, N), col_scale)
+        if launch is not None:
+            S = launch(x if x.dim() == 2 else x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks,
+                       bias, y)
+        else:
+            S = forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                        groups(plan, batch), need_S, y.view(-1, N), col_scale)
         return y, (x, weight, lora_A, lora_B, scalings, ranks, S), (batch,)
 
     if needs is None:
@@ -171,11 +182,50 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
             return forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, need_S=False)[0]
         return CallPlan(run=run)
 
+    bound = PlanCache(register=False)
+
     def backward_(dy, saved, state, needs):
-        x, weight, lora_A, lora_B, scalings, ranks, S = saved
-        (batch,) = state
-        plan = plan_of("backward", x, weight, lora_A)
-        grads = backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat, groups(plan, batch),
-                         tuple(needs[:5]))
-        return (*grads, None, None, None, None)
+        key = DY.key(dy, needs=tuple(needs[:5]))
+        run = bound.get(key)
+        if run is None:
+            run = bound.keep(key, _backward_run(dy, *saved, state[0], tuple(needs[:5])))
+        return (*run(dy, *saved, state[0]), None, None, None, None)
     return CallPlan(forward=forward_, backward=backward_)
+
+
+def _backward_run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, needs):
+    """The backward of one dY specialization: run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch)
+    -> (dx, dweight, dbias, dlora_A, dlora_B). Under the decode plan dX and dU are the decode forward's two
+    launches over (dY, Wᵀ, Bᵀ, Aᵀ), bound here; dA and dB the two scans over the ids."""
+    need_x, need_w, need_b, need_A, need_B = needs
+    K, N = x.shape[-1], weight.shape[0]
+    plan = plan_of("backward", x, weight, lora_A)
+    g = dy.reshape(-1, N)
+    M = g.shape[0]
+    if plan != "decode" or not need_x or g.data_ptr() != dy.data_ptr() or M == 0 or K == 0 or lora_A.shape[0] == 0:
+        def run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch):
+            return backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat,
+                            None if plan == "decode" else batch.groups(), needs)
+        return run
+    lora_At, lora_Bt = lora_A.transpose(1, 2), lora_B.transpose(1, 2)  # (L, K, R), (L, R, N): strides only
+    launch = decode_launcher(g, weight.t(), lora_Bt, lora_At, scalings, batch.flat, ranks, None,
+                             torch.empty((M, K), dtype=x.dtype, device=x.device), write_s=need_A)
+
+    def run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch):
+        g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dU = launch(g, weight.t(), lora_B.transpose(1, 2), lora_A.transpose(1, 2), scalings, batch.flat, ranks, None,
+                    dx.view(-1, K))
+        dA = dB = dw = db = None
+        if need_A:
+            dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+            multi_reduce(x2, dU, ranks, dA.transpose(1, 2), ids=batch.flat)
+        if need_B:
+            dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+            multi_reduce(g, S, ranks, dB, ids=batch.flat)
+        if need_w:
+            dw = torch.mm(g.t(), x2).to(weight.dtype)
+        if need_b:
+            db = g.sum(0, dtype=torch.float32).to(weight.dtype)
+        return dx, dw, db, dA, dB
+    return run

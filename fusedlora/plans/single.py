@@ -24,12 +24,12 @@ from fusedlora.core import torch_backend
 from fusedlora.core.backend import backend_for
 from fusedlora.core.checks import check_lora_add, check_lora_linear, require_scalar
 from fusedlora.core.dropout import check_seed, int_seed, keep_threshold
-from fusedlora.core.specialization import TENSOR, PlanCache, Signature
+from fusedlora.core.specialization import PlanCache
 from fusedlora.kernels import configs
 from fusedlora.kernels.lora_gemm import SHRINK_MAX_R, gemm_shrink_launcher, lora_expand, lora_gemm, lora_gemm_shrink
 from fusedlora.kernels.lora_backward import backward_launcher, fits, lora_backward
 from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink
-from fusedlora.plans.callplan import CallPlan, with_contiguous
+from fusedlora.plans.callplan import DY, CallPlan, with_contiguous
 from fusedlora.plans.planner import choose
 
 
@@ -144,7 +144,6 @@ def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, see
 # launches once per specialization of dY (y.sum().backward() passes a stride-0 dY) and of the settings
 # at backward time: a plan or precision switched between forward and backward is honoured, as it is by
 # a backward planned from scratch.
-_DY = Signature("lora_linear backward", dy=TENSOR)
 _INF = math.inf
 
 
@@ -260,7 +259,7 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> Call
     bound = PlanCache(register=False)
 
     def backward_(dy, saved, state, needs):
-        key = _DY.key(dy, needs=tuple(needs[:5]))
+        key = DY.key(dy, needs=tuple(needs[:5]))
         run = bound.get(key)
         if run is None:
             run = bound.keep(key, _backward_run(dy, *saved, p, tuple(needs[:5])))
