@@ -5,6 +5,7 @@ from test_multi_lora import ids_for, make_multi
 
 import fusedlora
 import fusedlora.plans.multi
+from fusedlora.kernels import configs
 from fusedlora.kernels.multi_decode import DECODE_MAX_ROWS
 from fusedlora.plans import planner
 
@@ -42,7 +43,9 @@ def test_unknown_plan_is_refused(monkeypatch, device):
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """Records (sequence, plan) for each forward and backward sequence run."""
+    """Records (direction, plan) for each forward and backward run: the sequences of plans/multi.py, and
+    the decode launches bound once per specialization (their runs record themselves; the backward's are
+    bound over Wᵀ, a transposed view). The plan caches are emptied so that the call builds its plan here."""
     seen = []
     for name in ("forward", "backward"):
         real = getattr(fusedlora.plans.multi, name)
@@ -52,17 +55,33 @@ def chosen(monkeypatch):
             return _real(plan, *a)
 
         monkeypatch.setattr(fusedlora.plans.multi, name, record)
-    return seen
+    real_launcher = fusedlora.plans.multi.decode_launcher
+
+    def launcher(x, weight, *a, **k):
+        run = real_launcher(x, weight, *a, **k)
+        direction = "forward" if weight.stride(-1) == 1 else "backward"
+
+        def recorded(*args, **kw):
+            seen.append((direction, "decode"))
+            return run(*args, **kw)
+        return recorded
+
+    monkeypatch.setattr(fusedlora.plans.multi, "decode_launcher", launcher)
+    configs.clear_caches(tables=False)
+    yield seen
+    configs.clear_caches(tables=False)
 
 
+@pytest.mark.parametrize("x_grad", [False, True])
 @pytest.mark.parametrize("M", [16, 80])
-def test_calls_run_the_chosen_plan(M, chosen, monkeypatch, device):
+def test_calls_run_the_chosen_plan(M, x_grad, chosen, monkeypatch, device):
     """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape: the decode
-    plan up to MULTI_DECODE_MAX_M rows, the split plan above."""
+    plan up to MULTI_DECODE_MAX_M rows (bound launches or not), the split plan above; with and without dX."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_multi(M, 32, 24, 3, 4, torch.float32, device=device)
     A = inputs["lora_A"].requires_grad_()
-    fusedlora.multi_lora_linear(inputs["x"], inputs["weight"], None, A, inputs["lora_B"], inputs["scalings"],
+    x = inputs["x"].requires_grad_(x_grad)
+    fusedlora.multi_lora_linear(x, inputs["weight"], None, A, inputs["lora_B"], inputs["scalings"],
                                 ids_for("unsorted", M, 3, device)).sum().backward()
     want = "decode" if M <= planner.MULTI_DECODE_MAX_M else "split"
     assert chosen == [("forward", want), ("backward", want)]

@@ -247,7 +247,9 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> Call
         return CallPlan(run=run)
 
     def forward_(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
-        scaling, seed = scale_of(scaling), int_seed(seed, p)
+        if type(scaling) is not float or not -_INF < scaling < _INF:
+            scaling = require_scalar("scaling", scaling)
+        seed = 0 if seed is None and not p else int_seed(seed, p)
         y = torch.empty(y_shape, dtype=out_dtype, device=device)
         if launch is not None:
             S = torch.empty((M, r), dtype=torch.float32, device=device)
