@@ -325,3 +325,27 @@ def test_each_component_of_the_decision_state(component, monkeypatch):
     exact = _run(lambda t: PeftLinear.forward(copy.deepcopy(layer).double(), t), x.double(), kind, False)
     assert_normwise(got, low, exact, torch_ops=True, where=component)
     assert len(decided) == 2 or component in NOT_DECIDED_BY or kind == "warns"
+
+
+@pytest.mark.parametrize("fields", ["merged_adapters None", "a flag on the class"])
+def test_a_layer_whose_state_cannot_be_read_is_decided_on_every_call(fields, monkeypatch):
+    """_state reads PEFT's fields from the layer's own dict; a layer that keeps one elsewhere (a class
+    attribute) or of another kind (merged_adapters None, which PEFT's `merged` reads as False) is decided
+    on every call, and its output stays PEFT's."""
+    from fusedlora.peft import patch
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    model, layer = layer_and_model()
+    if fields == "merged_adapters None":
+        layer.merged_adapters = None
+    else:
+        layer.__class__ = type("Flagged", (type(layer),), {"_disable_adapters": False})
+        del layer._disable_adapters
+    decided = []
+    real = patch.fallback_reason
+    monkeypatch.setattr(patch, "fallback_reason", lambda *a, **k: decided.append(1) or real(*a, **k))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        for scaling in (2.0, 2.0, 3.0):
+            layer.scaling["default"] = scaling
+            check(layer, x, layer(x))
+    assert len(decided) == 3
