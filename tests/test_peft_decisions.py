@@ -2,6 +2,7 @@
 effect on the next call: the patched output equals PEFT's own forward after each."""
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as PeftLinear
 
 import fusedlora
+import fusedlora.modules.lora_linear
 from fusedlora.core.dropout import draw_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore:fusedlora. PEFT layer")
@@ -210,6 +212,8 @@ STATE = {
     "adapter: lora_B bias": (lambda layer: setattr(layer.lora_B["default"], "bias",
                                                    torch.nn.Parameter(torch.randn(24))), "y"),
     "adapter: scaling": (lambda layer: layer.scaling.__setitem__("default", 3.0), "y"),
+    "adapter: scaling, after an active adapter not on the layer": (
+        lambda layer: layer.scaling.__setitem__("default", 3.0), "y"),
     "adapter: dropout module": (lambda layer: layer.lora_dropout.__setitem__("default", Halve()), "y"),
     "adapter: dropout module's training": (lambda layer: layer.lora_dropout["default"].train(), "dropout"),
     "adapter: dropout module's p": (lambda layer: setattr(layer.lora_dropout["default"], "p", 0.25), "dropout"),
@@ -237,6 +241,8 @@ STATE = {
     "autocast": (None, "y"),
 }
 PREPARE = {
+    "adapter: scaling, after an active adapter not on the layer": lambda layer: setattr(layer, "_active_adapter",
+                                                                                     ["ghost", "default"]),
     "active adapter": _same_but_the_name,
     # bf16 adapters under fp32 x: served while PEFT casts x to them; with casting off PEFT refuses
     "flags: input dtype casting": lambda layer: (_new_param(layer.lora_A["default"], "weight", torch.bfloat16),
@@ -349,3 +355,46 @@ def test_a_layer_whose_state_cannot_be_read_is_decided_on_every_call(fields, mon
             layer.scaling["default"] = scaling
             check(layer, x, layer(x))
     assert len(decided) == 3
+
+
+class Widening(torch.nn.Module):
+    """A base layer of the user's own that returns float64, which lora_add does not take."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x).double()
+
+
+def test_a_base_output_lora_add_cannot_take_is_finished_by_peft_and_reported(monkeypatch):
+    """The served call runs the base layer, finds its output is not one lora_add takes, warns (the fused
+    path would have been faster) and finishes with PEFT's loop over the adapters."""
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    model, layer = layer_and_model()
+    layer.base_layer = Widening(layer.base_layer)
+    x = torch.randn(5, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match="returned torch.float64"):
+        got = layer(x)
+    with torch.no_grad():
+        assert torch.equal(got, PeftLinear.forward(layer, x))  # PEFT's own ops, in PEFT's order
+
+
+def test_peft_variant_keywords_are_not_passed_to_the_base_layer(monkeypatch):
+    """PEFT drops its LoRA variants' keyword arguments (alora_offsets) before calling the base layer; so
+    does the served call, which stays fused."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    monkeypatch.setenv("FUSEDLORA_BACKEND", "torch")
+    calls = []
+    real = fusedlora.modules.lora_linear.lora_linear
+    monkeypatch.setattr(fusedlora.modules.lora_linear, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, layer = layer_and_model()
+    x = torch.randn(5, 32)
+    kwargs = {key: None for key in VARIANT_KWARG_KEYS}
+    assert kwargs
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got = layer(x, **kwargs)
+        check(layer, x, got)
+    assert calls == [1]
