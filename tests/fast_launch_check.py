@@ -22,7 +22,7 @@ from fusedlora.kernels.lora_shrink import lora_dy, lora_shrink  # noqa: E402
 
 K, N, R = 64, 48, 16
 # Seeds and thresholds across Triton's integer specializations: 1, multiples of 16, i32, i64, u64.
-INTS = (0, 1, 16, 17, 2**31 - 16, 2**31 + 5, 2**32, 2**63 + 16)
+INTS = (0, 1, 16, 17, 2**30, 2**31 - 16, 2**31, 2**31 + 5, 2**32, 2**63 - 16, 2**63, 2**63 + 16)
 
 
 def tensors(dtype):
@@ -76,6 +76,9 @@ def recorded(fast: bool, t):
 
 def main():
     failed = 0
+    if not launch.fast_launch():
+        failed += 1
+        print("FAIL: the fast path is off without FUSEDLORA_FAST_LAUNCH")
     for dtype in (torch.float32, torch.bfloat16):
         t = tensors(dtype)
         slow, slow_plain = recorded(False, t)

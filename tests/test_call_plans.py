@@ -1,11 +1,11 @@
 """Every call runs the call plan of its specialization (fusedlora/core/specialization.py, fusedlora/ops/call.py).
 
-A call served by a kept plan gives what a freshly built plan gives, and the float64 oracle's. A call that
-differs from a warm one in exactly one component of its key gets a plan of its own and the oracle's
-result (these tests kill the cache mutants of a key that misses a component: the warm plan, bound for
-the other specialization, would give a wrong result). Per-call values (scaling, seed) are read and
-checked by every call; bad input raises the build's error after the cache is warm; a plan holds no
-tensor. Calls with gradients: tests/test_call_plans_train.py."""
+A call served by a kept plan gives what a freshly built plan gives, and the float64 oracle's. Per-call
+values (scaling, seed) are read and checked by every call, on every path a plan takes; bad input raises
+the build's error after the cache is warm; a plan holds no tensor; at one-launch sizes a served call runs
+the launch its plan bound; on the sm_90 host path a served call launches what Triton's binder would.
+A call that differs from a warm one in one component of its key: tests/test_plan_keys.py. Calls with
+gradients: tests/test_call_plans_train.py."""
 import collections
 import os
 import pathlib
@@ -31,6 +31,7 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 BUILDERS = ((fusedlora.ops.single, "linear_plan"), (fusedlora.ops.single, "add_plan"),
             (fusedlora.ops.multi, "multi_plan"), (fusedlora.ops.dora, "dora_plan"))
 MULTI = ("x", "weight", "bias", "lora_A", "lora_B", "scalings")
+ADD = ("base", "x", "lora_A", "lora_B")
 
 
 @pytest.fixture(autouse=True)
@@ -146,90 +147,6 @@ def test_dora_served_equals_fresh_and_oracle(device, builds):
     n64, kappa = norm_condition(inputs, scaling)
     check_dora(y, {}, dict(inputs, scaling=scaling, keep_mask=keep, dropout_p=0.1, weight_norm=n64), None,
                dora_lengths(12, 40, 24, 4, kappa))
-
-
-# ---- one key component at a time ------------------------------------------------------------------
-
-def _transposed(t):
-    return t.t().contiguous().t()
-
-
-def linear_variants(inputs):
-    """name -> inputs differing from `inputs` (M = 16, fp16 x, fp16 adapters, a bias) in one key component."""
-    x, w, A, B = inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"]
-    return {
-        "x rows": dict(x=x[:15]),
-        "x strides": dict(x=_transposed(x)),
-        "weight strides": dict(weight=_transposed(w)),
-        "no bias": dict(bias=None),
-        "bias strides": dict(bias=torch.stack([inputs["bias"]] * 2, 1)[:, 1]),
-        "lora_A strides": dict(lora_A=_transposed(A)),
-        "lora_B strides": dict(lora_B=_transposed(B)),
-        "adapters' dtype": dict(lora_A=A.float(), lora_B=B.float()),
-    }
-
-
-@pytest.mark.parametrize("variant", list(linear_variants(make_inputs(16, 32, 24, 4, f16))))
-def test_lora_linear_key_component(variant, device, builds):
-    """A warm plan, then the call that differs in one component: a plan of its own, the oracle's result."""
-    inputs = make_inputs(16, 32, 24, 4, f16, device=device)
-    changed = dict(inputs, **linear_variants(inputs)[variant])
-    with torch.no_grad():
-        linear(inputs)
-        y = linear(changed)
-    assert builds["linear_plan"] == 2, f"{variant}: served by the other call's plan"
-    check_lora_linear(y, None, changed, 2.0, None, 0.0)
-
-
-def test_lora_linear_dropout_p_is_a_key_component(device, builds):
-    inputs = make_inputs(16, 32, 24, 4, f32, device=device)
-    with torch.no_grad():
-        linear(inputs, 2.0, 0.0, 3)
-        y = linear(inputs, 2.0, 0.3, 3)
-    assert builds["linear_plan"] == 2
-    check_lora_linear(y, None, inputs, 2.0, fusedlora.dropout_mask(3, inputs["x"].shape, 0.3, device), 0.3)
-
-
-@pytest.mark.parametrize("variant", ["base strides", "x strides", "base dtype", "lora_A strides", "rows"])
-def test_lora_add_key_component(variant, device, builds):
-    inputs = add_inputs(16, 32, 24, 4, f32, device=device)
-    change = {"base strides": dict(base=_transposed(inputs["base"])), "x strides": dict(x=_transposed(inputs["x"])),
-              "base dtype": dict(base=inputs["base"].half()),
-              "lora_A strides": dict(lora_A=_transposed(inputs["lora_A"])),
-              "rows": dict(base=inputs["base"][:15], x=inputs["x"][:15])}[variant]
-    changed = dict(inputs, **change)
-    with torch.no_grad():
-        fusedlora.lora_add(*(inputs[n] for n in ("base", "x", "lora_A", "lora_B")), 1.5)
-        y = fusedlora.lora_add(*(changed[n] for n in ("base", "x", "lora_A", "lora_B")), 1.5)
-    assert builds["add_plan"] == 2, f"{variant}: served by the other call's plan"
-    check_lora_add(y, None, changed, 1.5, None, 0.0)
-
-
-@pytest.mark.parametrize("variant", ["x strides", "no bias", "ranks given", "lora_A strides", "lora_B strides",
-                                     "scalings strides", "bias strides", "ids dtype"])
-def test_multi_key_component(variant, device, builds):
-    inputs = make_multi(16, 32, 24, 3, 8, f32, device=device)
-    ids = torch.randint(-1, 3, (16,), generator=torch.Generator().manual_seed(0)).to(device)
-    change = {"x strides": dict(x=_transposed(inputs["x"])), "no bias": dict(bias=None),
-              "ranks given": dict(ranks=torch.tensor([8, 2, 5], dtype=torch.int32, device=device)),
-              "lora_A strides": dict(lora_A=inputs["lora_A"].transpose(1, 2).contiguous().transpose(1, 2)),
-              "lora_B strides": dict(lora_B=inputs["lora_B"].transpose(1, 2).contiguous().transpose(1, 2)),
-              "scalings strides": dict(scalings=torch.stack([inputs["scalings"]] * 2, 1)[:, 1]),
-              "bias strides": dict(bias=torch.stack([inputs["bias"]] * 2, 1)[:, 1]),
-              "ids dtype": {}}[variant]
-    changed = dict(inputs, **change)
-    if variant == "ranks given":  # entries past a rank are not read: zero them in the oracle's inputs
-        for i, r in enumerate((8, 2, 5)):
-            changed["lora_A"] = changed["lora_A"].clone()
-            changed["lora_B"] = changed["lora_B"].clone()
-            changed["lora_A"][i, r:] = 0
-            changed["lora_B"][i, :, r:] = 0
-    other_ids = ids.to(torch.int32) if variant == "ids dtype" else ids
-    with torch.no_grad():
-        fusedlora.multi_lora_linear(*(inputs[n] for n in MULTI), AdapterBatch(ids, 3), inputs["ranks"])
-        y = fusedlora.multi_lora_linear(*(changed[n] for n in MULTI), AdapterBatch(other_ids, 3), changed["ranks"])
-    assert builds["multi_plan"] == 2, f"{variant}: served by the other call's plan"
-    check_multi_lora_linear(y, None, changed, ids)
 
 
 def test_seed_none_draws_a_new_mask_every_call(device):
@@ -389,6 +306,70 @@ def test_bad_values_after_a_warm_cache(device):
             fusedlora.multi_lora_linear(*args, AdapterBatch(batch.ids, 4), multi["ranks"])
 
 
+# The call paths a plan takes, each of which checks the per-call scalars itself: (rows, gradients, backend).
+PATHS = {"one launch": (8, False, "triton"), "one launch, gradients": (8, True, "triton"), "rows": (70, False, "triton"),
+         "rows, gradients": (70, True, "triton"), "torch backend": (8, False, "torch")}
+BAD_SCALARS = [(float("inf"), 1, ValueError, "scaling must be finite"),
+               (float("-inf"), 1, ValueError, "scaling must be finite"),
+               (float("nan"), 1, ValueError, "scaling must be finite"),
+               (True, 1, TypeError, "scaling must be a real number"),
+               ("2", 1, TypeError, "scaling must be a real number"),
+               (1.0, -1, ValueError, "seed must be an int in")]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("op", ["lora_linear", "lora_add"])
+def test_bad_scalars_after_a_warm_cache(op, path, device, monkeypatch):
+    """Every path of a kept plan checks the scaling and the seed of each call, as the build did."""
+    rows, grad, backend = PATHS[path]
+    monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
+    if op == "lora_linear":
+        inputs = make_inputs(rows, 32, 24, 4, f32, device=device)
+        args = [inputs[n] for n in NAMES]
+        fn = fusedlora.lora_linear
+    else:
+        inputs = add_inputs(rows, 32, 24, 4, f32, device=device)
+        args = [inputs[n] for n in ADD]
+        fn = fusedlora.lora_add
+    inputs["lora_A"].requires_grad_(grad)
+    fn(*args, 1.0, 0.3, 1)
+    for scaling, seed, error, words in BAD_SCALARS:
+        with pytest.raises(error, match=words):
+            fn(*args, scaling, 0.3, seed)
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_add"])
+def test_one_launch_calls_run_their_bound_launch(op, device, monkeypatch):
+    """At up to ONE_LAUNCH_MAX_M rows a kept plan launches the kernel it bound, with and without
+    gradients; an x (or base) that is not a view of its rows is copied first, and takes the unbound
+    forward, which launches on the copy."""
+    from fusedlora.plans import single
+    unbound = collections.Counter()
+    real = single._forward_of
+    monkeypatch.setattr(single, "_forward_of", lambda *a, **k: unbound.update(["calls"]) or real(*a, **k))
+    if op == "lora_linear":
+        inputs = make_inputs(16, 32, 24, 4, f32, device=device)
+        names, check, scaling = NAMES, check_lora_linear, 2.0
+    else:
+        inputs = add_inputs(16, 32, 24, 4, f32, device=device)
+        names, check, scaling = ADD, check_lora_add, 2.0
+    fn = getattr(fusedlora, op)
+    for grad in (False, False, True, True):
+        inputs["lora_A"].requires_grad_(grad)
+        y = fn(*(inputs[n] for n in names), scaling, 0.25, 5)
+        check(y.detach(), None, {n: t.detach() if t is not None else None for n, t in inputs.items()}, scaling,
+              fusedlora.dropout_mask(5, (16, 32), 0.25, device), 0.25)
+    assert unbound["calls"] == 0, "a one-launch call took the unbound forward"
+    inputs["lora_A"].requires_grad_(False)
+    strided = dict(inputs, x=inputs["x"].view(8, 2, 32).transpose(0, 1).contiguous().transpose(0, 1))  # (8, 2, 32)
+    if op == "lora_add":
+        strided["base"] = inputs["base"].view(8, 2, 24).transpose(0, 1).contiguous().transpose(0, 1)
+    for _ in range(2):
+        y = fn(*(strided[n] for n in names), scaling, 0.25, 5)
+        check(y, None, strided, scaling, fusedlora.dropout_mask(5, (8, 2, 32), 0.25, device), 0.25)
+    assert unbound["calls"] == 2
+
+
 SM90_CHECK = r"""
 import math
 import sys
@@ -424,17 +405,36 @@ def calls(dtype):
             gy = torch.randn(M, 80, generator=g).to(dtype)
             for p, seed in ((0.0, None), (0.1, 3)):
                 yield train_step, (x, W, b, Ag, Bg, gy, p, seed)
+            yield train_step, (x, W, b, Ag, Bg, aligned((M, 80), dtype, 1), 0.0, None)  # dY off 16 bytes
+            yield switch_step, (x, W, b, Ag, Bg, gy)
             base = aligned((M, 80), dtype, off_w)
             for p, seed in ((0.0, None), (0.1, 3), (0.1, 2**40 + 16)):
                 yield fusedlora.lora_add, (base, x, A, B, 2.0, p, seed)
             yield add_train_step, (base, x, Ag, Bg, gy, 0.1, 5)
-            batch = fusedlora.AdapterBatch(torch.arange(M) % 4 - 1, 3)
+            yield add_train_step, (base, x, Ag, Bg, aligned((M, 80), dtype, 1), 0.1, 5)
+            ids = torch.arange(M) % 4 - 1
+            batch = fusedlora.AdapterBatch(ids, 3)
             for bias, r in ((b, ranks), (None, None)):
                 yield fusedlora.multi_lora_linear, (x, W, bias, mA.to(dtype), mB.to(dtype), s, batch, r)
+            shifted = fusedlora.AdapterBatch(torch.empty(M + 1, dtype=ids.dtype)[1:].copy_(ids), 3)  # ids off 16 bytes
+            yield fusedlora.multi_lora_linear, (x, W, b, mA.to(dtype), mB.to(dtype), s, shifted, ranks)
+            yield fusedlora.multi_lora_linear, (x, W, b, mA.to(dtype), mB.to(dtype), s.double(), batch, ranks)
 
 def train_step(x, W, b, A, B, gy, p, seed):
     with torch.enable_grad():  # a call with gradients: forward and backward
         torch.autograd.grad(fusedlora.lora_linear(x, W, b, A, B, 2.0, p, seed), (A, B), gy)
+
+def switch_step(x, W, b, A, B, gy):
+    # torch's fp32 switch flipped between the forward and its backward: the backward follows the switch
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with torch.enable_grad():
+        y = fusedlora.lora_linear(x, W, b, A, B, 2.0, 0.0, None)
+        matmul.fp32_precision = "tf32" if before == "ieee" else "ieee"
+        try:
+            torch.autograd.grad(y, (A, B), gy)
+        finally:
+            matmul.fp32_precision = before
 
 def add_train_step(base, x, A, B, gy, p, seed):
     with torch.enable_grad():
@@ -492,9 +492,10 @@ print("OK", len(fast), "launches")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above launch for real")
 def test_planned_launch_matches_tritons_binder():
     """On benchmarks/host.py's sm_90 host path, calls served by kept plans (lora_linear's and lora_add's,
-    with and without gradients, and multi_lora_linear's; x, W and the adapters each 16-byte aligned or
-    not; under both settings of torch's fp32 precision switch) launch the compiled kernel Triton's binder
-    picks, with the arguments it is given by a freshly built plan with the plain launch."""
+    with and without gradients, and multi_lora_linear's; x, W, the adapters, dY and the adapter ids each
+    16-byte aligned or not; under both settings of torch's fp32 precision switch, and with the switch
+    flipped between a forward and its backward) launch the compiled kernel Triton's binder picks, with
+    the arguments it is given by a freshly built plan with the plain launch."""
     root = pathlib.Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_FAST_LAUNCH",
                                                             "FUSEDLORA_BACKEND", "FUSEDLORA_PLAN")}

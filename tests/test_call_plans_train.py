@@ -142,15 +142,41 @@ def test_backward_of_another_dy_specialization(fn, names, device):
     assert len(signature.plans) == 1
 
 
-@pytest.mark.parametrize("need", NAMES)
-def test_which_inputs_need_gradients_is_a_key_component(need, device):
+@pytest.mark.parametrize("fn,names,need", [(fusedlora.lora_linear, NAMES, n) for n in NAMES]
+                         + [(fusedlora.lora_add, ADD_NAMES, n) for n in ADD_NAMES],
+                         ids=[f"lora_linear-{n}" for n in NAMES] + [f"lora_add-{n}" for n in ADD_NAMES])
+def test_which_inputs_need_gradients_is_a_key_component(fn, names, need, device):
     """After a warm call with lora_A alone needing a gradient, a call where `need` alone needs one: its
     own plan, and exactly the oracle's gradient of `need` (a plan bound for lora_A's would compute dA)."""
-    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
-    call(fusedlora.lora_linear, NAMES, inputs, ("lora_A",), "contiguous", 0.0, None)
-    y, grads, dy = call(fusedlora.lora_linear, NAMES, inputs, (need,), "contiguous", 0.0, None)
-    assert len(fusedlora.ops.single.LINEAR.plans) == (1 if need == "lora_A" else 2)
-    check_lora_linear(y, grads, inputs, 1.5, None, 0.0, dy)
+    linear = fn is fusedlora.lora_linear
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device) if linear else add_inputs(16, 40, 24, 8, f32, device=device)
+    call(fn, names, inputs, ("lora_A",), "contiguous", 0.0, None)
+    y, grads, dy = call(fn, names, inputs, (need,), "contiguous", 0.0, None)
+    signature = fusedlora.ops.single.LINEAR if linear else fusedlora.ops.single.ADD
+    assert len(signature.plans) == (1 if need == "lora_A" else 2)
+    (check_lora_linear if linear else check_lora_add)(y, grads, inputs, 1.5, None, 0.0, dy)
+
+
+MULTI_NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+@pytest.mark.parametrize("need", MULTI_NAMES)
+def test_which_inputs_need_gradients_is_a_key_component_of_multi(need, device):
+    inputs = make_multi(16, 40, 24, 3, 8, f32, device=device)
+    ids = torch.randint(-1, 3, (16,), generator=torch.Generator().manual_seed(2)).to(device)
+    batch = AdapterBatch(ids, 3)
+    dy = torch.randn(16, 24, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def step(needs):
+        leaves = {n: inputs[n].detach().clone().requires_grad_(n in needs) for n in (*MULTI_NAMES, "scalings")}
+        y = fusedlora.multi_lora_linear(*(leaves[n] for n in (*MULTI_NAMES, "scalings")), batch, None)
+        y.backward(dy)
+        return y.detach(), {n: leaves[n].grad for n in needs}
+
+    step(("lora_A",))
+    y, grads = step((need,))
+    assert len(fusedlora.ops.multi.MULTI.plans) == (1 if need == "lora_A" else 2)
+    check_multi_lora_linear(y, grads, inputs, ids, dy)
 
 
 def test_plan_keeps_no_tensor_and_sees_in_place_writes(device):
@@ -207,3 +233,121 @@ def test_multi_with_gradients_served_matches_fresh_and_oracle(M, device):
     for y, grads in (first, again):
         assert torch.equal(y, fresh[0]) and all(torch.equal(grads[n], fresh[1][n]) for n in grads)
     check_multi_lora_linear(again[0], again[1], inputs, ids, dy)
+
+
+# ---- the bound backward: keyed by dY's specialization, which inputs need a gradient, the settings ------
+
+@pytest.fixture
+def bindings(monkeypatch):
+    """How many backward runs the plans bound (one per key of the bound backward)."""
+    from fusedlora.plans import single
+    count = collections.Counter()
+    real = single._backward_run
+
+    def counted(*args, **kwargs):
+        count["bound"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(single, "_backward_run", counted)
+    return count
+
+
+def _step(fn, names, inputs, needs, dy):
+    """(y, grads) of fn on fresh leaves with y.backward(dy)."""
+    leaves = {n: (t.detach().clone().requires_grad_(n in needs) if t is not None else None) for n, t in inputs.items()}
+    y = fn(*(leaves[n] for n in names), 1.5, 0.2, 11)
+    y.backward(dy)
+    return y.detach(), {n: leaves[n].grad for n in needs}
+
+
+def _unaligned(t):
+    buffer = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    offset = 1 if buffer.data_ptr() % 16 == 0 else 0
+    return buffer[offset:offset + t.numel()].view(t.shape).copy_(t)
+
+
+BOUND = [(fusedlora.lora_linear, NAMES, check_lora_linear), (fusedlora.lora_add, ADD_NAMES, check_lora_add)]
+
+
+class Sub(torch.Tensor):
+    """A tensor subclass: another type, the same plan."""
+
+
+DY_CHANGES = {"alignment": _unaligned, "type": lambda t: t.as_subclass(Sub)}
+
+
+@pytest.mark.parametrize("change", list(DY_CHANGES))
+@pytest.mark.parametrize("fn,names,check", BOUND, ids=["lora_linear", "lora_add"])
+def test_bound_backward_is_keyed_by_dys_specialization(fn, names, check, change, device, bindings):
+    """dY changed in one component after a backward of the same plan (its address off a 16-byte
+    boundary, which Triton specializes pointers on; its type): its own binding, the oracle's gradients.
+    Its strides: test_backward_of_another_dy_specialization; its shape and dtype are y's."""
+    inputs = (make_inputs if fn is fusedlora.lora_linear else add_inputs)(16, 40, 24, 8, f32, device=device)
+    needs = ("x", "lora_A", "lora_B")
+    dy = torch.randn(16, 24, generator=torch.Generator().manual_seed(4)).to(device)
+    keep = fusedlora.dropout_mask(11, (16, 40), 0.2, device)
+    for count, g in enumerate((dy, DY_CHANGES[change](dy)), 1):
+        y, grads = _step(fn, names, inputs, needs, g)
+        assert bindings["bound"] == count
+        check(y, grads, inputs, 1.5, keep, 0.2, g.as_subclass(torch.Tensor))
+    assert len(fusedlora.ops.single.LINEAR.plans) + len(fusedlora.ops.single.ADD.plans) == 1
+
+
+@pytest.mark.parametrize("fn,names,check", BOUND, ids=["lora_linear", "lora_add"])
+def test_bound_backward_is_keyed_by_the_settings(fn, names, check, monkeypatch, device, launches, bindings):
+    """A backward bound under the default plan (one launch at 16 rows), then a served forward whose
+    backward runs with FUSEDLORA_PLAN=split: bound again, the split plan's launches, the oracle's
+    gradients."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
+    inputs = (make_inputs if fn is fusedlora.lora_linear else add_inputs)(16, 40, 24, 8, f32, device=device)
+    needs = ("x", "lora_A", "lora_B")
+    dy = torch.randn(16, 24, generator=torch.Generator().manual_seed(4)).to(device)
+    keep = fusedlora.dropout_mask(11, (16, 40), 0.2, device)
+    check(*_step(fn, names, inputs, needs, dy), inputs, 1.5, keep, 0.2, dy)
+    leaves = {n: t.detach().clone().requires_grad_(n in needs) for n, t in inputs.items() if t is not None}
+    y = fn(*(leaves.get(n) for n in names), 1.5, 0.2, 11)
+    monkeypatch.setenv("FUSEDLORA_PLAN", "split")
+    launches.clear()
+    y.backward(dy)
+    assert bindings["bound"] == 2
+    assert "_lora_backward_kernel" not in launches and launches.get("_lora_dy_kernel") == 1
+    check(y.detach(), {n: leaves[n].grad for n in needs}, inputs, 1.5, keep, 0.2, dy)
+
+
+def test_bound_backward_is_keyed_by_fp32_precision(device, bindings):
+    """torch's fp32 switch changed between a float32 forward and its backward: bound again."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9")
+    before = matmul.fp32_precision
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
+    dy = torch.randn(16, 24, generator=torch.Generator().manual_seed(4)).to(device)
+    keep = fusedlora.dropout_mask(11, (16, 40), 0.2, device)
+    try:
+        matmul.fp32_precision = "ieee"
+        _step(fusedlora.lora_linear, NAMES, inputs, ("lora_A",), dy)
+        leaves = {n: t.detach().clone().requires_grad_(n == "lora_A") for n, t in inputs.items()}
+        y = fusedlora.lora_linear(*(leaves[n] for n in NAMES), 1.5, 0.2, 11)
+        matmul.fp32_precision = "tf32"
+        y.backward(dy)
+    finally:
+        matmul.fp32_precision = before
+    assert bindings["bound"] == 2 and len(fusedlora.ops.single.LINEAR.plans) == 1
+    check_lora_linear(y.detach(), {"lora_A": leaves["lora_A"].grad}, inputs, 1.5, keep, 0.2, dy)
+
+
+def test_bound_backward_is_keyed_by_which_gradients_are_asked(device, bindings):
+    """The torch.compile backward op takes the flags from autograd, for one forward plan (the op's, with
+    every gradient): for the same dY, each set of flags is bound and gives exactly the oracle's
+    gradients of its inputs."""
+    from fusedlora.ops.single import lora_linear_backward_op, lora_linear_op
+    inputs = make_inputs(16, 40, 24, 8, f32, device=device)
+    x, W, b, A, B = (inputs[n] for n in NAMES)
+    seed = torch.tensor(11)
+    y, S = lora_linear_op(x, W, b, A, B, 1.5, 0.2, seed)
+    dy = torch.randn(16, 24, generator=torch.Generator().manual_seed(4)).to(device)
+    keep = fusedlora.dropout_mask(11, (16, 40), 0.2, device)
+    sets = (("lora_A",), ("x",), ("lora_A", "lora_B"), ("weight",), ("bias",), ("weight", "lora_A"), ("bias", "lora_B"))
+    for count, needs in enumerate(sets, 1):
+        grads = lora_linear_backward_op(dy, x, W, A, B, S, 1.5, 0.2, seed, [n in needs for n in NAMES])
+        assert bindings["bound"] == count and len(grads) == len(needs)
+        check_lora_linear(y, dict(zip(needs, grads)), inputs, 1.5, keep, 0.2, dy)
