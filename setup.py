@@ -20,13 +20,13 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6", "safetensors"],
     extras_require={
         # patch_peft and the adapter files: peft 0.17 does not import with transformers 5, and
-        # transformers 5.3 is the oldest under which every PEFT-interop test passes.
-        "peft": ["peft>=0.18.0", "transformers>=5.3.0"],
+        # transformers 5.4 is the oldest under which every PEFT-interop test passes.
+        "peft": ["peft>=0.18.0", "transformers>=5.4.0"],
         # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs. bitsandbytes: the
         # QLoRA/QDoRA tests (its 4-bit Linear layers run on CPU; the wheel is on PyPI for x86-64 Linux).
         # pytest-random-order: the suite is checked in random order too.
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis",
-                 "peft>=0.18.0", "transformers>=5.3.0", "matplotlib", "parameterized", "bitsandbytes"],
-        "bench": ["peft>=0.18.0", "transformers>=5.3.0", "pytest-benchmark", "matplotlib"],
+                 "peft>=0.18.0", "transformers>=5.4.0", "matplotlib", "parameterized", "bitsandbytes"],
+        "bench": ["peft>=0.18.0", "transformers>=5.4.0", "pytest-benchmark", "matplotlib"],
     },
 )
