@@ -13,13 +13,20 @@ setup(
               "fusedlora.peft", "fusedlora.serving", "fusedlora.kernels"],
     package_dir={"fusedlora": "fusedlora", "fusedlora.kernels": "kernels"},
     package_data={"fusedlora.kernels": ["configs/*.json"]},  # per-GPU tuned tables
-    install_requires=["torch>=2.6", "triton>=3.2", "safetensors"],
+    # Floors are the oldest releases tested (tests/compat/matrix.py, docs/testing.md). Triton: every
+    # minor from 3.6 on runs the kernel tests in the interpreter; 3.6 is the GPU machine's (with torch
+    # 2.11), the oldest Triton that has run these kernels on a GPU. torch: only 2.13 (CPU) runs here;
+    # 2.11 is the GPU machine's.
+    install_requires=["torch>=2.11", "triton>=3.6", "safetensors"],
     extras_require={
+        # patch_peft and the adapter files: peft 0.17 does not import with transformers 5, and
+        # transformers 5.4 is the oldest under which every PEFT-interop test passes.
+        "peft": ["peft>=0.18.0", "transformers>=5.4.0"],
         # parameterized: PEFT's own test_mixed.py, which tests/test_peft_suite.py runs. bitsandbytes: the
         # QLoRA/QDoRA tests (its 4-bit Linear layers run on CPU; the wheel is on PyPI for x86-64 Linux).
         # pytest-random-order: the suite is checked in random order too.
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis", "peft",
-                 "transformers", "matplotlib", "parameterized", "bitsandbytes"],
-        "bench": ["peft", "transformers", "pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-random-order", "hypothesis",
+                 "peft>=0.18.0", "transformers>=5.4.0", "matplotlib", "parameterized", "bitsandbytes"],
+        "bench": ["peft>=0.18.0", "transformers>=5.4.0", "pytest-benchmark", "matplotlib"],
     },
 )

@@ -2,10 +2,12 @@
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 from lora_models import TARGETS, logits, tiny_llama, tokens
 from oracle import assert_normwise
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -74,7 +76,13 @@ def test_peft_adapter_loads_into_a_plain_model(backend, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "lm_head.weight" in trainable and "model.layers.0.mlp.up_proj.base_layer.bias" in trainable
     assert "model.layers.0.input_layernorm.weight" not in trainable
-    assert_logits_match(logits(model, tokens()), peft_model.eval(), tokens())
+    got = logits(model, tokens())
+    # fusedlora reads the files as PEFT reads them back. Before peft 0.21 PEFT's save leaves out the
+    # base-layer biases bias="lora_only" trains (0.18.0 to 0.20.0: its own reload is 4.1 off the live
+    # model's logits), so the live model is the oracle only from 0.21 on.
+    assert_logits_match(got, PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), tokens())
+    if Version(peft.__version__) >= Version("0.21"):
+        assert_logits_match(got, peft_model.eval(), tokens())
 
 
 def test_fusedlora_roundtrip_is_exact(tmp_path):

@@ -27,18 +27,47 @@ def test_dry_run_takes_every_step(tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=900)
     summary = proc.stdout[proc.stdout.rindex("=== summary"):]
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
-    for name in ("versions", "benchmark", "host", "serve", "serve-dora", "train_moe", "serve_moe", "plans", "tune",
-                 "train", "plain", "tests"):
+    for name in ("launch", "versions", "benchmark", "host", "serve", "serve-dora", "train_moe", "serve_moe", "plans",
+                 "tune", "train", "plain", "tests"):
         assert f"{name:10} exit   0" in summary, summary
+    assert "fast launch: the launch check passed" in summary, summary
+    assert json.loads((tmp_path / "launch_check.json").read_text())["ok"]
     for stem in ("cpu-check", "cpu-check-plans", "serve-cpu-check", "serve-cpu-check-dora-rl", "cpu-check-train",
-                 "cpu-check-train-moe",
-                 "tune-cpu-check"):
+                 "cpu-check-train-moe", "tune-cpu-check"):
         record = json.loads((tmp_path / f"{stem}.json").read_text())
         rows = [json.loads(line) for line in (tmp_path / f"{stem}.jsonl").read_text().splitlines()]
         assert rows and "partial" not in record, stem
     assert (tmp_path / "cpu-check.md").read_text().startswith("# fusedlora benchmark")
     assert "commit" in (tmp_path / "versions.txt").read_text()
     assert json.loads((tmp_path / "host.json").read_text())["rows"]
+
+
+def test_a_failed_launch_check_turns_the_fast_launch_off_for_every_later_step(tmp_path):
+    """The launch check forced to a mismatch (its first kind only): the later steps run with
+    FUSEDLORA_FAST_LAUNCH=0, in their processes too (versions.txt), and the summary says so. Three
+    steps, not the whole dry run: ~1 min."""
+    env = dict(_env(), FUSEDLORA_LAUNCH_CHECK_FORCE="mismatch", GPU_SESSION_STEPS="launch versions plain")
+    env.pop("FUSEDLORA_FAST_LAUNCH", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--dry-run", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout
+    summary = log[log.rindex("=== summary"):]
+    assert proc.returncode == 1, summary + proc.stderr[-3000:]  # the failed check counts as a failed step
+    assert f"{'launch':10} exit   1" in summary and f"{'versions':10} exit   0" in summary, summary
+    assert "fast launch: OFF: the launch check failed (exit 1" in summary, summary
+    assert "FUSEDLORA_FAST_LAUNCH=0" in (tmp_path / "versions.txt").read_text()
+    assert "FUSEDLORA_FAST_LAUNCH=0): " in log.split("=== versions ")[1].splitlines()[0]
+    assert "=== plain " not in log  # with every launch plain already, the plain rerun is skipped
+    record = json.loads((tmp_path / "launch_check.json").read_text())
+    assert not record["ok"] and record["force"] == "mismatch" and len(record["kinds"]) == 1
+    assert "fast != plain: 1 of " in record["kinds"][0]["problems"][0]
+
+
+def test_gpu_session_refuses_an_unknown_step(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--dry-run", str(tmp_path)],
+                          env=dict(_env(), GPU_SESSION_STEPS="launch bench"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "unknown step 'bench'" in proc.stderr, proc.stderr
 
 
 def test_a_step_stopped_midway_leaves_a_valid_partial_record(tmp_path):

@@ -50,14 +50,30 @@ logger = logging.getLogger(__name__)
 CACHE_ATTR = "fusedlora_batch_cache"
 
 
+# The oldest PEFT patch_peft runs with (setup.py's floor, tested by tests/compat/matrix.py): it reads
+# PEFT's layer internals (lora_variant, VARIANT_KWARG_KEYS, _check_forward_args, the variant classes),
+# which move between releases, and peft 0.17 does not import with transformers 5.
+PEFT_FLOOR = "0.18.0"
+
+
+def check_peft_version(version: str) -> None:
+    """Raise ImportError, naming the floor, for a PEFT release older than PEFT_FLOOR."""
+    from packaging.version import Version  # a dependency of peft
+    if Version(version) < Version(PEFT_FLOOR):
+        raise ImportError(f"patch_peft needs peft >= {PEFT_FLOOR}, the oldest release it is tested with; "
+                          f"peft {version} is installed (pip install 'peft>={PEFT_FLOOR}')")
+
+
 def _peft_classes() -> Dict[type, object]:
     """The PEFT LoRA layer classes whose forward patch_peft reproduces, each with that forward: the
     Linear layer, and where bitsandbytes is installed its 8-bit and 4-bit (QLoRA) layers, whose
     forward differs only in rounding each adapter's term to the output dtype before adding it."""
     try:
+        import peft
         from peft.tuners.lora import Linear
     except ImportError as e:
         raise ImportError("patch_peft needs the peft package (pip install peft)") from e
+    check_peft_version(peft.__version__)
     classes = {Linear: Linear.forward}
     try:
         from peft.tuners.lora import bnb
