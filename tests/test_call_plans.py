@@ -199,6 +199,7 @@ def test_per_call_values_are_read_on_every_call(device, builds):
 def test_settings_are_in_the_key(device, monkeypatch, launches, builds):
     """FUSEDLORA_PLAN and FUSEDLORA_BACKEND take effect on the next call (torch's fp32 precision switch,
     which only a GPU build reads, is checked on the sm_90 host path below)."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_inputs(16, 32, 24, 4, f32, device=device)
     linear(inputs)
     assert launches == {"_lora_gemm_kernel": 1}
@@ -342,7 +343,8 @@ def test_bad_scalars_after_a_warm_cache(op, path, device, monkeypatch):
 def test_one_launch_calls_run_their_bound_launch(op, device, monkeypatch):
     """At up to ONE_LAUNCH_MAX_M rows a kept plan launches the kernel it bound, with and without
     gradients; an x (or base) that is not a view of its rows is copied first, and takes the unbound
-    forward, which launches on the copy."""
+    forward, which launches on the copy. The planner's own choice: a forced plan may launch otherwise."""
+    monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     from fusedlora.plans import single
     unbound = collections.Counter()
     real = single._forward_of

@@ -40,15 +40,19 @@ ROOT = Path(__file__).resolve().parents[2]
 # Triton internals are the ones that move between releases.
 TRITON_TESTS = ["test_lora_linear.py", "test_lora_add.py", "test_multi_lora.py", "test_dropout.py",
                 "test_bad_input.py", "test_dora.py", "test_planner.py", "test_multi_planner.py",
-                "test_specialization.py", "test_dot_precision.py", "test_fast_path.py", "test_fast_path_multi.py",
-                "test_fast_path_train.py", "test_fast_launch.py", "test_configs.py", "test_gpu_compile.py"]
+                "test_specialization.py", "test_dot_precision.py", "test_call_plans.py", "test_call_plans_train.py",
+                "test_plan_keys.py", "test_signature.py", "test_fast_launch.py", "test_configs.py",
+                "test_multi_dora.py", "test_moe_routing.py", "test_moe_kernels.py", "test_moe_lora.py",
+                "test_gpu_compile.py"]
 # Everything that builds a PEFT model or a transformers one. Not PEFT's own suite (test_peft_suite.py):
 # its floors (1200 tests, 290 served) are set for peft 0.21.2, and peft 0.18.0's suite selects 924, of
 # which 418 fail with and without patch_peft under transformers 5.4 (its fixtures patch
 # transformers.utils.hub._is_offline_mode, which 5.4 lacks); run by hand it had 0 regressions.
 PEFT_TESTS = ["test_peft_interop.py", "test_peft_layers.py", "test_peft_decisions.py", "test_dora_peft.py",
               "test_stale_weights.py", "test_adapter_io.py", "test_qlora.py", "test_modules.py", "test_pool.py",
-              "test_compile_models.py", "test_serve.py", "test_train_bench.py"]
+              "test_compile_models.py", "test_serve.py", "test_train_bench.py", "test_pool_dora.py",
+              "test_pool_updates.py", "test_peft_mixed_dora.py", "test_peft_experts.py", "test_expert_lora.py",
+              "test_experts_forward.py"]
 # What CI runs (tests/test_compat.py): lora_linear and multi_lora_linear, and patch_peft's model-level
 # checks, at the floors. A few minutes on 2 cores; the rest of each file runs in the main suite.
 CI_TESTS = {"triton": ["test_lora_linear.py::test_matches_reference", "test_multi_lora.py::test_matches_reference"],
