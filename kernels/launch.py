@@ -75,18 +75,19 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     # Small ints (shapes, strides) by value: finer than Triton's key, cheaper than _spec, and bounded
     # by the shapes a process sees; other ints (seeds, large strides) by Triton's classes. The kernel
-    # by id: JITFunction's own hash recomputes its cache key.
+    # by id: JITFunction's own hash recomputes its cache key. The entry holds the kernel itself, so an
+    # id that a freed kernel's successor reuses is a miss, not that kernel's compiled code.
     key = (id(kernel), device, tuple([
         a if type(a) is int and -65536 < a < 65536 else
         (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, _Tensor) else _spec(a) for a in args]),
         tuple(kwargs.items()))
     entry = _COMPILED.get(key)
-    if entry is None:
+    if entry is None or entry[0] is not kernel:
         compiled = kernel[grid](*args, **kwargs)
         if hasattr(compiled, "packed_metadata"):  # a compiled kernel, not a pending asynchronous compile
-            _COMPILED[key] = (compiled, tuple(kwargs[name] for name in kernel.arg_names[len(args):]))
+            _COMPILED[key] = (kernel, compiled, tuple(kwargs[name] for name in kernel.arg_names[len(args):]))
         return
-    compiled, constexprs = entry
+    _, compiled, constexprs = entry
     every = args + constexprs
     stream = driver.active.get_current_stream(device)
     grid_1 = grid[1] if len(grid) > 1 else 1

@@ -1,5 +1,6 @@
 """What the MoE tests share: tiny Qwen3-MoE, Mixtral and gpt-oss models built from configs (no downloads),
 PEFT's LoRA on their experts' parameters, and a dispatch mode that finds the largest tensor a run makes."""
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -97,3 +98,11 @@ def eager_copy(model, dtype=torch.float64):
         if config is not None and hasattr(config, "_experts_implementation"):
             config._experts_implementation = "eager"
     return twin
+
+
+# The expert support's own floors (fusedlora/modules/experts.py): below them (the matrix's row at the
+# dense layers' floors) its tests skip, and test_compat.py checks what such releases get instead.
+from fusedlora.modules.experts import versions_reason  # noqa: E402
+
+BELOW_FLOORS = versions_reason(("transformers", "peft"))
+needs_expert_floors = pytest.mark.skipif(BELOW_FLOORS is not None, reason=str(BELOW_FLOORS))

@@ -87,3 +87,27 @@ def test_the_oldest_peft_and_transformers_run_the_interop_tests():
     summary = _run_row("peft")
     floors = matrix.floors()
     assert f"| peft {floors['peft']} | transformers {floors['transformers']}" in summary, summary
+
+
+def test_experts_below_their_floors_are_refused_or_left_to_peft(monkeypatch):
+    """The installed releases serve experts (the suite's MoE tests run here); with transformers or peft
+    reported older than fusedlora/modules/experts.py's EXPERTS_FLOORS, inject refuses the expert
+    parameters and patch_peft leaves them to PEFT's forward, each naming the floor."""
+    import peft
+    import transformers
+    from moe_models import TARGETS, peft_moe, tiny_moe, tokens
+
+    import fusedlora
+    from fusedlora.modules.experts import EXPERTS_FLOORS, LoRAExperts, versions_reason
+    assert versions_reason(("transformers", "peft")) is None
+    monkeypatch.setattr(transformers, "__version__", "5.5.0")
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match=re.escape(f"needs transformers >= {EXPERTS_FLOORS['transformers']}")):
+        fusedlora.inject(model, target_parameters=TARGETS)
+    assert not any(isinstance(m, LoRAExperts) for m in model.modules())
+    monkeypatch.setattr(transformers, "__version__", EXPERTS_FLOORS["transformers"])
+    monkeypatch.setattr(peft, "__version__", "0.18.0")
+    model = peft_moe("qwen3_moe")
+    fusedlora.patch_peft(model)
+    with pytest.warns(UserWarning, match=re.escape(f"needs peft >= {EXPERTS_FLOORS['peft']}")), torch.no_grad():
+        model(input_ids=tokens(seed=1, batch=2))

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 import torch
-from moe_models import FAMILIES, TARGETS, experts_modules, peft_moe, tiny_moe, tokens
+from moe_models import FAMILIES, TARGETS, experts_modules, needs_expert_floors, peft_moe, tiny_moe, tokens
 from oracle import assert_normwise
 from peft import PeftModel
 
@@ -15,7 +15,8 @@ from fusedlora.core import reference
 from fusedlora.core.dropout import draw_seed
 from fusedlora.modules.experts import LoRAExperts, expert_weight, peft_layout
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              needs_expert_floors]
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ a post-expert norm and without a gate too; registered as the "fusedlora" experts
 refuses, it names."""
 import pytest
 import torch
-from moe_models import FAMILIES, experts_modules, tiny_moe, tokens
+from moe_models import FAMILIES, experts_modules, needs_expert_floors, tiny_moe, tokens
 from oracle import assert_normwise
 from torch import nn
 from transformers import PretrainedConfig
@@ -12,6 +12,8 @@ from transformers.integrations.moe import use_experts_implementation
 
 import fusedlora
 from fusedlora.modules.experts import experts_forward, experts_reason, register_experts_implementation
+
+pytestmark = needs_expert_floors
 
 
 @pytest.fixture(autouse=True)

@@ -135,6 +135,21 @@ INT_EDGES = (0, 1, 2, 15, 16, 17, 65535, 65536, 2**30, 2**31 - 16, 2**31 - 1, 2*
              -2**31, -2**31 - 1, -2**31 - 16, -2**63, -2**63 + 16)
 
 
+def test_an_id_a_freed_kernel_leaves_is_a_miss(fast):
+    """The cache keys a kernel by id: a kernel created where a freed one lived (same id) must compile its
+    own, not launch the freed kernel's code. Its entry is put under the new kernel's id by hand, as
+    the freed kernel's would look to its successor."""
+    launch, _ = fast
+    first, second, x = Kernel(), Kernel(), _aligned()
+    launch.launch(first, (1,), x, 5, 0, 1.0, BLOCK=16, FLAG=True)
+    ((key, entry),) = launch._COMPILED.items()
+    launch._COMPILED[(id(second), *key[1:])] = entry
+    launch.launch(second, (1,), x, 5, 0, 1.0, BLOCK=16, FLAG=True)
+    assert len(second.plain) == 1 and not first.compiled.runs
+    launch.launch(second, (1,), x, 5, 0, 1.0, BLOCK=16, FLAG=True)  # now served by its own
+    assert len(second.plain) == 1 and len(second.compiled.runs) == 1 and not first.compiled.runs
+
+
 def test_ints_that_triton_specializes_apart_are_launched_apart(fast):
     """Of two int arguments Triton's binder specializes differently (1, a multiple of 16, i32 / i64 /
     u64), the second is not served by the kernel compiled for the first: launch's key separates them

@@ -11,12 +11,13 @@ import warnings
 import pytest
 import torch
 from lora_models import canonical, run
-from moe_models import FAMILIES, LargestTensors, eager_copy, experts_modules, peft_moe, tokens
+from moe_models import FAMILIES, LargestTensors, eager_copy, experts_modules, needs_expert_floors, peft_moe, tokens
 from oracle import assert_normwise
 
 import fusedlora
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              needs_expert_floors]
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import CUDA
+from moe_models import needs_expert_floors
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import serve  # noqa: E402
@@ -151,6 +152,7 @@ def test_timed_results_are_reported_and_written(capsys, tmp_path):
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for its numbers, not as a test")
+@needs_expert_floors
 def test_moe_serving_row_checks_on_cpu(capsys, tmp_path, monkeypatch):
     """serve.py --moe: a tiny Qwen3-MoE whose adapters carry LoRA on the expert parameters; PEFT's grouped
     runs, patch_peft's adapter_names= batch and the AdapterPool all within the bounds of the logit check;

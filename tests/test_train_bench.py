@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from conftest import CUDA
+from moe_models import needs_expert_floors
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import train  # noqa: E402
@@ -30,6 +31,7 @@ def test_training_benchmark_with_dora_checks_on_cpu(capsys, tmp_path):
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the benchmark is run for its numbers, not as a test")
+@needs_expert_floors
 def test_training_benchmark_with_moe_checks_on_cpu(capsys, tmp_path, monkeypatch):
     """--moe: a tiny Qwen3-MoE with LoRA on every linear layer and on its expert parameters (target_parameters),
     patched, trains as PEFT's; the expert layers on fusedlora's PyTorch backend until the Triton MoE op is

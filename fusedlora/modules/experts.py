@@ -22,7 +22,10 @@ loop is not checked against it.
 LoRAExperts is fusedlora's own expert LoRA module (inject(..., target_parameters=...)): the adapters in
 PEFT's ParamWrapper layout, dropout included (PEFT refuses dropout on expert parameters).
 """
+import functools
+import importlib
 import math
+import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -37,6 +40,11 @@ from fusedlora.moe import moe_lora_linear
 # Experts classes whose own ("eager") forward computes the function above, read off their code in
 # transformers 5.25. Under any other implementation every decorated class computes it.
 EAGER_CHECKED = ("Qwen3MoeExperts", "MixtralExperts", "GptOssExperts")
+# The oldest releases the expert support is tested with (tests/compat/matrix.py): the dense layers'
+# floors (peft 0.18.0, transformers 5.4.0) do not serve experts: 5.4's expert modules are not
+# use_experts_implementation modules, and peft 0.18 with 5.5 lays the expert adapters out otherwise.
+# Older ones are left to PEFT (patch_peft, with the reason logged) or refused (inject, AdapterPool).
+EXPERTS_FLOORS = {"transformers": "5.25.0", "peft": "0.21.2"}
 IMPLEMENTATION = "fusedlora"
 
 
@@ -65,8 +73,27 @@ def projections(experts: nn.Module) -> List[str]:
     return ["gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj", "down_proj"]
 
 
+def versions_reason(packages=("transformers",)) -> Optional[str]:
+    """Why the installed releases of `packages` cannot serve expert parameters, or None."""
+    for name in packages:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        if _older(name, module.__version__):
+            return (f"{name} {module.__version__}: LoRA on expert parameters needs {name} >= "
+                    f"{EXPERTS_FLOORS[name]}, the oldest release it is tested with")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _older(name: str, version: str) -> bool:
+    from packaging.version import Version  # a dependency of transformers
+    return Version(version) < Version(EXPERTS_FLOORS[name])
+
+
 def experts_reason(experts: nn.Module) -> Optional[str]:
     """Why experts_forward cannot stand in for this module's forward, or None."""
+    reason = versions_reason()
+    if reason is not None:
+        return reason
     flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
     if not all(isinstance(getattr(experts, f, None), bool) for f in flags):
         return f"{type(experts).__name__} is not a transformers experts module (use_experts_implementation)"

@@ -33,7 +33,7 @@ from torch import nn
 
 from fusedlora.core import knobs
 from fusedlora.core.checks import FLOAT_DTYPES
-from fusedlora.modules.experts import ExpertLoRA, experts_forward, experts_reason, peft_layout
+from fusedlora.modules.experts import ExpertLoRA, experts_forward, experts_reason, peft_layout, versions_reason
 
 MERGED_ERROR = "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
 
@@ -117,7 +117,7 @@ def chain_reason(wrappers, experts, x, args, kwargs, mixed: bool) -> Optional[Tu
     """(reason, costs speed) when this call must run PEFT's forward; None when it is served."""
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() != 2:
         return f"hidden states {getattr(x, 'shape', type(x).__name__)} that are not (T, H) float", True
-    reason = experts_reason(experts)
+    reason = versions_reason(("peft",)) or experts_reason(experts)
     if reason is not None:
         return reason, True
     if hooked(experts) or any(hooked(w) for w in wrappers[1:]):
