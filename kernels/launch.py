@@ -47,16 +47,13 @@ def fast_launch() -> bool:
 
 
 def _spec(arg):
-    """What Triton's binder specializes a kernel argument on (a finer key is harmless, a coarser one
-    would launch a kernel compiled for other arguments)."""
+    """What Triton's binder specializes a non-tensor kernel argument on (a finer key is harmless, a
+    coarser one would launch a kernel compiled for other arguments). launch keys tensors, and ints
+    below 65536 in magnitude (1, Triton's other class, among them), itself."""
     kind = type(arg)
     if kind is int:
-        if arg == 1:
-            return 1
         width = 32 if -2**31 <= arg < 2**31 else 64 if -2**63 <= arg < 2**63 else 65
         return (width, arg % 16 == 0)
-    if isinstance(arg, _Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
     if kind is bool or kind is float:
         return kind
     return (kind, arg)  # anything else (None): by value, as Triton does
