@@ -22,10 +22,10 @@ import torch
 from fusedlora.core import torch_backend
 from fusedlora.core.adapter_batch import AdapterBatch
 from fusedlora.core.backend import backend_for
-from fusedlora.core.checks import check_col_scale, check_multi, describe
+from fusedlora.core.checks import check_col_scale, check_multi
 from fusedlora.core.specialization import OPTIONAL, SPEC, TENSOR, Signature
 from fusedlora.ops.call import PlannedCall, planned
-from fusedlora.plans.multi import multi_plan
+from fusedlora.plans.multi import check_batch_size, multi_plan
 
 MULTI = Signature("multi_lora_linear", x=TENSOR, weight=TENSOR, bias=OPTIONAL, lora_A=TENSOR, lora_B=TENSOR,
                   scalings=TENSOR, batch=SPEC, ranks=OPTIONAL, col_scale=OPTIONAL)
@@ -47,9 +47,7 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch: AdapterB
 
 def _compiled(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
     check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
-    if batch.num_adapters != lora_A.shape[0]:
-        raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
-                         f"{describe('lora_A', lora_A)} holds L = {lora_A.shape[0]}")
+    check_batch_size(batch, lora_A)
     if col_scale is not None:  # DoRA's scale: traced through the PyTorch backend, differentiable in it too
         check_col_scale(col_scale, weight, lora_A)
         return torch_backend.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, col_scale)

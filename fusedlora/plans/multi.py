@@ -108,6 +108,13 @@ def plan_of(direction: str, x, weight, lora_A) -> str:
     return choose_multi(direction, x.numel() // K if K else 0, K, weight.shape[0], R, L)
 
 
+def check_batch_size(batch, lora_A) -> None:
+    """The AdapterBatch's adapter count is lora_A's L (eager plans and the compiled op alike)."""
+    if batch.num_adapters != lora_A.shape[0]:
+        raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
+                         f"{describe('lora_A', lora_A)} holds L = {lora_A.shape[0]}")
+
+
 def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
     """multi_lora_linear's plan for this call's specialization: the checks, the backend, the plan of each
     direction, the decode launches bound. needs: which of (x, weight, bias, lora_A, lora_B, ranks,
@@ -119,9 +126,7 @@ def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scal
 def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
     check_multi(x, weight, bias, lora_A, lora_B, scalings, batch.ids, ranks, values=False)
     L, R, K = lora_A.shape
-    if batch.num_adapters != L:
-        raise ValueError(f"the AdapterBatch was built for {batch.num_adapters} adapters, but "
-                         f"{describe('lora_A', lora_A)} holds L = {L}")
+    check_batch_size(batch, lora_A)
     if col_scale is not None:
         check_col_scale(col_scale, weight, lora_A)
     if ranks is not None and values_checked(ranks):
