@@ -40,10 +40,11 @@ from fusedlora.moe import moe_lora_linear
 # Experts classes whose own ("eager") forward computes the function above, read off their code in
 # transformers 5.25. Under any other implementation every decorated class computes it.
 EAGER_CHECKED = ("Qwen3MoeExperts", "MixtralExperts", "GptOssExperts")
-# The oldest releases the expert support is tested with (tests/compat/matrix.py): the dense layers'
-# floors (peft 0.18.0, transformers 5.4.0) do not serve experts: 5.4's expert modules are not
-# use_experts_implementation modules, and peft 0.18 with 5.5 lays the expert adapters out otherwise.
-# Older ones are left to PEFT (patch_peft, with the reason logged) or refused (inject, AdapterPool).
+# The oldest releases the expert support is tested with. The dense layers' floors (peft 0.18.0,
+# transformers 5.4.0) do not serve experts: 5.4's expert modules are not use_experts_implementation
+# modules, and with transformers 5.5 and peft 0.18 the expert adapters reached the kernels in another
+# layout (not investigated further). Below these, patch_peft leaves experts to PEFT with a warning
+# naming the floor; inject and AdapterPool refuse them.
 EXPERTS_FLOORS = {"transformers": "5.25.0", "peft": "0.21.2"}
 IMPLEMENTATION = "fusedlora"
 
