@@ -43,15 +43,16 @@ def test_unknown_plan_is_refused(monkeypatch, device):
 
 @pytest.fixture
 def chosen(monkeypatch):
-    """Records (direction, plan) for each forward and backward run: the sequences of plans/multi.py, and
-    the decode launches bound once per specialization (their runs record themselves; the backward's are
-    bound over Wᵀ, a transposed view). The plan caches are emptied so that the call builds its plan here."""
+    """Records (direction, plan, bound) for each forward and backward run: the sequences of plans/multi.py
+    (bound False), and the decode launches bound once per specialization (their runs record themselves,
+    bound True; the backward's are bound over Wᵀ, a transposed view). The plan caches are emptied so
+    that the call builds its plan here."""
     seen = []
     for name in ("forward", "backward"):
         real = getattr(fusedlora.plans.multi, name)
 
         def record(plan, *a, _real=real, _name=name):
-            seen.append((_name, plan))
+            seen.append((_name, plan, False))
             return _real(plan, *a)
 
         monkeypatch.setattr(fusedlora.plans.multi, name, record)
@@ -62,7 +63,7 @@ def chosen(monkeypatch):
         direction = "forward" if weight.stride(-1) == 1 else "backward"
 
         def recorded(*args, **kw):
-            seen.append((direction, "decode"))
+            seen.append((direction, "decode", True))
             return run(*args, **kw)
         return recorded
 
@@ -76,12 +77,15 @@ def chosen(monkeypatch):
 @pytest.mark.parametrize("M", [16, 80])
 def test_calls_run_the_chosen_plan(M, x_grad, chosen, monkeypatch, device):
     """Without FUSEDLORA_PLAN each direction runs the planner's choice for the call's shape: the decode
-    plan up to MULTI_DECODE_MAX_M rows (bound launches or not), the split plan above; with and without dX."""
+    plan up to MULTI_DECODE_MAX_M rows, the split plan above; with and without dX. The decode forward
+    runs its bound launches, and so does the decode backward when it computes dX (its dX and dU are the
+    forward's two launches); dA and dB alone take the unbound sequence."""
     monkeypatch.delenv("FUSEDLORA_PLAN", raising=False)
     inputs = make_multi(M, 32, 24, 3, 4, torch.float32, device=device)
     A = inputs["lora_A"].requires_grad_()
     x = inputs["x"].requires_grad_(x_grad)
     fusedlora.multi_lora_linear(x, inputs["weight"], None, A, inputs["lora_B"], inputs["scalings"],
                                 ids_for("unsorted", M, 3, device)).sum().backward()
-    want = "decode" if M <= planner.MULTI_DECODE_MAX_M else "split"
-    assert chosen == [("forward", want), ("backward", want)]
+    decode = M <= planner.MULTI_DECODE_MAX_M
+    want = "decode" if decode else "split"
+    assert chosen == [("forward", want, decode), ("backward", want, decode and x_grad)]
