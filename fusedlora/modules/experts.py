@@ -24,7 +24,6 @@ PEFT's ParamWrapper layout, dropout included (PEFT refuses dropout on expert par
 """
 import functools
 import importlib
-import math
 import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
@@ -33,8 +32,8 @@ from torch import nn
 
 from fusedlora.core.checks import FLOAT_DTYPES
 from fusedlora.core.moe_routing import ExpertRouting
-from fusedlora.modules.rules import (check_init_lora_weights, check_lora_options, lora_scaling, matches_target,
-                                     pattern_value)
+from fusedlora.modules.rules import (check_init_lora_weights, check_lora_options, init_lora_factors, matches_target,
+                                     pattern_value, set_lora_options)
 from fusedlora.moe import moe_lora_linear
 
 # Experts classes whose own ("eager") forward computes the function above, read off their code in
@@ -194,20 +193,11 @@ class ExpertAdapter(nn.Module):
         self.reset_lora_parameters(init_lora_weights)
 
     def set_options(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
-        check_lora_options(self.r, lora_alpha, lora_dropout, use_rslora)
-        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, float(lora_dropout), use_rslora
-        self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
+        set_lora_options(self, lora_alpha, lora_dropout, use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+        init_lora_factors(self.lora_A, self.lora_B, self.r, init_lora_weights)
 
     def term(self, training: bool) -> ExpertLoRA:
         A, B = peft_layout(self.lora_A, self.lora_B, self.num_experts)

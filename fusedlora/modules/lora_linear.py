@@ -6,7 +6,6 @@ The module calls the functional API only (fusedlora.lora_linear), so the backend
 (FUSEDLORA_BACKEND) applies to it as to any other call. Parameter names and initialisations follow
 PEFT's lora.Linear, so an adapter moves between the two by renaming keys (see adapter_io.py).
 """
-import math
 from typing import Optional, Union
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from fusedlora.core.reference import dora_weight_norm
 from fusedlora.functional import dora_linear, lora_add, lora_linear
-from fusedlora.modules.rules import check_init_lora_weights, check_lora_options, lora_scaling
+from fusedlora.modules.rules import check_init_lora_weights, check_lora_options, init_lora_factors, set_lora_options
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -120,20 +119,11 @@ class LoRALinear(nn.Module):
 
     def set_options(self, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
         """Change alpha, dropout and rslora (a loaded adapter brings its own); r is fixed by the shapes."""
-        check_lora_options(self.r, lora_alpha, lora_dropout, use_rslora)
-        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, float(lora_dropout), use_rslora
-        self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
+        set_lora_options(self, lora_alpha, lora_dropout, use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+        init_lora_factors(self.lora_A, self.lora_B, self.r, init_lora_weights)
         if self.use_dora:
             self.lora_magnitude_vector.copy_(self.weight_norm())
 

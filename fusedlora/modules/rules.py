@@ -15,6 +15,8 @@ import math
 import re
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from torch import nn
+
 from fusedlora.core.checks import require_scalar
 
 ALL_LINEAR = "all-linear"
@@ -84,3 +86,24 @@ def check_init_lora_weights(init_lora_weights) -> None:
     """The initialisations LoRALinear implements, by PEFT's names."""
     if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+
+
+def set_lora_options(module, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+    """Checks and sets a LoRA module's alpha, dropout, rslora and the scaling they make (r is fixed by
+    its shapes): LoRALinear's and LoRAExperts' set_options."""
+    check_lora_options(module.r, lora_alpha, lora_dropout, use_rslora)
+    module.lora_alpha, module.lora_dropout, module.use_rslora = lora_alpha, float(lora_dropout), use_rslora
+    module.scaling = lora_scaling(module.r, lora_alpha, use_rslora)
+
+
+def init_lora_factors(lora_A, lora_B, r: int, init_lora_weights: Union[bool, str]) -> None:
+    """PEFT's initialisation of the two factors (under no_grad): A Kaiming-uniform, or normal with
+    std 1/r for "gaussian"; B zero, so the update starts at zero, or Kaiming-uniform for False."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_A, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_B)
