@@ -7,9 +7,13 @@ computed), records each launch instead of running it, binds its arguments with T
 for an sm_90 target (pointer alignment, divisibility by 16, integers equal to 1, i32/i64: the
 variant the GPU would build, tests/sm90.py), and compiles every distinct variant. Per variant it
 prints shared memory, registers, spilled bytes and whether the PTX uses wgmma. It fails on a compile
-error, on shared memory over the H100/H200 limit, on a spill in a kernel the default plans run, and on
-a GEMM with the base product at M >= 2048 that does not use wgmma. Spills are read as the local memory
-(stack frame) cuobjdump reports for the cubin.
+error, on shared memory over the H100/H200 limit, on spill traffic in a hot loop of a kernel the
+default plans run, and on a GEMM with the base product at M >= 2048 that does not use wgmma. Spilled
+bytes are the local memory (stack frame) cuobjdump reports for the cubin; a spill is hot when one of
+its local loads or stores (SASS LDL/STL) lies in an innermost loop, the loop that runs once per K (or
+C, T) step. A spill outside them runs a few times per program: triton 3.8 leaves 1-9 such loads and
+stores (8-16 B) in five default variants, each one per program or one per rank chunk, where 3.6, 3.7
+and 3.9 leave none; they are printed, not failed.
 
 Sizes: K = N = 4096 and 4096 -> 14336; M = 1, 16, 64, 65, 2048, 8192; bf16 x with bf16 and fp32 adapters;
 dropout on and off; forward and backward; single-adapter, DoRA and 64 adapters; every plan. MoE (the projection's
@@ -30,11 +34,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for the GPU"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import fusedlora  # noqa: E402
 import fusedlora.core.backend  # noqa: E402
@@ -137,14 +141,63 @@ def drive_moe(plan, tokens=MOE_TOKENS, projections=MOE_PROJECTIONS, adapters=("b
 
 def resource_usage(cubin: bytes) -> dict:
     """Registers and local memory per thread (spilled registers: ptxas's stack frame) of a compiled
-    kernel, from cuobjdump -res-usage on its cubin (Triton ships cuobjdump with ptxas)."""
+    kernel, from cuobjdump -res-usage on its cubin (Triton ships cuobjdump with ptxas), and its spill
+    instructions in innermost loops (hot_spills), from cuobjdump -sass."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", str(path)],
-                              capture_output=True, text=True).stdout
+        tool = triton.knobs.nvidia.cuobjdump.path
+        text = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
-    return dict(registers=int(usage.get("REG", -1)), spills=max(int(usage.get("STACK", 0)), int(usage.get("LOCAL", 0))))
+    return dict(registers=int(usage.get("REG", -1)), spills=max(int(usage.get("STACK", 0)), int(usage.get("LOCAL", 0))),
+                hot_spills=hot_spills(sass))
+
+
+def hot_spills(sass: str) -> int:
+    """How many local loads and stores (LDL/STL: ptxas's spills) of a SASS listing lie inside an innermost
+    loop. A branch back to an earlier address closes a loop from its target to the branch; a loop is
+    innermost when no other such range lies within it. Triton lowers its `range` loops this way and
+    unrolls `static_range`, so the innermost loops are the K (C, T) loops whose body runs per tile step."""
+    code = [(int(address, 16), text) for address, text in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = set()
+    for address, text in code:
+        target = re.search(r"\bBRA(?:\.\w+)*\s.*?\b0x([0-9a-f]+)\s*$", text)
+        if target and int(target.group(1), 16) <= address:
+            loops.add((int(target.group(1), 16), address))
+    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
+    return sum(1 for address, text in code if re.search(r"\b(?:LDL|STL)\b", text)
+               and any(s <= address <= e for s, e in innermost))
+
+
+@triton.jit
+def _accumulate(x_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    """A BLOCK x BLOCK fp32 tile summed over K steps: with one warp, BLOCK² / 32 accumulator values a
+    thread stay live across the loop, so a register cap below that spills inside it."""
+    offs = tl.arange(0, BLOCK)
+    tile = offs[:, None] * BLOCK + offs[None, :]
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, K):
+        acc += tl.load(x_ptr + k * BLOCK * BLOCK + tile)
+    tl.store(out_ptr + tile, acc)
+
+
+def spill_check_sees() -> str:
+    """What is wrong with the spill check under this Triton, or "": _accumulate held to 64 registers a
+    thread (128 accumulator values) must show hot spills, and uncapped no spill at all. Run first, so
+    that a listing format hot_spills no longer parses cannot pass every variant unseen."""
+    usage = {}
+    for cap in (64, None):
+        src, options, _ = source(_accumulate, (torch.empty(4 * 64 * 64, device=META),
+                                               torch.empty(64 * 64, device=META), 4),
+                                 dict(BLOCK=64, num_warps=1, **({"maxnreg": cap} if cap else {})))
+        usage[cap] = resource_usage(triton.compile(src, target=TARGET, options=options).asm["cubin"])
+    if not (usage[64]["spills"] and usage[64]["hot_spills"]):
+        return f"a kernel capped at 64 registers shows no hot spill: {usage[64]}"
+    if usage[None]["spills"] or usage[None]["hot_spills"]:
+        return f"the uncapped kernel spills: {usage[None]}"
+    return ""
 
 
 def variants(quick=False, moe_only=False):
@@ -176,7 +229,12 @@ def variants(quick=False, moe_only=False):
 
 
 def main(argv):
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: it records launches of compiled kernels for the GPU"
     failed = []
+    blind = spill_check_sees()
+    print(f"FAIL  the spill check: {blind}" if blind else "ok    the spill check sees a spill in a K loop", flush=True)
+    if blind:
+        return 1
     found = list(variants(quick="--quick" in argv, moe_only="--moe" in argv))
     print(f"{len(found)} distinct kernel variants at real sizes; compiling each for sm_90", flush=True)
     for name, src, options, bound, default in found:
@@ -193,8 +251,8 @@ def main(argv):
         problems = []
         if compiled.metadata.shared > SHARED_LIMIT:
             problems.append(f"shared memory {compiled.metadata.shared} > {SHARED_LIMIT}")
-        if report["spills"] and default:
-            problems.append(f"spills {report['spills']} B in a default plan's kernel")
+        if report["hot_spills"] and default:
+            problems.append(f"{report['hot_spills']} spill loads/stores in an innermost loop of a default plan's kernel")
         M = bound.get("M")
         if name in GEMMS and bound.get("HAS_BASE") and isinstance(M, int) and M >= 2048 and not wgmma:
             problems.append("GEMM at M >= 2048 without wgmma")
@@ -202,7 +260,7 @@ def main(argv):
         if problems:
             failed.append(label)
         print(f"{status}  {label}  shared={compiled.metadata.shared} regs={report['registers']} "
-              f"spills={report['spills']} wgmma={'yes' if wgmma else 'no'}"
+              f"spills={report['spills']} hot={report['hot_spills']} wgmma={'yes' if wgmma else 'no'}"
               f"{'' if default else ' (forced plan only)'}{'  ' + '; '.join(problems) if problems else ''}", flush=True)
     print(f"{len(found) - len(failed)} of {len(found)} kernel variants compile for sm_90 within limits")
     return 1 if failed or not found else 0
