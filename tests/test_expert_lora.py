@@ -271,3 +271,51 @@ def test_inject_route_compiles_whole():
         assert_same(compiled, eager)
     else:
         assert all(relative(compiled[n], eager[n]) <= 1e-4 for n in eager)
+
+
+def test_pool_updates_expert_parameters_in_place(tmp_path):
+    """AdapterPool.update of an adapter with LoRA on expert parameters and on attention Linear layers, one
+    state dict for both: the slot then serves the new weights (PEFT running them, against float64) and
+    the base rows stay the base. A bad update is refused naming what is wrong, and the slot serves the
+    old weights, bit for bit: an expert parameter of another rank, an experts module left out, the
+    per-layer form (which has no expert entries)."""
+    from moe_models import eager_copy
+    from peft import get_peft_model_state_dict
+    options = dict(target_modules=["q_proj"])
+    peft_moe("qwen3_moe", seed=10, **options).save_pretrained(tmp_path / "a")
+    new = peft_moe("qwen3_moe", seed=11, **options)
+    model = tiny_moe("qwen3_moe")
+    pool = fusedlora.AdapterPool(model, max_adapters=2, max_rank=4, target_modules=["q_proj"],
+                                 target_parameters=TARGETS, dtype=torch.float32)
+    pool.load("a", tmp_path / "a")
+    ids = tokens(seed=2, batch=2)
+
+    def served():
+        with pool.use(["a", None]), torch.no_grad():
+            return model(input_ids=ids).logits
+
+    before = served()
+    state = get_peft_model_state_dict(new)
+    pool.update("a", state)
+    got = served()
+    with torch.no_grad():
+        low, exact = new(input_ids=ids[:1]).logits, eager_copy(new)(input_ids=ids[:1]).logits
+        base = tiny_moe("qwen3_moe")(input_ids=ids[1:]).logits
+    assert relative(got[:1], before[:1]) > 1e-2  # the update changed what the slot serves
+    assert_normwise(dict(logits=got[:1]), dict(logits=low), dict(logits=exact.float()), where="updated")
+    assert relative(got[1:], base) <= 1e-5
+
+    module = "model.layers.0.mlp.experts"
+    inner = f"base_model.model.{module}.base_layer"  # the ParamWrapper of the first targeted parameter
+    N, E = state[f"{inner}.lora_B.weight"].shape[0], 8
+    smaller = {**state, f"{inner}.lora_A.weight": torch.zeros(E * 2, 64), f"{inner}.lora_B.weight": torch.zeros(N, E * 2)}
+    without = {k: v for k, v in state.items() if not k.startswith(f"base_model.model.{module}.")}
+    per_layer = {f"model.layers.{i}.self_attn.q_proj": {h: state[f"base_model.model.model.layers.{i}.self_attn.q_proj.{h}.weight"]
+                                                        for h in ("lora_A", "lora_B")} for i in range(2)}
+    for bad, match in ((smaller, "r = 2 rows per expert but the config gives r = 4"),
+                       (without, rf"has no weights for the expert parameters \['{module}.down_proj', "
+                                 rf"'{module}.gate_up_proj'\]"),
+                       (per_layer, "has no weights for the expert parameters")):
+        with pytest.raises(fusedlora.AdapterFileError, match=match):
+            pool.update("a", bad)
+        assert torch.equal(served(), got)

@@ -37,7 +37,7 @@ from fusedlora.peft.adapter_io import WEIGHTS_NAME, AdapterFileError, read_with_
 from fusedlora.peft.experts_io import resolve_experts
 from fusedlora.serving import experts as pooled
 from fusedlora.serving.layer import MultiLoRALinear
-from fusedlora.serving.updates import layer_weights
+from fusedlora.serving.updates import check_experts, layer_weights, split_update
 
 __all__ = ["AdapterPool", "MultiLoRALinear", "BASE"]
 
@@ -47,9 +47,12 @@ _BATCH_SHAPES = 8
 
 
 class _Loaded(NamedTuple):
-    """A loaded adapter: its slot, and per pool layer it covers (rank, DoRA or not)."""
+    """A loaded adapter: its slot, per pool layer it covers (rank, DoRA or not), its checked config (an
+    update's expert entries are read with it) and {experts module: {parameter: rank}}."""
     slot: int
     layers: Dict[str, tuple]
+    config: dict
+    experts: Dict[str, Dict[str, int]]
 
 
 def _check_count(name: str, value) -> int:
@@ -155,14 +158,16 @@ class AdapterPool:
             raise
         with self._lock:
             self._loading.discard(name)
-            self._loaded[name] = _Loaded(slot, {m: (w.r, w.magnitude is not None) for m, w in adapter.layers.items()})
+            self._loaded[name] = _Loaded(slot, {m: (w.r, w.magnitude is not None) for m, w in adapter.layers.items()},
+                                         adapter.config, {m: {p: w.r for p, w in params.items()}
+                                                          for m, params in experts.items()})
 
     def update(self, name: str, weights) -> None:
         """New weights for the loaded adapter `name`, copied into its slot in place (no buffer moves,
         ranks, alphas and target layers stay as loaded). weights: a state dict as
         peft.get_peft_model_state_dict returns it, or {layer name: {"lora_A": (r, K), "lora_B": (N, r),
         "magnitude": (N,) for DoRA}}, covering every layer the adapter covers, with the same ranks, in a
-        float dtype. Everything is checked before anything is written: any error (AdapterFileError or
+        float dtype; an adapter with expert parameters takes the state dict form. Everything is checked before anything is written: any error (AdapterFileError or
         ValueError naming the layer and tensor) leaves the slot as it was. Waits until no other
         thread's `use` block holds `name`, and holds new ones back until it is done; the DoRA scales
         of the slot are recomputed before it returns."""
@@ -170,7 +175,11 @@ class AdapterPool:
             loaded = self._loaded.get(name)
         if loaded is None:
             raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names})")
-        parsed = layer_weights(weights, loaded.layers, self._shapes(), f"the update of {name!r}")
+        where = f"the update of {name!r}"
+        layers, entries = split_update(weights, loaded.config, where)
+        experts = resolve_experts(self.model, entries, loaded.config, where)
+        check_experts(experts, loaded.experts, where)
+        parsed = layer_weights(layers, loaded.layers, self._shapes(), where)
         own = getattr(self._local, "held", Counter())[name]
         with self._lock:
             while name in self._updating:
@@ -188,6 +197,7 @@ class AdapterPool:
             if current is None or current.slot != loaded.slot:  # unloaded (and perhaps loaded again) meanwhile
                 raise ValueError(f"{name!r} was unloaded while its update waited")
             self._wait_for_device()  # kernels queued before the update may still read the slot
+            pooled.fill(self.experts, loaded.slot, experts)
             self._write(loaded.slot, parsed, None)
         finally:
             with self._lock:
