@@ -278,7 +278,7 @@ def test_pool_updates_expert_parameters_in_place(tmp_path):
     state dict for both: the slot then serves the new weights (PEFT running them, against float64) and
     the base rows stay the base. A bad update is refused naming what is wrong, and the slot serves the
     old weights, bit for bit: an expert parameter of another rank, an experts module left out, the
-    per-layer form (which has no expert entries)."""
+    per-layer form (which has no expert entries), expert parameters the adapter was not loaded with."""
     from moe_models import eager_copy
     from peft import get_peft_model_state_dict
     options = dict(target_modules=["q_proj"])
@@ -319,3 +319,7 @@ def test_pool_updates_expert_parameters_in_place(tmp_path):
         with pytest.raises(fusedlora.AdapterFileError, match=match):
             pool.update("a", bad)
         assert torch.equal(served(), got)
+    pool.load("b", without, config=new.peft_config["default"])  # loaded without layer 0's experts
+    with pytest.raises(fusedlora.AdapterFileError, match=rf"has weights for the expert parameters \['{module}.down_proj', "
+                                                         rf"'{module}.gate_up_proj'\], which the adapter was not loaded"):
+        pool.update("b", state)
