@@ -280,3 +280,16 @@ def test_norms_against_float64(N, K, r, wdtype, adtype, strided, device):
     g64 = m.double() / exact.to(device)
     err_g = ((g.double() - g64).abs() / g64.abs()).max().item()
     assert err_g <= rel + 2 * u, f"g: relative error {err_g:.3e} > bound {rel + 2 * u:.3e}"
+
+
+@pytest.mark.parametrize("M", [16, (2, 8)])
+def test_no_output_feature(M, plan):
+    """N = 0: an empty (*, 0) output and zero gradients of the inputs' shapes (the rows of the empty
+    output used to be viewed as (-1, 0), which raises)."""
+    inputs = {n: t.detach().requires_grad_() for n, t in dora_inputs(M, 32, 0, 4, f32, f32, True, 2.0).items()}
+    y = fusedlora.dora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"],
+                              inputs["magnitude"], 2.0, dropout_p=0.2, seed=3)
+    assert y.shape == (*inputs["x"].shape[:-1], 0)
+    y.sum().backward()
+    for name, t in inputs.items():
+        assert torch.equal(t.grad, torch.zeros_like(t)), name

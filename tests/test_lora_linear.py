@@ -115,6 +115,26 @@ def test_empty_batch(device, plan):
     assert torch.equal(leaves["weight"].grad, torch.zeros_like(inputs["weight"]))
 
 
+@pytest.mark.parametrize("M,K,N", [(16, 32, 0), (16, 0, 24), ((2, 8), 32, 0), ((2, 8), 0, 24)])
+def test_empty_features(M, K, N, device, plan):
+    """No output feature (N = 0), or no input feature (K = 0: y is the bias), 2-D and 3-D x, dropout on,
+    every gradient: lora_linear and lora_add against float64. Viewing an empty tensor's rows as
+    (-1, 0) is ambiguous: these calls used to raise there."""
+    from test_lora_add import add_inputs
+    from oracle import check_lora_add
+    inputs, add = make_inputs(M, max(K, 1), N, 4, f32, device=device), add_inputs(M, max(K, 1), N, 4, f32)
+    for args in (inputs, add):  # K = 0: the inputs' scale is K ** -0.5, so narrow K = 1 ones
+        args.update({n: args[n][..., :K].contiguous() for n in ("x", "weight", "lora_A") if n in args})
+    for fn, names, check, args in ((fusedlora.lora_linear, NAMES, check_lora_linear, inputs),
+                                   (fusedlora.lora_add, ("base", "x", "lora_A", "lora_B"), check_lora_add, add)):
+        leaves = {n: args[n].detach().clone().requires_grad_() for n in names if args[n] is not None}
+        y = fn(*(leaves.get(n) for n in names), 1.5, 0.2, 8)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+        y.backward(dy)
+        keep = fusedlora.dropout_mask(8, args["x"].shape, 0.2, device)
+        check(y.detach(), {n: t.grad for n, t in leaves.items()}, args, 1.5, keep, 0.2, dy)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the NaNs
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_nan_and_inf_propagate_as_in_reference(p, device, plan):

@@ -94,8 +94,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, g, n, scaling: float, 
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B, dmagnitude) for the flags in `needs`, None
     elsewhere (dmagnitude in fp32: the caller casts it). x: (*, K), dy: (*, N)."""
     need_x, need_w, need_b, need_A, need_B, need_m = needs
-    K, N = x.shape[-1], weight.shape[0]
-    G, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+    G, x2 = rows(dy), rows(x)
     c = scaling / (1.0 - dropout_p)
     mask = dict(seed=seed, threshold=keep_threshold(dropout_p), dropout=dropout_p > 0)
     Bg = lora_B.detach().to(torch.float32) * g[:, None]
@@ -171,7 +170,7 @@ def _kernel_plan(x, weight, lora_A, magnitude, p: float, needs) -> CallPlan:
     def forward_(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
         scaling, seed = scale_of(scaling), int_seed(seed, p)
         y = torch.empty(y_shape, dtype=dtype, device=device)
-        S, g, n = forward(plan, rows(x), weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, y.view(-1, N))
+        S, g, n = forward(plan, rows(x), weight, bias, lora_A, lora_B, magnitude, scaling, p, seed, rows(y))
         return y, (x, weight, lora_A, lora_B, S, g, n), (scaling, seed)
 
     if needs is None:

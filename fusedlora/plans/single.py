@@ -114,8 +114,7 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, S, scaling: float, dropou
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere.
     x: (*, K), dy: (*, N)."""
     need_x, need_w, need_b, need_A, need_B = needs
-    K, N = x.shape[-1], weight.shape[0]
-    g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+    g, x2 = rows(dy), rows(x)
     dx, dA, dB = _input_and_adapter_grads(plan, g, x, x2, weight, lora_A, lora_B, S, scaling, dropout_p, seed,
                                           need_x, need_A, need_B)
     # dW through the library GEMM in both plans: it is a plain (N, M)·(M, K) product.
@@ -129,8 +128,7 @@ def add_backward(dy, x, lora_A, lora_B, S, scaling: float, dropout_p: float, see
     the single-adapter backward's choice for these rows; "fused" at up to 64 rows is one launch, as
     backward's."""
     need_base, need_x, need_A, need_B = needs
-    K, N = x.shape[-1], lora_B.shape[0]
-    g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+    g, x2 = rows(dy), rows(x)
     dx, dA, dB = _input_and_adapter_grads(plan, g, x, x2, None, lora_A, lora_B, S, scaling, dropout_p, seed,
                                           need_x, need_A, need_B)
     return (dy if need_base else None), dx, dA, dB
@@ -148,8 +146,9 @@ _INF = math.inf
 
 
 def rows(x) -> torch.Tensor:
-    """x as (M, K): itself when 2-D (a reshape is a dispatch even when it is a view)."""
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    """x as (M, K): itself when 2-D (a reshape is a dispatch even when it is a view). M is counted, not
+    inferred: reshape(-1, 0) of an empty last dimension is ambiguous and raises."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def scale_of(scaling) -> float:
@@ -178,7 +177,7 @@ def linear_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs
         def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
             return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scale_of(scaling), p, seed)
         return CallPlan(run=run)
-    return with_contiguous(_kernel_plan(x, weight, bias, lora_A, lora_B, None, p, needs),
+    return with_contiguous(_kernel_plan(x, weight, bias, lora_A, lora_B, None, p, needs is not None),
                            (x, weight, bias, lora_A, lora_B), (2,))
 
 
@@ -191,8 +190,7 @@ def add_plan(base, x, lora_A, lora_B, scaling, dropout_p, seed, needs) -> CallPl
         def run(base, x, lora_A, lora_B, scaling, dropout_p, seed):
             return torch_backend.lora_add(base, x, lora_A, lora_B, scale_of(scaling), p, seed)
         return CallPlan(run=run)
-    linear = _kernel_plan(x, None, None, lora_A, lora_B, base, p,
-                          None if needs is None else (needs[1], False, False, needs[2], needs[3]))
+    linear = _kernel_plan(x, None, None, lora_A, lora_B, base, p, needs is not None)
     if linear.run is not None:
         run = linear.run
 
@@ -210,10 +208,11 @@ def add_plan(base, x, lora_A, lora_B, scaling, dropout_p, seed, needs) -> CallPl
     return CallPlan(forward=forward_add, backward=backward_add)
 
 
-def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> CallPlan:
+def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, grad: bool) -> CallPlan:
     """The kernels' plan of lora_linear, or of lora_add (weight None, base given: its closures take the
-    base last). Rows up to ONE_LAUNCH_MAX_M take the one-launch forward, bound here once: the kernel
-    takes x (and base) themselves, so each must be viewable as its rows without a copy."""
+    base last). grad: a plan with gradients (forward saves S; which gradients backward computes is read
+    from each backward call). Rows up to ONE_LAUNCH_MAX_M take the one-launch forward, bound here once:
+    the kernel takes x (and base) themselves, so each must be viewable as its rows without a copy."""
     x2, N, r = rows(x), lora_B.shape[0], lora_A.shape[0]
     M, K = x2.shape
     out_dtype, device = (x.dtype if base is None else base.dtype), x.device
@@ -225,11 +224,11 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> Call
            and (base is None or base2.data_ptr() == base.data_ptr()))
     launch = None
     if one:
-        S = None if needs is None else torch.empty((M, r), dtype=torch.float32, device=device)
+        S = torch.empty((M, r), dtype=torch.float32, device=device) if grad else None
         launch = gemm_shrink_launcher(x2, weight, bias, lora_A, lora_B, S,
                                       torch.empty((M, N), dtype=out_dtype, device=device), dropout=p > 0, addend=base2)
 
-    if needs is None:
+    if not grad:
         if launch is not None:
             def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
                 if type(scaling) is not float or not -_INF < scaling < _INF:
@@ -242,7 +241,7 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> Call
             def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
                 y = torch.empty(y_shape, dtype=out_dtype, device=device)
                 _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scale_of(scaling), p, int_seed(seed, p),
-                            y.view(-1, N))
+                            rows(y))
                 return y
         return CallPlan(run=run)
 
@@ -255,7 +254,7 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, needs) -> Call
             S = torch.empty((M, r), dtype=torch.float32, device=device)
             launch(x, weight, bias, lora_A, lora_B, y, seed, threshold, scaling / keep, S, addend=base)
         else:
-            S = _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scaling, p, seed, y.view(-1, N))
+            S = _forward_of(plan, x, weight, bias, lora_A, lora_B, base, scaling, p, seed, rows(y))
         return y, (x, weight, lora_A, lora_B, S), (scaling, seed)
 
     bound = PlanCache(register=False)
