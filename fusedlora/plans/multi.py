@@ -125,8 +125,9 @@ def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scal
     col_scale) need a gradient, or None."""
     args = (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
     # The launches are bound over what the runs will pass them, the vectors' contiguous copies: the
-    # decode launcher refuses a DoRA scale whose columns are not adjacent.
-    built = (a.contiguous() if i in VECTORS and a is not None else a for i, a in enumerate(args))
+    # decode launcher refuses a DoRA scale whose columns are not adjacent. What is not a tensor is left
+    # to the checks, which name it.
+    built = (a.contiguous() if i in VECTORS and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
     return with_contiguous(_multi_plan(*built, needs), args, VECTORS)
 
 
