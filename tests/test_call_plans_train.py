@@ -352,3 +352,49 @@ def test_bound_backward_is_keyed_by_which_gradients_are_asked(device, bindings):
         grads = lora_linear_backward_op(dy, x, W, A, B, S, 1.5, 0.2, seed, [n in needs for n in NAMES])
         assert bindings["bound"] == count and len(grads) == len(needs)
         check_lora_linear(y, dict(zip(needs, grads)), inputs, 1.5, keep, 0.2, dy)
+
+
+def test_multi_bound_backward_is_keyed_by_which_gradients_are_asked(device, monkeypatch):
+    """The torch.compile backward op of multi_lora_linear takes the flags from autograd, for one forward
+    plan (the op's, with every gradient): for the same dY, each set of flags of (x, weight, bias, lora_A,
+    lora_B) is bound once and gives exactly the oracle's gradients of its inputs, whichever flag tells
+    two sets apart (the last, lora_B's, included)."""
+    from fusedlora.ops.multi import multi_lora_linear_backward_op, multi_lora_linear_op
+    from fusedlora.plans import multi
+    bound = collections.Counter()
+    real = multi._backward_run
+    monkeypatch.setattr(multi, "_backward_run", lambda *a, **k: bound.update(["bound"]) or real(*a, **k))
+    inputs = make_multi(8, 40, 24, 3, 8, f32, ranks=[8, 3, 5], device=device)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0, 2, -1], device=device)
+    x, W, b, A, B, s, ranks = (inputs[n] for n in (*MULTI_NAMES, "scalings", "ranks"))
+    y, S = multi_lora_linear_op(x, W, b, A, B, s, ids, ranks, None, None, None)
+    dy = torch.randn(8, 24, generator=torch.Generator().manual_seed(4)).to(device)
+    sets = (("lora_A",), ("lora_A", "lora_B"), ("x",), ("x", "lora_B"), ("lora_B",), ("weight",), ("bias",))
+    for count, needs in enumerate(sets, 1):
+        grads = multi_lora_linear_backward_op(dy, x, W, A, B, s, ids, ranks, S, None, None, None,
+                                              [n in needs for n in MULTI_NAMES])
+        assert bound["bound"] == count and len(grads) == len(needs)
+        check_multi_lora_linear(y, dict(zip(needs, grads)), inputs, ids, dy)
+
+
+def test_plans_with_gradients_leave_no_global_hook(device):
+    """A plan with gradients keeps its bound backwards in a cache of its own, dropped with the plan: it
+    registers nothing with configs.clear_caches, whose hooks live as long as the process (one per plan
+    built would keep every plan's bindings alive and grow without bound)."""
+    multi = make_multi(8, 40, 24, 3, 8, f32, device=device)
+    single = make_inputs(8, 40, 24, 8, f32, device=device)
+    batch = AdapterBatch(torch.tensor([0, 2, -1, 1, 1, 0, 2, -1], device=device), 3)
+
+    def steps():
+        A = multi["lora_A"].clone().requires_grad_()
+        fusedlora.multi_lora_linear(multi["x"], multi["weight"], None, A, multi["lora_B"], multi["scalings"],
+                                    batch, None).sum().backward()
+        A = single["lora_A"].clone().requires_grad_()
+        fusedlora.lora_linear(single["x"], single["weight"], None, A, single["lora_B"], 2.0).sum().backward()
+
+    steps()  # anything registered once per process (a first import, a first table) is registered by now
+    hooks = len(configs.CLEAR_HOOKS)
+    for _ in range(3):
+        configs.clear_caches(tables=False)
+        steps()
+    assert len(configs.CLEAR_HOOKS) == hooks

@@ -1,6 +1,7 @@
 """patch_peft remembers what it decided about a layer; every event that changes the decision takes
 effect on the next call: the patched output equals PEFT's own forward after each."""
 import copy
+import functools
 import types
 import warnings
 
@@ -398,3 +399,39 @@ def test_peft_variant_keywords_are_not_passed_to_the_base_layer(monkeypatch):
         got = layer(x, **kwargs)
         check(layer, x, got)
     assert calls == [1]
+
+
+def test_mixed_batch_check_sees_every_keyword(monkeypatch):
+    """An adapter_names= call is checked by PEFT's own _check_forward_args (its refusals, its messages)
+    with the keyword arguments PEFT's forward would give it, a variant's (alora_offsets) included, and
+    is served fused. PEFT 0.21's check reads only adapter_names; a check that reads more (a variant's
+    own, as MultiheadAttention's and ParamWrapper's overrides show the pattern) stands in for one here:
+    it refuses alora_offsets in a mixed batch, which the patched call must raise just as PEFT does."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    real = LoraLayer._check_forward_args
+    seen = []
+
+    def check(self, x, *args, **kwargs):
+        seen.append(sorted(kwargs))
+        if kwargs.get("adapter_names") is not None and kwargs.get("alora_offsets") is not None:
+            raise ValueError("alora_offsets in a mixed-adapter batch")
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "_check_forward_args", check)
+    model, layer = layer_and_model()
+    x, names = torch.randn(4, 32), ["default", "other", "__base__", "default"]
+    kwargs = {key: None for key in VARIANT_KWARG_KEYS}
+    assert "alora_offsets" in kwargs
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # served fused, no fallback to PEFT's forward
+        got = layer(x, adapter_names=names, **kwargs)
+    assert sorted(["adapter_names", *kwargs]) in seen  # (mixed_batch_forward checks again, names alone)
+    with torch.no_grad():
+        want = PeftLinear.forward(layer, x, adapter_names=names, **kwargs)
+    assert_normwise({"y": got}, {"y": want}, {"y": PeftLinear.forward(copy.deepcopy(layer).double(), x.double(),
+                                                                      adapter_names=names, **kwargs)})
+    offsets = {"alora_offsets": [1, 1, 1, 1]}
+    for forward in (layer, functools.partial(PeftLinear.forward, layer)):
+        with torch.no_grad(), pytest.raises(ValueError, match="alora_offsets in a mixed-adapter batch"):
+            forward(x, adapter_names=names, **offsets)

@@ -115,12 +115,20 @@ def check_batch_size(batch, lora_A) -> None:
                          f"{describe('lora_A', lora_A)} holds L = {lora_A.shape[0]}")
 
 
+# The arguments the kernels index without a stride (with_contiguous): bias, scalings, ranks, col_scale.
+VECTORS = (2, 5, 7, 8)
+
+
 def multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
     """multi_lora_linear's plan for this call's specialization: the checks, the backend, the plan of each
     direction, the decode launches bound. needs: which of (x, weight, bias, lora_A, lora_B, ranks,
     col_scale) need a gradient, or None."""
-    plan = _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs)
-    return with_contiguous(plan, (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale), (2, 5, 7, 8))
+    args = (x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale)
+    # The launches are bound over what the runs will pass them, the vectors' contiguous copies: the
+    # decode launcher refuses a DoRA scale whose columns are not adjacent. What is not a tensor is left
+    # to the checks, which name it.
+    built = (a.contiguous() if i in VECTORS and isinstance(a, torch.Tensor) else a for i, a in enumerate(args))
+    return with_contiguous(_multi_plan(*built, needs), args, VECTORS)
 
 
 def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, needs) -> CallPlan:
