@@ -220,6 +220,19 @@ def test_empty_batch(backend, plan, monkeypatch, device):
     assert x.grad.shape == (0, 32)
 
 
+@pytest.mark.parametrize("M,K,N", [(16, 32, 0), (16, 0, 24), (1, 32, 0), ((2, 4), 32, 0), ((2, 4), 0, 24)])
+def test_empty_features(M, K, N, plan, device):
+    """No output feature (N = 0) or no input feature (K = 0: y is the bias), one row (the decode kernels'
+    bound launches) and 3-D x, every gradient, mixed ranks: against float64. Viewing an empty tensor's
+    rows as (-1, 0) is ambiguous, and the decode backward's launches cannot reduce over N = 0: these
+    calls used to raise."""
+    inputs = make_multi(M, max(K, 1), N, 3, 4, f32, ranks=[4, 2, 3], device=device)
+    inputs.update({n: inputs[n][..., :K].contiguous() for n in ("x", "weight", "lora_A")})  # scaled by K ** -0.5
+    lead = M if isinstance(M, tuple) else (M,)
+    ids = torch.randint(-1, 3, lead, generator=torch.Generator().manual_seed(2)).to(device)
+    check(inputs, ids, f32, grad=GRAD + ("weight", "bias"))
+
+
 @pytest.mark.parametrize("M", [20, 80])
 def test_backward_may_take_another_path(M, monkeypatch, device):
     """S and dU are in token order on every path, so a forward under one and a backward under another

@@ -38,6 +38,7 @@ from fusedlora.kernels.multi_decode import decode_gemm, decode_launcher, decode_
 from fusedlora.kernels.multi_lora import multi_gemm, multi_reduce, multi_shrink
 from fusedlora.plans.callplan import DY, CallPlan, with_contiguous
 from fusedlora.plans.planner import choose_multi
+from fusedlora.plans.single import rows
 
 
 def forward(plan: str, x2, weight, bias, lora_A, lora_B, scalings, ranks, ids, groups, need_S: bool, out,
@@ -63,14 +64,13 @@ def backward(plan: str, dy, x, weight, lora_A, lora_B, scalings, ranks, S, ids, 
     """Gradients (dx, dweight, dbias, dlora_A, dlora_B) for the flags in `needs`, None elsewhere.
     x: (*, K), dy: (*, N)."""
     need_x, need_w, need_b, need_A, need_B = needs
-    K, N = x.shape[-1], weight.shape[0]
-    g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+    g, x2 = rows(dy), rows(x)
     decode = plan == "decode"
     scan = dict(ids=ids) if decode else dict(groups=groups)
     lora_At, lora_Bt = lora_A.transpose(1, 2), lora_B.transpose(1, 2)  # (L, K, R), (L, R, N): strides only
     dw = db = dA = dB = None
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-    dx2 = dx.view(-1, K) if need_x else None
+    dx2 = rows(dx) if need_x else None
     if decode and (need_x or need_A):
         part = decode_shrink(g, lora_Bt, scalings, ids, ranks)
         dU = decode_gemm(part, lora_At, ids, ranks, g, weight.t(), out=dx2, write_s=need_A)
@@ -158,7 +158,7 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
 
     if needs is None and plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:
         # The decode plan's two launches, bound; M within the kernels' bound (the planner's rule).
-        launch = decode_launcher(x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+        launch = decode_launcher(rows(x), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
                                  torch.empty((M, N), dtype=dtype, device=device), col_scale=col_scale)
 
         def run(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale):
@@ -167,7 +167,7 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
             # y is new and contiguous: its data starts where its 2-D view's does (the launches' strides are
             # fixed). x of more dimensions may not be viewable as 2-D: reshaped as forward does.
             y = torch.empty(y_shape, dtype=dtype, device=device)
-            launch(x if x.dim() == 2 else x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+            launch(rows(x), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
                    y, col_scale)
             return y
         return CallPlan(run=run)
@@ -175,7 +175,7 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
     launch = None
     if needs is not None and plan == "decode" and M > 0 and K > 0 and N > 0 and L > 0:
         # The decode forward with S written, bound as the no-grad one is.
-        launch = decode_launcher(x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
+        launch = decode_launcher(rows(x), weight, lora_A, lora_B, scalings, batch.flat, ranks, bias,
                                  torch.empty((M, N), dtype=dtype, device=device), write_s=True)
 
     def forward_(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_scale, need_S=True):
@@ -183,11 +183,11 @@ def _multi_plan(x, weight, bias, lora_A, lora_B, scalings, batch, ranks, col_sca
             check_ranks_values(ranks, R)
         y = torch.empty(y_shape, dtype=dtype, device=device)
         if launch is not None:
-            S = launch(x if x.dim() == 2 else x.reshape(-1, K), weight, lora_A, lora_B, scalings, batch.flat, ranks,
+            S = launch(rows(x), weight, lora_A, lora_B, scalings, batch.flat, ranks,
                        bias, y)
         else:
-            S = forward(plan, x.reshape(-1, K), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
-                        groups(plan, batch), need_S, y.view(-1, N), col_scale)
+            S = forward(plan, rows(x), weight, bias, lora_A, lora_B, scalings, ranks, batch.flat,
+                        groups(plan, batch), need_S, rows(y), col_scale)
         return y, (x, weight, lora_A, lora_B, scalings, ranks, S), (batch,)
 
     if needs is None:
@@ -213,9 +213,9 @@ def _backward_run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, need
     need_x, need_w, need_b, need_A, need_B = needs
     K, N = x.shape[-1], weight.shape[0]
     plan = plan_of("backward", x, weight, lora_A)
-    g = dy.reshape(-1, N)
+    g = rows(dy)
     M = g.shape[0]
-    if plan != "decode" or not need_x or g.data_ptr() != dy.data_ptr() or M == 0 or K == 0 or lora_A.shape[0] == 0:
+    if plan != "decode" or not need_x or g.data_ptr() != dy.data_ptr() or 0 in (M, K, N, lora_A.shape[0]):
         def run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch):
             return backward(plan, dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch.flat,
                             None if plan == "decode" else batch.groups(), needs)
@@ -225,10 +225,10 @@ def _backward_run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch, need
                              torch.empty((M, K), dtype=x.dtype, device=x.device), write_s=need_A)
 
     def run(dy, x, weight, lora_A, lora_B, scalings, ranks, S, batch):
-        g, x2 = dy.reshape(-1, N), x.reshape(-1, K)
+        g, x2 = rows(dy), rows(x)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dU = launch(g, weight.t(), lora_B.transpose(1, 2), lora_A.transpose(1, 2), scalings, batch.flat, ranks, None,
-                    dx.view(-1, K))
+                    rows(dx))
         dA = dB = dw = db = None
         if need_A:
             dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
