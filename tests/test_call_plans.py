@@ -319,24 +319,30 @@ BAD_SCALARS = [(float("inf"), 1, ValueError, "scaling must be finite"),
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("op", ["lora_linear", "lora_add"])
+@pytest.mark.parametrize("op", ["lora_linear", "lora_add", "dora_linear"])
 def test_bad_scalars_after_a_warm_cache(op, path, device, monkeypatch):
-    """Every path of a kept plan checks the scaling and the seed of each call, as the build did."""
+    """Every path of a kept plan checks the scaling and the seed of each call, as the build did: with
+    dropout and without (where the seed draws no mask, but a bad one is refused as at the build)."""
     rows, grad, backend = PATHS[path]
     monkeypatch.setenv("FUSEDLORA_BACKEND", backend)
     if op == "lora_linear":
         inputs = make_inputs(rows, 32, 24, 4, f32, device=device)
         args = [inputs[n] for n in NAMES]
         fn = fusedlora.lora_linear
-    else:
+    elif op == "lora_add":
         inputs = add_inputs(rows, 32, 24, 4, f32, device=device)
         args = [inputs[n] for n in ADD]
         fn = fusedlora.lora_add
+    else:
+        inputs = make_inputs(rows, 32, 24, 4, f32, device=device)
+        args = [inputs[n] for n in NAMES] + [inputs["weight"].norm(dim=1)]
+        fn = fusedlora.dora_linear
     inputs["lora_A"].requires_grad_(grad)
-    fn(*args, 1.0, 0.3, 1)
-    for scaling, seed, error, words in BAD_SCALARS:
-        with pytest.raises(error, match=words):
-            fn(*args, scaling, 0.3, seed)
+    for p in (0.3, 0.0):
+        fn(*args, 1.0, p, 1)
+        for scaling, seed, error, words in BAD_SCALARS:
+            with pytest.raises(error, match=words):
+                fn(*args, scaling, p, seed)
 
 
 @pytest.mark.parametrize("op", ["lora_linear", "lora_add"])

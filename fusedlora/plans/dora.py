@@ -155,7 +155,8 @@ def dora_plan(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, se
     p = check_dora(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn)
     if backend_for(x) == "torch":  # torch's autograd takes its gradients; it has no use for weight_fn
         def run(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, weight_fn):
-            return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale_of(scaling), p, seed)
+            return torch_backend.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale_of(scaling), p,
+                                             int_seed(seed, p))
         return CallPlan(run=run)
     return with_contiguous(_kernel_plan(x, weight, lora_A, magnitude, p, needs),
                            (x, weight, bias, lora_A, lora_B, magnitude), (2,))

@@ -175,7 +175,7 @@ def linear_plan(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, needs
     p = checked_scalars(scaling, dropout_p, seed)
     if backend_for(x) == "torch":  # torch's autograd takes its gradients
         def run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-            return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scale_of(scaling), p, seed)
+            return torch_backend.lora_linear(x, weight, bias, lora_A, lora_B, scale_of(scaling), p, int_seed(seed, p))
         return CallPlan(run=run)
     return with_contiguous(_kernel_plan(x, weight, bias, lora_A, lora_B, None, p, needs is not None),
                            (x, weight, bias, lora_A, lora_B), (2,))
@@ -188,7 +188,7 @@ def add_plan(base, x, lora_A, lora_B, scaling, dropout_p, seed, needs) -> CallPl
     p = checked_scalars(scaling, dropout_p, seed)
     if backend_for(x) == "torch":
         def run(base, x, lora_A, lora_B, scaling, dropout_p, seed):
-            return torch_backend.lora_add(base, x, lora_A, lora_B, scale_of(scaling), p, seed)
+            return torch_backend.lora_add(base, x, lora_A, lora_B, scale_of(scaling), p, int_seed(seed, p))
         return CallPlan(run=run)
     linear = _kernel_plan(x, None, None, lora_A, lora_B, base, p, needs is not None)
     if linear.run is not None:
@@ -234,7 +234,7 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, grad: bool) ->
                 if type(scaling) is not float or not -_INF < scaling < _INF:
                     scaling = require_scalar("scaling", scaling)
                 y = torch.empty(y_shape, dtype=out_dtype, device=device)
-                launch(x, weight, bias, lora_A, lora_B, y, 0 if seed is None and not p else int_seed(seed, p),
+                launch(x, weight, bias, lora_A, lora_B, y, int_seed(seed, p),
                        threshold, scaling / keep, addend=base)
                 return y
         else:
@@ -248,7 +248,7 @@ def _kernel_plan(x, weight, bias, lora_A, lora_B, base, p: float, grad: bool) ->
     def forward_(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, base=None):
         if type(scaling) is not float or not -_INF < scaling < _INF:
             scaling = require_scalar("scaling", scaling)
-        seed = 0 if seed is None and not p else int_seed(seed, p)
+        seed = int_seed(seed, p)
         y = torch.empty(y_shape, dtype=out_dtype, device=device)
         if launch is not None:
             S = torch.empty((M, r), dtype=torch.float32, device=device)
