@@ -68,8 +68,9 @@ def test_no_launch_takes_the_dropout_variant_at_p_0(op, M, launches):
 @pytest.mark.parametrize("M,N", [(1, 24), (16, 1), (16, 0), (0, 24)])
 def test_one_launch_forward_down_to_one_row_or_output_feature(M, N, launches, auto, monkeypatch):
     """At one row (a decode step) or one output feature the planner's one-launch forward runs its bound
-    launch; at no output feature or no row the call returns its empty output and launches nothing (an
-    empty grid is an error to CUDA; N = 0 used to fail viewing the output as (-1, 0))."""
+    launch; at no output feature or no row the call returns its empty output and launches nothing
+    (binding and launching an empty grid is host work for nothing; N = 0 used to fail viewing the
+    output as (-1, 0))."""
     from fusedlora.plans import single
     unbound = collections.Counter()
     real = single._forward_of
