@@ -325,8 +325,8 @@ def mixed_batch_forward(layer, x, names, stacks: Stacks, batches: MixedBatchCach
     """PEFT's adapter_names= semantics through one multi_lora_linear call: row b of x uses adapter
     names[b]; "__base__", and adapters this layer does not hold, add nothing. DoRA adapters (which
     PEFT refuses here) are served with their scales: each row as its adapter alone would compute it.
-    weight (N, K) and bias are the direct base layer's (own_weights)."""
-    check_mixed_batch(layer, x, names)
+    weight (N, K) and bias are the direct base layer's (own_weights). The caller has run
+    check_mixed_batch on the call, with its keywords, which PEFT checks together."""
     adapters = mixed_batch_adapters(layer, names)
     ids = batches.get(names, adapters, x.shape[:-1], x.device)
     lora_A, lora_B, scalings, ranks = stacks(layer, adapters)
