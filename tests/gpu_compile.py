@@ -229,7 +229,8 @@ def variants(quick=False, moe_only=False):
 
 
 def main(argv):
-    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: it records launches of compiled kernels for the GPU"
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", \
+        "run without TRITON_INTERPRET: it records launches of compiled kernels for the GPU"
     failed = []
     blind = spill_check_sees()
     print(f"FAIL  the spill check: {blind}" if blind else "ok    the spill check sees a spill in a K loop", flush=True)
@@ -252,7 +253,8 @@ def main(argv):
         if compiled.metadata.shared > SHARED_LIMIT:
             problems.append(f"shared memory {compiled.metadata.shared} > {SHARED_LIMIT}")
         if report["hot_spills"] and default:
-            problems.append(f"{report['hot_spills']} spill loads/stores in an innermost loop of a default plan's kernel")
+            problems.append(f"{report['hot_spills']} spill loads/stores in an innermost loop of a default plan's "
+                            "kernel")
         M = bound.get("M")
         if name in GEMMS and bound.get("HAS_BASE") and isinstance(M, int) and M >= 2048 and not wgmma:
             problems.append("GEMM at M >= 2048 without wgmma")

@@ -8,20 +8,11 @@ import collections
 import pytest
 import torch
 from oracle import NAMES, check_lora_linear, make_inputs
+from test_call_plans import ADD, cold  # noqa: F401 (a fixture)
 from test_lora_add import add_inputs
 
 import fusedlora
-from fusedlora.kernels import configs
 from fusedlora.kernels.lora_backward import MAX_RANK
-
-ADD = ("base", "x", "lora_A", "lora_B")
-
-
-@pytest.fixture(autouse=True)
-def cold():
-    configs.clear_caches(tables=False)
-    yield
-    configs.clear_caches(tables=False)
 
 
 @pytest.fixture

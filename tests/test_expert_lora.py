@@ -308,10 +308,12 @@ def test_pool_updates_expert_parameters_in_place(tmp_path):
     module = "model.layers.0.mlp.experts"
     inner = f"base_model.model.{module}.base_layer"  # the ParamWrapper of the first targeted parameter
     N, E = state[f"{inner}.lora_B.weight"].shape[0], 8
-    smaller = {**state, f"{inner}.lora_A.weight": torch.zeros(E * 2, 64), f"{inner}.lora_B.weight": torch.zeros(N, E * 2)}
+    smaller = {**state, f"{inner}.lora_A.weight": torch.zeros(E * 2, 64),
+               f"{inner}.lora_B.weight": torch.zeros(N, E * 2)}
     without = {k: v for k, v in state.items() if not k.startswith(f"base_model.model.{module}.")}
-    per_layer = {f"model.layers.{i}.self_attn.q_proj": {h: state[f"base_model.model.model.layers.{i}.self_attn.q_proj.{h}.weight"]
-                                                        for h in ("lora_A", "lora_B")} for i in range(2)}
+    q_proj = "model.layers.{}.self_attn.q_proj"
+    per_layer = {q_proj.format(i): {h: state[f"base_model.model.{q_proj.format(i)}.{h}.weight"]
+                                    for h in ("lora_A", "lora_B")} for i in range(2)}
     for bad, match in ((smaller, "r = 2 rows per expert but the config gives r = 4"),
                        (without, rf"has no weights for the expert parameters \['{module}.down_proj', "
                                  rf"'{module}.gate_up_proj'\]"),
@@ -320,6 +322,6 @@ def test_pool_updates_expert_parameters_in_place(tmp_path):
             pool.update("a", bad)
         assert torch.equal(served(), got)
     pool.load("b", without, config=new.peft_config["default"])  # loaded without layer 0's experts
-    with pytest.raises(fusedlora.AdapterFileError, match=rf"has weights for the expert parameters \['{module}.down_proj', "
-                                                         rf"'{module}.gate_up_proj'\], which the adapter was not loaded"):
+    extra = rf"has weights for the expert parameters \['{module}.down_proj', '{module}.gate_up_proj'\], which the"
+    with pytest.raises(fusedlora.AdapterFileError, match=extra):
         pool.update("b", state)

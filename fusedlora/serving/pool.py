@@ -167,8 +167,9 @@ class AdapterPool:
         ranks, alphas and target layers stay as loaded). weights: a state dict as
         peft.get_peft_model_state_dict returns it, or {layer name: {"lora_A": (r, K), "lora_B": (N, r),
         "magnitude": (N,) for DoRA}}, covering every layer the adapter covers, with the same ranks, in a
-        float dtype; an adapter with expert parameters takes the state dict form. Everything is checked before anything is written: any error (AdapterFileError or
-        ValueError naming the layer and tensor) leaves the slot as it was. Waits until no other
+        float dtype; an adapter with expert parameters takes the state dict form. Everything is
+        checked before anything is written: any error (AdapterFileError or ValueError naming the layer
+        and tensor) leaves the slot as it was. Waits until no other
         thread's `use` block holds `name`, and holds new ones back until it is done; the DoRA scales
         of the slot are recomputed before it returns."""
         with self._lock:
